@@ -1,0 +1,80 @@
+"""Indicators service: stores bars and computes the 17 features on any timeframe, without look-ahead.
+
+Run: `uvicorn services.indicators.main:app --port 8081`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+
+from services.indicators.metrics import StalenessCollector
+from services.indicators.routes import router
+from services.indicators.schemas import IndicatorsIn
+from shared.app import build_app
+from shared.bars import BarsIn
+from shared.db import create_pool
+from shared.health import ReadinessChecks
+from shared.logging import configure_logging
+from shared.market_repository import list_series
+from shared.settings import Settings, get_settings
+
+log = logging.getLogger("indicators")
+
+# How often each worker refreshes its snapshot of the series table for the staleness gauge.
+STALENESS_REFRESH_SECONDS = 15.0
+
+
+async def _refresh_staleness(app: FastAPI, collector: StalenessCollector) -> None:
+    while True:
+        try:
+            collector.replace(await list_series(app.state.pool))
+        except Exception:  # noqa: BLE001 - the database may be down; readiness reports that
+            log.warning("could not refresh series for the staleness gauge", exc_info=True)
+        await asyncio.sleep(STALENESS_REFRESH_SECONDS)
+
+
+async def _check_db(request: Request) -> None:
+    await request.app.state.pool.fetchval("SELECT 1")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging("indicators", settings.log_level)
+    staleness = StalenessCollector()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.pool = await create_pool(settings, "aicash-indicators")
+        refresher = asyncio.create_task(_refresh_staleness(app, staleness))
+        log.info("indicators service started")
+        try:
+            yield
+        finally:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+            await app.state.pool.close()
+
+    checks = ReadinessChecks()
+    checks.add("database", _check_db, critical=True)
+    app = build_app(
+        title="AI Cash Evolution — indicators",
+        description="Market bars in, 17 scale-free technical indicator features out, on any timeframe, "
+        "without look-ahead. Authenticate with `X-API-Key` (roles read < write < admin).",
+        settings=settings,
+        lifespan=lifespan,
+        checks=checks,
+        collectors=[staleness],
+        extra_schemas=[BarsIn, IndicatorsIn],
+    )
+    app.state.staleness = staleness
+    app.include_router(router)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,222 @@
+"""HTTP routes of the indicators service: bars in and out, indicators on stored or sent bars."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import asyncpg
+import numpy as np
+import numpy.typing as npt
+from fastapi import APIRouter, Depends, Query, Request
+
+from services.indicators import service
+from services.indicators.metrics import BARS_REJECTED
+from services.indicators.schemas import (
+    BarsOut,
+    CatalogEntry,
+    IndicatorsIn,
+    IndicatorsOut,
+    IngestResult,
+    SeriesOut,
+)
+from shared.app import json_body
+from shared.auth import ReadKey, WriteKey
+from shared.bars import BarsIn, bars_from_payload, parse_json
+from shared.db import with_retry
+from shared.errors import AppError, PayloadTooLarge, ValidationFailed, error_responses
+from shared.features import catalog
+from shared.market_repository import bars_range, list_series
+from shared.responses import JSON
+from shared.settings import Settings
+from shared.timeframes import SYMBOL_RE, Timeframe, check_symbol, parse_timeframe
+
+router = APIRouter()
+
+# 50,000 bars of JSON with ISO timestamps are about 6 MB; leave room for long numbers and whitespace.
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+def get_pool(request: Request) -> asyncpg.Pool:
+    return request.app.state.pool  # type: ignore[no-any-return]
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+PoolDep = Annotated[asyncpg.Pool, Depends(get_pool)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+async def read_body(request: Request, max_bytes: int = MAX_BODY_BYTES) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"body of {declared} bytes; the limit is {max_bytes}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"body over {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _fmt_ts(ts: npt.NDArray[np.int64]) -> list[str]:
+    return [f"{s}Z" for s in np.datetime_as_string(ts.astype("datetime64[s]"), unit="s").tolist()]
+
+
+@router.post(
+    "/v1/bars/{symbol}/{timeframe}",
+    tags=["bars"],
+    response_model=IngestResult,
+    responses=error_responses(401, 403, 413, 422, 503),
+    openapi_extra=json_body(BarsIn),
+)
+async def post_bars(
+    symbol: str, timeframe: str, request: Request, pool: PoolDep, settings: SettingsDep, _: WriteKey
+) -> IngestResult:
+    """Store bars (idempotent upsert, up to 50,000 per request; role write).
+
+    Bars may come in any order. A batch with any invalid bar is refused whole with 422 naming the bar
+    index, the field and the rule; nothing of it is written. Valid but suspicious bars (a move beyond
+    `QUALITY_MOVE_SIGMA` recent standard deviations, a gap in the series) are stored and flagged.
+    """
+    label = symbol if SYMBOL_RE.match(symbol) else "invalid"
+    raw: object = None
+    try:
+        check_symbol(symbol)
+        tf = parse_timeframe(timeframe)
+        raw = parse_json(await read_body(request))
+        bars, _order = bars_from_payload(raw, tf, settings.max_bars_per_request)
+    except AppError:
+        BARS_REJECTED.labels(label).inc(_count_bars(raw))
+        raise
+    result = await service.ingest(pool, settings, symbol, tf, bars)
+    request.app.state.staleness.observe(symbol, tf, int(bars.ts[-1]))
+    return result
+
+
+def _count_bars(raw: object) -> int:
+    """Bars in a refused batch, for the rejected-bars metric (1 when the body could not be read)."""
+    if isinstance(raw, dict) and isinstance(raw.get("bars"), list):
+        return max(len(raw["bars"]), 1)
+    return 1
+
+
+@router.get(
+    "/v1/bars/{symbol}/{timeframe}",
+    tags=["bars"],
+    response_model=BarsOut,
+    responses=error_responses(401, 403, 422),
+)
+async def get_bars(
+    symbol: str,
+    timeframe: str,
+    pool: PoolDep,
+    _: ReadKey,
+    start: Annotated[datetime | None, Query(description="inclusive, ISO 8601")] = None,
+    end: Annotated[datetime | None, Query(description="exclusive, ISO 8601")] = None,
+    limit: Annotated[int, Query(ge=1, le=50_000, description="newest bars in the range")] = 1000,
+) -> JSON:
+    """Stored bars of a series, oldest first and newest last (role read)."""
+    check_symbol(symbol)
+    tf = parse_timeframe(timeframe)
+    for name, value in (("start", start), ("end", end)):
+        if value is not None and value.tzinfo is None:
+            raise ValidationFailed(f"{name} must carry a UTC offset (e.g. 2024-01-01T00:00:00Z)")
+    bars = await with_retry(lambda: bars_range(pool, symbol, tf, start, end, limit))
+    stamps = _fmt_ts(bars.ts)
+    rows = zip(
+        stamps,
+        bars.open.tolist(),
+        bars.high.tolist(),
+        bars.low.tolist(),
+        bars.close.tolist(),
+        bars.volume.tolist(),
+        strict=True,
+    )
+    return JSON(
+        {"bars": [{"ts": t, "open": o, "high": h, "low": lo, "close": c, "volume": v} for t, o, h, lo, c, v in rows]}
+    )
+
+
+@router.get("/v1/series", tags=["bars"], response_model=list[SeriesOut], responses=error_responses(401, 403))
+async def get_series(pool: PoolDep, _: ReadKey, symbol: str | None = None) -> list[SeriesOut]:
+    """Stored series (symbol, timeframe) with their first and last bar times (role read)."""
+    rows = await with_retry(lambda: list_series(pool, symbol))
+    return [SeriesOut(symbol=s.symbol, timeframe=s.timeframe, first_ts=s.first_ts, last_ts=s.last_ts) for s in rows]
+
+
+@router.get("/v1/indicators/catalog", tags=["indicators"], response_model=list[CatalogEntry])
+async def get_catalog() -> list[dict[str, object]]:
+    """The 17 features: name, description, formula, parameters and warm-up bars. Public."""
+    return catalog()
+
+
+def _parse_timeframes(value: str | None, base: Timeframe) -> list[Timeframe]:
+    if not value:
+        return [base]
+    return [parse_timeframe(v.strip()) for v in value.split(",") if v.strip()]
+
+
+@router.get(
+    "/v1/indicators/{symbol}/{timeframe}",
+    tags=["indicators"],
+    response_model=IndicatorsOut,
+    responses=error_responses(401, 403, 404, 422),
+)
+async def get_indicators(
+    symbol: str,
+    timeframe: str,
+    pool: PoolDep,
+    _: ReadKey,
+    limit: Annotated[int, Query(ge=1, le=10_000, description="rows per timeframe, newest last")] = 100,
+    timeframes: Annotated[
+        str | None,
+        Query(
+            description="comma-separated timeframes, resampled from the path's stored bars (completed bars "
+            "only); default: the path's timeframe"
+        ),
+    ] = None,
+) -> JSON:
+    """Indicator rows of a stored series (role read).
+
+    Reads only the bars the rows need (warm-up plus `limit`). Higher timeframes are built from the path's
+    stored bars, completed bars only. Warm-up rows are never returned.
+    """
+    check_symbol(symbol)
+    base = parse_timeframe(timeframe)
+    rows = await service.stored_rows(pool, symbol, base, _parse_timeframes(timeframes, base), limit)
+    return JSON({"symbol": symbol, "timeframes": {t.value: service.render_rows(r) for t, r in rows.items()}})
+
+
+@router.post(
+    "/v1/indicators",
+    tags=["indicators"],
+    response_model=IndicatorsOut,
+    responses=error_responses(401, 403, 413, 422),
+    openapi_extra=json_body(IndicatorsIn),
+)
+async def post_indicators(request: Request, settings: SettingsDep, _: ReadKey) -> JSON:
+    """Indicator rows computed from the bars in the body (nothing is stored; role read).
+
+    The bars are checked by the same rules as ingest. Needs at least warm-up + 1 bars of each requested
+    timeframe.
+    """
+    raw = parse_json(await read_body(request))
+    if not isinstance(raw, dict):
+        raise ValidationFailed("body must be a JSON object")
+    symbol = check_symbol(str(raw.get("symbol", "CUSTOM")))
+    tf = parse_timeframe(str(raw.get("timeframe", "")))
+    limit = raw.get("limit")
+    if limit is not None and (type(limit) is not int or not 1 <= limit <= 50_000):
+        raise ValidationFailed("limit must be an integer from 1 to 50000")
+    tfs_raw = raw.get("timeframes")
+    if tfs_raw is not None and not (isinstance(tfs_raw, list) and all(isinstance(t, str) for t in tfs_raw)):
+        raise ValidationFailed("timeframes must be a list of timeframe names")
+    targets = [parse_timeframe(t) for t in tfs_raw] if tfs_raw else [tf]
+    bars, _order = bars_from_payload(raw, tf, settings.max_bars_per_request)
+    rows = service.client_rows(bars, symbol, tf, targets, limit)
+    return JSON({"symbol": symbol, "timeframes": {t.value: service.render_rows(r) for t, r in rows.items()}})

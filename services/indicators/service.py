@@ -1,0 +1,71 @@
+"""Ingest with quality flags, and indicator rows for stored or client-sent bars."""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+
+import asyncpg
+import numpy as np
+import numpy.typing as npt
+
+from services.indicators.metrics import BARS_FLAGGED, BARS_INGESTED
+from services.indicators.schemas import IngestResult
+from shared.db import with_retry
+from shared.feature_window import latest_feature_rows, rows_from_bars
+from shared.features import FEATURE_NAMES, FeatureRows
+from shared.market_repository import bars_before, upsert_bars
+from shared.quality import FLAG_REASONS, quality_flags
+from shared.settings import Settings
+from shared.timeframes import OHLCV, Timeframe
+
+
+async def ingest(
+    pool: asyncpg.Pool, settings: Settings, symbol: str, timeframe: Timeframe, bars: OHLCV
+) -> IngestResult:
+    async def run() -> tuple[int, int, npt.NDArray[np.int16]]:
+        async with pool.acquire() as conn, conn.transaction():
+            context = await bars_before(conn, symbol, timeframe, int(bars.ts[0]), settings.quality_window_bars + 1)
+            flags = quality_flags(context, bars, timeframe, settings.quality_move_sigma, settings.quality_window_bars)
+            inserted, updated = await upsert_bars(conn, symbol, timeframe, bars, flags)
+            return inserted, updated, flags
+
+    inserted, updated, flags = await with_retry(run)
+    BARS_INGESTED.labels(symbol).inc(inserted + updated)
+    tally: Tally[str] = Tally()
+    for bit, reason in FLAG_REASONS.items():
+        tally[reason] = int(np.count_nonzero(flags & bit))
+    for reason, n in tally.items():
+        if n:
+            BARS_FLAGGED.labels(symbol, reason).inc(n)
+    return IngestResult(inserted=inserted, updated=updated, flagged=int(np.count_nonzero(flags)))
+
+
+def _check_order(base: Timeframe, targets: list[Timeframe]) -> list[Timeframe]:
+    seen: list[Timeframe] = []
+    for t in targets:
+        if t not in seen:
+            seen.append(t)
+    return seen
+
+
+async def stored_rows(
+    pool: asyncpg.Pool, symbol: str, base: Timeframe, targets: list[Timeframe], limit: int
+) -> dict[Timeframe, FeatureRows]:
+    out: dict[Timeframe, FeatureRows] = {}
+    for t in _check_order(base, targets):
+        out[t] = await with_retry(lambda t=t: latest_feature_rows(pool, symbol, base, t, limit))  # type: ignore[misc]
+    return out
+
+
+def client_rows(
+    bars: OHLCV, symbol: str, base: Timeframe, targets: list[Timeframe], limit: int | None
+) -> dict[Timeframe, FeatureRows]:
+    return {t: rows_from_bars(bars, base, t, symbol, limit) for t in _check_order(base, targets)}
+
+
+def render_rows(rows: FeatureRows) -> list[dict[str, object]]:
+    stamps = np.datetime_as_string(rows.ts.astype("datetime64[s]"), unit="s")
+    return [
+        {"ts": f"{s}Z", "values": dict(zip(FEATURE_NAMES, v, strict=True))}
+        for s, v in zip(stamps.tolist(), rows.values.tolist(), strict=True)
+    ]

@@ -1,0 +1,103 @@
+"""API keys with ordered roles: read < write < admin. Clients send the secret in `X-API-Key`."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader
+
+from shared.errors import Forbidden, Unauthorized
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Role(IntEnum):
+    read = 1
+    write = 2
+    admin = 3
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    key_id: str
+    role: Role
+    secret: bytes
+
+
+@dataclass(frozen=True)
+class Principal:
+    key_id: str
+    role: Role
+
+
+class ApiKeyConfigError(ValueError):
+    pass
+
+
+def parse_api_keys(raw: str) -> list[ApiKey]:
+    """Parse `key_id:role:secret,...`; a malformed entry stops the service at start, never silently."""
+    keys: list[ApiKey] = []
+    for n, entry in enumerate(e.strip() for e in raw.split(",")):
+        if not entry:
+            continue
+        parts = entry.split(":", 2)
+        if len(parts) != 3 or not parts[0] or not parts[2]:
+            raise ApiKeyConfigError(f"API_KEYS entry {n}: expected key_id:role:secret")
+        key_id, role, secret = parts
+        if role not in Role.__members__:
+            raise ApiKeyConfigError(f"API_KEYS entry {n} ({key_id}): role {role!r} is not read, write or admin")
+        if len(secret) < 16:
+            raise ApiKeyConfigError(f"API_KEYS entry {n} ({key_id}): secret shorter than 16 characters")
+        keys.append(ApiKey(key_id, Role[role], secret.encode()))
+    return keys
+
+
+class Authenticator:
+    def __init__(self, settings: Settings) -> None:
+        self.disabled = settings.auth_disabled
+        self.keys = parse_api_keys(settings.api_keys.get_secret_value())
+        if self.disabled:
+            log.warning("AUTH_DISABLED=true: every request is treated as admin; for local runs only")
+        elif not self.keys:
+            log.warning("API_KEYS is empty: every request will get 401")
+
+    def authenticate(self, presented: str | None) -> Principal:
+        if self.disabled:
+            return Principal("anonymous", Role.admin)
+        if not presented:
+            raise Unauthorized("missing X-API-Key header")
+        candidate = presented.encode()
+        found: ApiKey | None = None
+        # Compare against every key, without stopping early, so timing says nothing about which matched.
+        for key in self.keys:
+            if hmac.compare_digest(candidate, key.secret) and found is None:
+                found = key
+        if found is None:
+            raise Unauthorized("invalid API key")
+        return Principal(found.key_id, found.role)
+
+
+_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key secret")
+
+
+def require(role: Role) -> object:
+    async def dependency(request: Request, presented: Annotated[str | None, Depends(_header)]) -> Principal:
+        auth: Authenticator = request.app.state.auth
+        principal = auth.authenticate(presented)
+        if principal.role < role:
+            raise Forbidden(f"key {principal.key_id!r} has role {principal.role.name}; this needs {role.name}")
+        request.state.principal = principal
+        return principal
+
+    return Depends(dependency)
+
+
+ReadKey = Annotated[Principal, require(Role.read)]
+WriteKey = Annotated[Principal, require(Role.write)]
+AdminKey = Annotated[Principal, require(Role.admin)]

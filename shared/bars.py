@@ -1,0 +1,198 @@
+"""Parsing and validation of client-sent bars: the one set of rules for ingest and for predictions.
+
+Bodies of up to 50,000 bars are parsed with orjson and checked column-wise with numpy (pydantic per-bar
+validation costs several times more at that size). A batch with any invalid bar is refused whole, with a
+message naming the bar index, the field and the rule.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.errors import PayloadTooLarge, ValidationFailed
+from shared.timeframes import OHLCV, Timeframe
+
+FIELDS = ("open", "high", "low", "close", "volume")
+
+
+class Bar(BaseModel):
+    """One OHLCV bar. `ts` is the bar's open time (ISO 8601, UTC if no offset; or epoch seconds)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "ts": "2024-01-02T00:00:00Z",
+                "open": 1.1,
+                "high": 1.2,
+                "low": 1.0,
+                "close": 1.15,
+                "volume": 1000.0,
+            }
+        }
+    )
+
+    ts: datetime
+    open: float = Field(gt=0)
+    high: float = Field(gt=0)
+    low: float = Field(gt=0)
+    close: float = Field(gt=0)
+    volume: float = Field(ge=0)
+
+
+class BarsIn(BaseModel):
+    """Request body of bar uploads: up to 50,000 bars; order does not matter (they are sorted)."""
+
+    bars: list[Bar]
+
+
+class BarValidationError(ValidationFailed):
+    def __init__(self, errors: list[str]) -> None:
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        super().__init__("; ".join(errors[:5]) + more)
+        self.errors = errors
+
+
+def _reject_constant(token: str) -> float:
+    # NaN/Infinity tokens are not JSON, but clients send them: parse them so the check below names the bar.
+    return float(token.lower().replace("infinity", "inf"))
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValidationFailed(f"body is not valid JSON: {exc}") from None
+
+
+def _fmt(x: float) -> str:
+    return repr(float(x)) if math.isfinite(x) else str(x)
+
+
+def bars_from_payload(raw: Any, timeframe: Timeframe, max_bars: int) -> tuple[OHLCV, list[int]]:
+    """Validate a decoded `{"bars": [...]}` body; return columnar bars sorted by time.
+
+    Also returns, for each sorted bar, its index in the request, so messages can name what the client sent.
+    """
+    if not isinstance(raw, dict) or "bars" not in raw:
+        raise ValidationFailed('body must be a JSON object {"bars": [...]}')
+    items = raw["bars"]
+    if not isinstance(items, list):
+        raise ValidationFailed("bars must be a list")
+    if len(items) > max_bars:
+        raise PayloadTooLarge(f"{len(items)} bars in one request; the limit is {max_bars}")
+    if not items:
+        raise ValidationFailed("bars is empty")
+    return bars_from_items(items, timeframe)
+
+
+def bars_from_items(items: list[Any], timeframe: Timeframe) -> tuple[OHLCV, list[int]]:
+    errors: list[str] = []
+    n = len(items)
+    cols = {f: np.empty(n, dtype=np.float64) for f in FIELDS}
+    raw_ts: list[Any] = [None] * n
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            errors.append(f"bar {i}: must be an object")
+            continue
+        raw_ts[i] = item.get("ts")
+        for f in FIELDS:
+            v = item.get(f)
+            if type(v) is float or type(v) is int:
+                cols[f][i] = v
+            elif v is None:
+                errors.append(f"bar {i}: missing field {f}")
+            else:
+                errors.append(f"bar {i}: {f} must be a number, got {type(v).__name__}")
+        if len(errors) > 20:
+            break
+    if errors:
+        raise BarValidationError(errors)
+
+    ts = _parse_timestamps(raw_ts)
+    errors = _check_values(cols, ts, timeframe)
+    if errors:
+        raise BarValidationError(errors)
+
+    order = np.argsort(ts, kind="stable")
+    ts_sorted = ts[order]
+    dup = np.flatnonzero(ts_sorted[1:] == ts_sorted[:-1])
+    if dup.size:
+        msgs = [
+            f"bar {int(order[k + 1])}: duplicate timestamp {_iso(int(ts_sorted[k]))} (also bar {int(order[k])})"
+            for k in dup[:5]
+        ]
+        raise BarValidationError(msgs)
+    bars = OHLCV(ts_sorted, *(cols[f][order] for f in FIELDS))
+    return bars, order.tolist()
+
+
+def _iso(epoch_s: int) -> str:
+    return pd.Timestamp(epoch_s, unit="s", tz="UTC").isoformat().replace("+00:00", "Z")
+
+
+def _parse_timestamps(raw: list[Any]) -> npt.NDArray[np.int64]:
+    if all(type(v) is int for v in raw):
+        return np.asarray(raw, dtype=np.int64)
+    if all(isinstance(v, str) for v in raw):
+        try:
+            parsed = pd.to_datetime(pd.Series(raw, dtype=object), utc=True, format="ISO8601")
+            naive = parsed.dt.tz_localize(None).to_numpy(dtype="datetime64[s]")
+            return naive.astype(np.int64)
+        except (ValueError, TypeError, OverflowError):
+            pass  # find the offending bar below
+    out = np.empty(len(raw), dtype=np.int64)
+    for i, v in enumerate(raw):
+        if type(v) is int:
+            out[i] = v
+            continue
+        if not isinstance(v, str):
+            raise BarValidationError([f"bar {i}: ts must be an ISO 8601 string or epoch seconds, got {v!r}"])
+        try:
+            t = pd.Timestamp(v)
+        except (ValueError, TypeError, OverflowError):
+            raise BarValidationError([f"bar {i}: ts {v!r} is not an ISO 8601 timestamp"]) from None
+        t = t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+        out[i] = int(t.value // 1_000_000_000)
+    return out
+
+
+def _check_values(
+    cols: Mapping[str, npt.NDArray[np.float64]], ts: npt.NDArray[np.int64], timeframe: Timeframe
+) -> list[str]:
+    errors: list[str] = []
+    o, h, lo, c, v = (cols[f] for f in FIELDS)
+    for f in FIELDS:
+        bad = np.flatnonzero(~np.isfinite(cols[f]))
+        errors += [f"bar {i}: {f} is {_fmt(cols[f][i])}; must be a finite number" for i in bad[:5]]
+    if errors:
+        return errors
+    for f in ("open", "high", "low", "close"):
+        bad = np.flatnonzero(cols[f] <= 0)
+        errors += [f"bar {i}: {f} {_fmt(cols[f][i])} must be > 0" for i in bad[:5]]
+    bad = np.flatnonzero(h < np.maximum(o, c))
+    errors += [f"bar {i}: high {_fmt(h[i])} < max(open, close) {_fmt(max(o[i], c[i]))}" for i in bad[:5]]
+    bad = np.flatnonzero(lo > np.minimum(o, c))
+    errors += [f"bar {i}: low {_fmt(lo[i])} > min(open, close) {_fmt(min(o[i], c[i]))}" for i in bad[:5]]
+    bad = np.flatnonzero(v < 0)
+    errors += [f"bar {i}: volume {_fmt(v[i])} must be >= 0" for i in bad[:5]]
+    bad = np.flatnonzero(~timeframe.is_aligned(ts))
+    errors += [
+        f"bar {i}: ts {_iso(int(ts[i]))} is not aligned to {timeframe.value} (a bar opens at "
+        f"{_iso(int(timeframe.floor(ts[i : i + 1])[0]))})"
+        for i in bad[:5]
+    ]
+    return errors

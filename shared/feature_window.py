@@ -1,0 +1,66 @@
+"""Feature rows of a stored series, on its own or a higher timeframe, reading only the bars needed."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from shared.errors import NotFoundError, ValidationFailed
+from shared.features import WARMUP_BARS, FeatureRows, feature_rows
+from shared.market_repository import all_bars, latest_bars
+from shared.timeframes import OHLCV, Timeframe, can_resample, resample
+
+
+class NotEnoughBars(ValidationFailed):
+    pass
+
+
+def bars_needed(rows: int) -> int:
+    """Bars of a timeframe needed for `rows` feature rows: the warm-up plus the rows."""
+    return WARMUP_BARS + rows
+
+
+def base_bars_needed(base: Timeframe, target: Timeframe, rows: int) -> int:
+    ratio = target.seconds // base.seconds
+    # One extra target bar of base bars: the newest target bar may still be forming and is dropped.
+    return (bars_needed(rows) + 1) * ratio
+
+
+def rows_from_bars(bars: OHLCV, base: Timeframe, target: Timeframe, symbol: str, limit: int | None) -> FeatureRows:
+    if not can_resample(base, target):
+        raise ValidationFailed(
+            f"timeframe {target.value} cannot be built from {base.value} bars: it must be a whole multiple "
+            f"of {base.value}"
+        )
+    tbars = resample(bars, base, target)
+    if len(tbars) <= WARMUP_BARS:
+        source = f"{target.value} bars" if target is base else f"completed {target.value} bars (from {base.value})"
+        raise NotEnoughBars(f"need at least {WARMUP_BARS + 1} {source} for {symbol}, have {len(tbars)}")
+    rows = feature_rows(tbars)
+    if limit is not None and len(rows) > limit:
+        rows = FeatureRows(rows.ts[-limit:], rows.values[-limit:])
+    return rows
+
+
+async def latest_feature_rows(
+    conn: asyncpg.Connection | asyncpg.Pool, symbol: str, base: Timeframe, target: Timeframe, limit: int
+) -> FeatureRows:
+    """The newest `limit` feature rows; fetches only warm-up plus `limit` bars (of `target`)."""
+    if not can_resample(base, target):
+        raise ValidationFailed(
+            f"timeframe {target.value} cannot be built from {base.value} bars: it must be a whole multiple "
+            f"of {base.value}"
+        )
+    bars = await latest_bars(conn, symbol, base, base_bars_needed(base, target, limit))
+    if len(bars) == 0:
+        raise NotFoundError(f"no {base.value} bars stored for {symbol}")
+    return rows_from_bars(bars, base, target, symbol, limit)
+
+
+async def history_feature_rows(
+    conn: asyncpg.Connection | asyncpg.Pool, symbol: str, base: Timeframe, target: Timeframe
+) -> FeatureRows:
+    """All feature rows of the full stored history (training)."""
+    bars = await all_bars(conn, symbol, base)
+    if len(bars) == 0:
+        raise NotFoundError(f"no {base.value} bars stored for {symbol}")
+    return rows_from_bars(bars, base, target, symbol, None)

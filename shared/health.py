@@ -1,0 +1,86 @@
+"""Liveness (`/health`) and readiness (`/health/ready`) endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from pydantic import BaseModel
+
+from shared.responses import JSON
+
+Status = Literal["healthy", "degraded", "unhealthy"]
+
+
+class Check(BaseModel):
+    status: Status
+    latency_ms: float
+    error: str | None = None
+
+
+class Readiness(BaseModel):
+    status: Status
+    timestamp: datetime
+    services: dict[str, Check]
+
+
+# A check returns None when fine, or raises. `critical` checks make the service unhealthy (503) when they
+# fail; the others make it degraded (still 200: it can do its job, worse).
+CheckFn = Callable[[Request], Awaitable[None]]
+
+
+class ReadinessChecks:
+    def __init__(self) -> None:
+        self.checks: dict[str, tuple[CheckFn, bool]] = {}
+
+    def add(self, name: str, fn: CheckFn, *, critical: bool) -> None:
+        self.checks[name] = (fn, critical)
+
+
+async def _run(fn: CheckFn, request: Request, timeout_s: float) -> tuple[bool, float, str | None]:
+    start = time.perf_counter()
+    try:
+        await asyncio.wait_for(fn(request), timeout_s)
+        ok, err = True, None
+    except TimeoutError:
+        ok, err = False, f"no answer within {timeout_s:.1f} s"
+    except Exception as exc:  # noqa: BLE001 - any failure of a dependency is reported, not raised
+        ok, err = False, f"{type(exc).__name__}: {exc}"[:300]
+    return ok, (time.perf_counter() - start) * 1000, err
+
+
+def install_health(app: FastAPI, checks: ReadinessChecks, timeout_s: float = 2.0) -> None:
+    @app.get("/health", tags=["health"], summary="Liveness")
+    async def health() -> dict[str, str]:
+        """Liveness: the process answers. Checks no dependency."""
+        return {"status": "ok"}
+
+    @app.get(
+        "/health/ready",
+        tags=["health"],
+        summary="Readiness",
+        response_model=Readiness,
+        responses={503: {"description": "The service cannot do its job", "model": Readiness}},
+    )
+    async def ready(request: Request) -> JSON:
+        """Readiness: each dependency with its status and latency. 200 when healthy or degraded, 503 when
+        a dependency the service cannot work without is down."""
+        names = list(checks.checks)
+        results = await asyncio.gather(*(_run(checks.checks[n][0], request, timeout_s) for n in names))
+        services: dict[str, Check] = {}
+        status: Status = "healthy"
+        for name, (ok, latency, err) in zip(names, results, strict=True):
+            critical = checks.checks[name][1]
+            services[name] = Check(
+                status="healthy" if ok else ("unhealthy" if critical else "degraded"),
+                latency_ms=round(latency, 3),
+                error=err,
+            )
+            if not ok:
+                status = "unhealthy" if critical else ("degraded" if status == "healthy" else status)
+        body = Readiness(status=status, timestamp=datetime.now(UTC), services=services)
+        return JSON(body.model_dump(mode="json", exclude_none=True), status_code=503 if status == "unhealthy" else 200)

@@ -1,0 +1,156 @@
+"""All SQL of the market-data store (bars, series), shared by the indicators service and the trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+import numpy as np
+import numpy.typing as npt
+
+from shared.timeframes import OHLCV, Timeframe
+
+_STAGING_DDL = """
+CREATE TEMP TABLE IF NOT EXISTS bars_staging (
+    t bigint NOT NULL, open float8 NOT NULL, high float8 NOT NULL, low float8 NOT NULL,
+    close float8 NOT NULL, volume float8 NOT NULL, flags smallint NOT NULL
+) ON COMMIT DELETE ROWS
+"""
+
+_UPSERT = """
+WITH up AS (
+    INSERT INTO bars AS b (symbol, timeframe, ts, open, high, low, close, volume, flags)
+    SELECT $1, $2, to_timestamp(t), open, high, low, close, volume, flags FROM bars_staging
+    ON CONFLICT (symbol, timeframe, ts) DO UPDATE
+       SET open = EXCLUDED.open, high = EXCLUDED.high, low = EXCLUDED.low, close = EXCLUDED.close,
+           volume = EXCLUDED.volume, flags = EXCLUDED.flags
+     WHERE (b.open, b.high, b.low, b.close, b.volume, b.flags)
+           IS DISTINCT FROM (EXCLUDED.open, EXCLUDED.high, EXCLUDED.low, EXCLUDED.close, EXCLUDED.volume,
+                             EXCLUDED.flags)
+    RETURNING (xmax = 0) AS inserted
+)
+SELECT count(*) FILTER (WHERE inserted) AS inserted, count(*) FILTER (WHERE NOT inserted) AS updated FROM up
+"""
+
+_SERIES_UPSERT = """
+INSERT INTO series (symbol, timeframe, first_ts, last_ts, updated_at)
+VALUES ($1, $2, to_timestamp($3), to_timestamp($4), now())
+ON CONFLICT (symbol, timeframe) DO UPDATE
+   SET first_ts = LEAST(series.first_ts, EXCLUDED.first_ts),
+       last_ts = GREATEST(series.last_ts, EXCLUDED.last_ts),
+       updated_at = now()
+"""
+
+_COLUMNS = "extract(epoch FROM ts)::float8, open, high, low, close, volume"
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    symbol: str
+    timeframe: Timeframe
+    first_ts: datetime
+    last_ts: datetime
+
+
+def _to_ohlcv(rows: list[asyncpg.Record], newest_first: bool) -> OHLCV:
+    if not rows:
+        return OHLCV.empty()
+    m: npt.NDArray[np.float64] = np.array(rows, dtype=np.float64)
+    if newest_first:
+        m = m[::-1]
+    m = np.ascontiguousarray(m.T)
+    return OHLCV(m[0].astype(np.int64), m[1], m[2], m[3], m[4], m[5])
+
+
+async def upsert_bars(
+    conn: asyncpg.Connection, symbol: str, timeframe: Timeframe, bars: OHLCV, flags: npt.NDArray[np.int16]
+) -> tuple[int, int]:
+    """Upsert through COPY into a staging table; returns (inserted, updated). Caller owns the transaction."""
+    await conn.execute(_STAGING_DDL)
+    records = zip(
+        bars.ts.tolist(),
+        bars.open.tolist(),
+        bars.high.tolist(),
+        bars.low.tolist(),
+        bars.close.tolist(),
+        bars.volume.tolist(),
+        flags.tolist(),
+        strict=True,
+    )
+    await conn.copy_records_to_table("bars_staging", records=records)
+    row = await conn.fetchrow(_UPSERT, symbol, timeframe.value)
+    await conn.execute(_SERIES_UPSERT, symbol, timeframe.value, int(bars.ts[0]), int(bars.ts[-1]))
+    assert row is not None
+    return int(row["inserted"]), int(row["updated"])
+
+
+async def bars_before(conn: asyncpg.Connection, symbol: str, timeframe: Timeframe, ts: int, n: int) -> OHLCV:
+    """The `n` stored bars strictly before epoch second `ts`, oldest first."""
+    rows = await conn.fetch(
+        f"SELECT {_COLUMNS} FROM bars WHERE symbol = $1 AND timeframe = $2 AND ts < to_timestamp($3) "  # noqa: S608
+        "ORDER BY ts DESC LIMIT $4",
+        symbol,
+        timeframe.value,
+        ts,
+        n,
+    )
+    return _to_ohlcv(rows, newest_first=True)
+
+
+async def latest_bars(conn: asyncpg.Connection | asyncpg.Pool, symbol: str, timeframe: Timeframe, n: int) -> OHLCV:
+    rows = await conn.fetch(
+        f"SELECT {_COLUMNS} FROM bars WHERE symbol = $1 AND timeframe = $2 ORDER BY ts DESC LIMIT $3",  # noqa: S608
+        symbol,
+        timeframe.value,
+        n,
+    )
+    return _to_ohlcv(rows, newest_first=True)
+
+
+async def bars_range(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    symbol: str,
+    timeframe: Timeframe,
+    start: datetime | None,
+    end: datetime | None,
+    limit: int,
+) -> OHLCV:
+    """Bars with start <= ts < end; the newest `limit` of them, oldest first."""
+    rows = await conn.fetch(
+        f"SELECT {_COLUMNS} FROM bars WHERE symbol = $1 AND timeframe = $2 "  # noqa: S608
+        "AND ($3::timestamptz IS NULL OR ts >= $3) AND ($4::timestamptz IS NULL OR ts < $4) "
+        "ORDER BY ts DESC LIMIT $5",
+        symbol,
+        timeframe.value,
+        start,
+        end,
+        limit,
+    )
+    return _to_ohlcv(rows, newest_first=True)
+
+
+async def all_bars(conn: asyncpg.Connection | asyncpg.Pool, symbol: str, timeframe: Timeframe) -> OHLCV:
+    rows = await conn.fetch(
+        f"SELECT {_COLUMNS} FROM bars WHERE symbol = $1 AND timeframe = $2 ORDER BY ts",  # noqa: S608
+        symbol,
+        timeframe.value,
+    )
+    return _to_ohlcv(rows, newest_first=False)
+
+
+async def list_series(conn: asyncpg.Connection | asyncpg.Pool, symbol: str | None = None) -> list[SeriesInfo]:
+    rows = await conn.fetch(
+        "SELECT symbol, timeframe, first_ts, last_ts FROM series WHERE $1::text IS NULL OR symbol = $1 "
+        "ORDER BY symbol, timeframe",
+        symbol,
+    )
+    return [
+        SeriesInfo(r["symbol"], Timeframe(r["timeframe"]), r["first_ts"].astimezone(UTC), r["last_ts"].astimezone(UTC))
+        for r in rows
+    ]
+
+
+async def count_bars(conn: asyncpg.Connection | asyncpg.Pool, symbol: str, timeframe: Timeframe) -> int:
+    n = await conn.fetchval("SELECT count(*) FROM bars WHERE symbol = $1 AND timeframe = $2", symbol, timeframe.value)
+    return int(n or 0)

@@ -1,0 +1,80 @@
+"""The contract between trainer and predictor: what a model version's metadata.json holds.
+
+Artifacts of a version live under `{symbol}/{timeframe}/{version}/` in the object store:
+`model.keras` (Keras 3), `model.onnx` (served by onnxruntime), `metadata.json` (this model). The registry row
+(`model_versions`) stores the sha256 of metadata.json; metadata.json stores the sha256 of every other file.
+A reader verifies metadata.json against the registry, then each file against metadata.json, before
+loading anything (models are programs).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+# Output order of every model's softmax; metadata repeats it so a reader never guesses.
+CLASSES: tuple[str, str, str] = ("SELL", "HOLD", "BUY")
+
+
+def artifact_prefix(symbol: str, timeframe: str, version: str) -> str:
+    return f"{symbol}/{timeframe}/{version}/"
+
+
+class Scaler(BaseModel):
+    """Standardisation fitted on the training split only: x' = (x - mean) / scale, per feature."""
+
+    mean: list[float]
+    scale: list[float]
+
+
+class Calibration(BaseModel):
+    """Temperature scaling fitted on the validation split: p = softmax(logits / temperature)."""
+
+    method: Literal["temperature"] = "temperature"
+    temperature: float = Field(gt=0)
+    nll_before: float | None = None
+    nll_after: float | None = None
+
+
+class LabelDefinition(BaseModel):
+    """BUY if the forward log return over `horizon` bars exceeds +dead_band, SELL below -dead_band, else HOLD;
+    dead_band = dead_band_atr * ATR(14)/close at the bar."""
+
+    classes: list[str] = Field(default_factory=lambda: list(CLASSES))
+    horizon: int = Field(ge=1)
+    dead_band_atr: float = Field(ge=0)
+    description: str = ""
+
+
+class ReferenceDistribution(BaseModel):
+    """Training-split distribution of one feature for drift checks: quantile bin edges and their shares."""
+
+    edges: list[float]
+    shares: list[float]
+    mean: float
+    std: float
+
+
+class ModelMetadata(BaseModel):
+    symbol: str
+    timeframe: str
+    version: str
+    created_at: datetime
+    training_job_id: str | None = None
+    feature_names: list[str]
+    sequence_length: int
+    classes: list[str] = Field(default_factory=lambda: list(CLASSES))
+    scaler: Scaler
+    calibration: Calibration
+    labels: LabelDefinition
+    hyperparameters: dict[str, object]
+    training_range: dict[str, datetime]  # {"start", "end"} bar-open times of the rows used
+    splits: dict[str, dict[str, object]] = Field(default_factory=dict)  # rows and ranges of train/val/test
+    reference_distributions: dict[str, ReferenceDistribution]
+    metrics: dict[str, object]
+    library_versions: dict[str, str]
+    artifacts: dict[str, str]  # file name -> sha256 hex (model.keras, model.onnx)
+    onnx_max_abs_diff: float | None = None
+    input_name: str = "features"  # ONNX input name; input shape (batch, sequence_length, n_features), float32
