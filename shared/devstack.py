@@ -30,7 +30,10 @@ console = Console()
 ROOT = VAR.parent
 BIN = Path(sys.executable).parent
 SAMPLE_SYMBOL, SAMPLE_TF = "SPX", "D1"
-PORTS = {"predictor": 8080, "indicators": 8081, "trainer": 8082}
+PORTS = {
+    name: int(os.environ.get(f"{name.upper()}_PORT", default))
+    for name, default in (("predictor", 8080), ("indicators", 8081), ("trainer", 8082))
+}
 
 
 def _local_key() -> str:

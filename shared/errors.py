@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -9,6 +10,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 
 from shared.responses import JSON
+
+log = logging.getLogger(__name__)
 
 
 class AppError(Exception):
@@ -117,5 +120,28 @@ def install_error_handlers(app: FastAPI) -> None:
         message = "; ".join(f"{e['loc']}: {e['msg']}" for e in errors[:10])
         return JSON({"error": "validation_error", "detail": message, "errors": errors[:100]}, status_code=422)
 
+    async def dependency_down(_: Request, exc: Exception) -> JSON:
+        # A database or network dependency that is down is the server's problem, not the client's: 503.
+        log.warning("dependency unavailable: %s: %s", type(exc).__name__, exc)
+        return JSON(
+            {"error": "service_unavailable", "detail": f"a dependency is unavailable ({type(exc).__name__})"},
+            status_code=503,
+        )
+
     app.add_exception_handler(AppError, app_error)
     app.add_exception_handler(RequestValidationError, validation_error)
+    for exc_type in _dependency_errors():
+        app.add_exception_handler(exc_type, dependency_down)
+
+
+def _dependency_errors() -> tuple[type[Exception], ...]:
+    import asyncpg
+
+    return (
+        OSError,
+        TimeoutError,
+        asyncpg.InterfaceError,
+        asyncpg.exceptions.ConnectionDoesNotExistError,
+        asyncpg.exceptions.CannotConnectNowError,
+        asyncpg.exceptions.TooManyConnectionsError,
+    )

@@ -26,7 +26,8 @@ class Settings(BaseSettings):
     auth_disabled: bool = False
     log_level: str = "INFO"
 
-    db_pool_min_size: int = 1
+    # 0: a service starts (and reports unready) while PostgreSQL is down, instead of crash-looping.
+    db_pool_min_size: int = 0
     db_pool_max_size: int = 10
     db_command_timeout_seconds: float = 10.0
     # Redis is a cache: a dead one must cost milliseconds, not the client's default seconds of retries.

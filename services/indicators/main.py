@@ -10,6 +10,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+import asyncpg
 from fastapi import FastAPI, Request
 
 from services.indicators.metrics import StalenessCollector
@@ -33,8 +34,8 @@ async def _refresh_staleness(app: FastAPI, collector: StalenessCollector) -> Non
     while True:
         try:
             collector.replace(await list_series(app.state.pool))
-        except Exception:  # noqa: BLE001 - the database may be down; readiness reports that
-            log.warning("could not refresh series for the staleness gauge", exc_info=True)
+        except Exception as exc:  # noqa: BLE001 - the database may be down; readiness reports that
+            log.warning("could not refresh series for the staleness gauge: %s: %s", type(exc).__name__, exc)
         await asyncio.sleep(STALENESS_REFRESH_SECONDS)
 
 
@@ -50,6 +51,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.pool = await create_pool(settings, "aicash-indicators")
+        try:
+            await app.state.pool.fetchval("SELECT 1")
+        except (OSError, asyncpg.PostgresError):
+            log.warning("PostgreSQL unreachable at start; /health/ready reports unhealthy until it is back")
         refresher = asyncio.create_task(_refresh_staleness(app, staleness))
         log.info("indicators service started")
         try:

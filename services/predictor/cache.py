@@ -69,8 +69,12 @@ class PredictionCache:
     def _failed(self, op: str, exc: Exception) -> None:
         CACHE.labels("error").inc()
         if not self.breaker.open:
-            log.warning("redis %s failed; cache skipped for %.1f s", op, self.breaker.cooldown_s,
-                        extra={"error": f"{type(exc).__name__}: {exc}"})
+            log.warning(
+                "redis %s failed; cache skipped for %.1f s",
+                op,
+                self.breaker.cooldown_s,
+                extra={"error": f"{type(exc).__name__}: {exc}"},
+            )
         self.breaker.failure()
 
     async def ping(self) -> None:

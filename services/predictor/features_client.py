@@ -63,7 +63,9 @@ class IndicatorsClient:
         self.client = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
-            timeout=httpx.Timeout(settings.indicators_timeout_seconds, connect=settings.indicators_connect_timeout_seconds),
+            timeout=httpx.Timeout(
+                settings.indicators_timeout_seconds, connect=settings.indicators_connect_timeout_seconds
+            ),
             limits=httpx.Limits(
                 max_connections=settings.indicators_max_connections,
                 max_keepalive_connections=settings.indicators_max_connections,
@@ -84,9 +86,7 @@ class IndicatorsClient:
         body = orjson.dumps(
             {"symbol": symbol, "timeframe": timeframe, "timeframes": targets, "limit": limit, "bars": bars}
         )
-        return await self._call(
-            "POST", "/v1/indicators", content=body, headers={"Content-Type": "application/json"}
-        )
+        return await self._call("POST", "/v1/indicators", content=body, headers={"Content-Type": "application/json"})
 
     async def health(self) -> None:
         r = await self.client.get("/health/ready", timeout=1.5)

@@ -193,8 +193,12 @@ class ModelManager:
                     log.error(
                         "model load failed; %s",
                         "the previous version keeps serving" if have else "no model serves this series",
-                        extra={"symbol": row.symbol, "timeframe": row.timeframe, "version": row.version,
-                               "error": str(exc)},
+                        extra={
+                            "symbol": row.symbol,
+                            "timeframe": row.timeframe,
+                            "version": row.version,
+                            "error": str(exc),
+                        },
                     )
                     if have is not None:
                         new[key] = have
@@ -202,8 +206,12 @@ class ModelManager:
                 new[key] = model
                 log.info(
                     "model loaded",
-                    extra={"symbol": row.symbol, "timeframe": row.timeframe, "version": row.version,
-                           "replaces": have.version if have else None},
+                    extra={
+                        "symbol": row.symbol,
+                        "timeframe": row.timeframe,
+                        "version": row.version,
+                        "replaces": have.version if have else None,
+                    },
                 )
             self.models = new  # the atomic swap
             self.loaded_once = True

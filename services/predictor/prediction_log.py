@@ -9,12 +9,15 @@ in `ml_prediction_log_dropped_total`.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 from collections import deque
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+import numpy as np
 
 from services.predictor import repository
 from services.predictor.metrics import LOG_DROPPED, LOG_PRUNED, LOG_WRITTEN
@@ -22,6 +25,49 @@ from services.predictor.metrics import LOG_DROPPED, LOG_PRUNED, LOG_WRITTEN
 log = logging.getLogger("predictor.log")
 
 Record = tuple[Any, ...]
+
+
+def to_row(record: Record) -> Record:
+    """A buffered record (cheap to build on the request path) as a row of `repository.LOG_COLUMNS`."""
+    (
+        pid,
+        created,
+        symbol,
+        tf,
+        bar_ts,
+        version,
+        variant,
+        user_hash,
+        window_hash,
+        window_b64,
+        shape,
+        probs,
+        signal,
+        confidence,
+        consensus_signal,
+        cached,
+        request_id,
+    ) = record
+    features = np.frombuffer(base64.b64decode(window_b64), dtype=np.float32).tolist()
+    return (
+        pid,
+        datetime.fromtimestamp(created, UTC),
+        symbol,
+        tf,
+        datetime.fromisoformat(bar_ts.replace("Z", "+00:00")),
+        version,
+        variant,
+        user_hash,
+        window_hash,
+        features,
+        shape,
+        probs,
+        signal,
+        confidence,
+        consensus_signal,
+        cached,
+        request_id,
+    )
 
 
 class PredictionLog:
@@ -60,7 +106,7 @@ class PredictionLog:
         """A record not yet written (so GET /v1/predictions/{id} finds it right after the POST)."""
         for record in reversed(self.buffer):
             if str(record[0]) == prediction_id:
-                return record
+                return to_row(record)
         return None
 
     async def flush(self) -> int:
@@ -70,7 +116,7 @@ class PredictionLog:
             # Take the batch out first: appends (and drops) may happen while COPY awaits.
             batch = [self.buffer.popleft() for _ in range(min(self.batch_rows, len(self.buffer)))]
             try:
-                await repository.copy_predictions(self.pool, batch)
+                await repository.copy_predictions(self.pool, [to_row(r) for r in batch])
             except BaseException:
                 self._requeue(batch)
                 raise
@@ -98,8 +144,10 @@ class PredictionLog:
                 self.last_error = None
             except Exception as exc:  # noqa: BLE001 - keep serving; rows stay buffered (bounded)
                 if self.last_error is None:
-                    log.warning("prediction log write failed; buffering", extra={"error": str(exc),
-                                                                                  "buffered": len(self.buffer)})
+                    log.warning(
+                        "prediction log write failed; buffering",
+                        extra={"error": str(exc), "buffered": len(self.buffer)},
+                    )
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 await asyncio.sleep(min(1.0, self.flush_seconds * 5))
 
@@ -132,5 +180,4 @@ class PredictionLog:
         try:
             await asyncio.wait_for(self.flush(), 5.0)
         except Exception as exc:  # noqa: BLE001
-            log.warning("prediction log: %d rows not written at shutdown", len(self.buffer),
-                        extra={"error": str(exc)})
+            log.warning("prediction log: %d rows not written at shutdown", len(self.buffer), extra={"error": str(exc)})

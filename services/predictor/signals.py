@@ -77,9 +77,7 @@ class WeightsBook:
         self.scopes: dict[tuple[str, str], Weights] = {}
 
     def replace(self, rows: list[tuple[str, str, str, dict[str, float]]]) -> None:
-        self.scopes = {
-            (s, tf): Weights(v, {n: w.get(n, 0.0) for n in VOTES}, f"{s}/{tf}") for s, tf, v, w in rows
-        }
+        self.scopes = {(s, tf): Weights(v, {n: w.get(n, 0.0) for n in VOTES}, f"{s}/{tf}") for s, tf, v, w in rows}
 
     def lookup(self, symbol: str | None, timeframe: str | None) -> Weights:
         scopes = self.scopes

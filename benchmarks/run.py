@@ -1,0 +1,81 @@
+"""`make bench`: run every benchmark script side by side in one run and write docs/BENCHMARKS.md.
+
+Each `benchmarks/bench_*.py` is a standalone script printing a Markdown section; this runner adds the
+machine description and keeps the sections in one file. `--quick` shortens every benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ORDER = ["bench_indicators", "bench_training", "bench_predictor"]
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    libs = ", ".join(
+        f"{p} {version(p)}"
+        for p in ("numpy", "TA-Lib", "pandas-ta", "fastapi", "uvicorn", "asyncpg", "onnxruntime", "tensorflow")
+        if _installed(p)
+    )
+    return (f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {platform.system()} "
+            f"{platform.release()}; {libs}")
+
+
+def _installed(pkg: str) -> bool:
+    try:
+        version(pkg)
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
+    args = parser.parse_args()
+    names = [n for n in ORDER if (ROOT / "benchmarks" / f"{n}.py").exists() and (not args.only or n in args.only)]
+    sections = []
+    for name in names:
+        cmd = [sys.executable, "-m", f"benchmarks.{name}", *(["--quick"] if args.quick else [])]
+        print(f"running {' '.join(cmd)}", file=sys.stderr)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)  # noqa: S603
+        took = time.perf_counter() - t0
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr[-4000:])
+            sections.append(f"## {name}\n\nFAILED (exit {proc.returncode}); see the run's stderr.\n")
+        else:
+            sections.append(proc.stdout.strip() + f"\n\n_({name} took {took:.0f} s)_\n")
+    header = [
+        "# Benchmarks",
+        "",
+        "Written by `make bench` (`python -m benchmarks.run`); every figure below comes from that one run.",
+        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}.",
+        f"Mode: {'quick' if args.quick else 'full'}.",
+        "",
+    ]
+    Path(args.out).write_text("\n".join(header) + "\n\n".join(sections))
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
