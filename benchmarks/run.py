@@ -17,7 +17,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ["bench_indicators", "bench_training", "bench_predictor"]
+ORDER = ["bench_foundation", "bench_indicators", "bench_training", "bench_predictor"]
 
 
 def machine() -> str:
@@ -34,8 +34,10 @@ def machine() -> str:
         for p in ("numpy", "TA-Lib", "pandas-ta", "fastapi", "uvicorn", "asyncpg", "onnxruntime", "tensorflow")
         if _installed(p)
     )
-    return (f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {platform.system()} "
-            f"{platform.release()}; {libs}")
+    return (
+        f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {platform.system()} "
+        f"{platform.release()}; {libs}"
+    )
 
 
 def _installed(pkg: str) -> bool:

@@ -21,7 +21,11 @@ def test_make_up_serves_indicators_for_the_imported_sample(database_url: str, re
     env.pop("API_KEYS", None)
     proc = subprocess.run(
         [sys.executable, "-m", "shared.devstack", "up", "--smoke", "--no-train"],
-        env=env, capture_output=True, text=True, timeout=300, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "SPX D1: 5031 inserted" in proc.stdout + proc.stderr or "SPX D1: 0 inserted" in proc.stdout + proc.stderr

@@ -55,7 +55,7 @@ class PredictionCache:
             return None
         self.breaker.success()
         CACHE.labels("hit" if value is not None else "miss").inc()
-        return value  # type: ignore[no-any-return]
+        return value if isinstance(value, bytes) else None
 
     async def set(self, key: str, value: bytes, ttl_s: int) -> None:
         if not self.usable:
@@ -86,7 +86,7 @@ class PredictionCache:
         """Run `compute` once for concurrent callers of the same key; returns (result, shared)."""
         pending = self._inflight.get(key)
         if pending is not None:
-            return await asyncio.shield(pending), True  # type: ignore[return-value]
+            return await asyncio.shield(pending), True  # type: ignore[arg-type]
         future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:

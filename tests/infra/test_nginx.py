@@ -144,27 +144,37 @@ def start_stack(tool: Callable[[str], str]) -> Stack:
         for name in (*PREDICTORS, "indicators", "trainer"):
             ports[name], upstreams[name] = _start_upstream(name, workdir)
             procs.append(upstreams[name])
-        listen = free_port()
-        conf = render(
-            tool,
-            NGINX_LISTEN_PORT=f"127.0.0.1:{listen}",
-            NGINX_RUNTIME_DIR=str(workdir),
-            PREDICTOR_1=f"127.0.0.1:{ports['predictor-1']}",
-            PREDICTOR_2=f"127.0.0.1:{ports['predictor-2']}",
-            PREDICTOR_3=f"127.0.0.1:{ports['predictor-3']}",
-            INDICATORS_UPSTREAM=f"127.0.0.1:{ports['indicators']}",
-            TRAINER_UPSTREAM=f"127.0.0.1:{ports['trainer']}",
-        )
-        conf_path = workdir / "nginx.conf"
-        conf_path.write_text(conf)
-        base = [nginx, "-e", "stderr", "-p", str(workdir), "-c", str(conf_path)]
-        run([*base, "-t", "-q"])
-        with open(workdir / "nginx.log", "wb") as log:
-            procs.append(subprocess.Popen([*base, "-g", "daemon off;"], stdout=log, stderr=subprocess.STDOUT))
-        stack = Stack(f"http://127.0.0.1:{listen}", workdir, ports, upstreams, procs)
         for port in ports.values():
             _wait_http(f"http://127.0.0.1:{port}/", procs)
-        _wait_http(f"{stack.base_url}/nginx-health", procs)
+        # The listen port is picked before nginx binds it; if another process takes it in between, nginx
+        # exits and the next attempt picks another port.
+        for attempt in range(3):
+            listen = free_port()
+            conf = render(
+                tool,
+                NGINX_LISTEN_PORT=f"127.0.0.1:{listen}",
+                NGINX_RUNTIME_DIR=str(workdir),
+                PREDICTOR_1=f"127.0.0.1:{ports['predictor-1']}",
+                PREDICTOR_2=f"127.0.0.1:{ports['predictor-2']}",
+                PREDICTOR_3=f"127.0.0.1:{ports['predictor-3']}",
+                INDICATORS_UPSTREAM=f"127.0.0.1:{ports['indicators']}",
+                TRAINER_UPSTREAM=f"127.0.0.1:{ports['trainer']}",
+            )
+            conf_path = workdir / "nginx.conf"
+            conf_path.write_text(conf)
+            base = [nginx, "-e", "stderr", "-p", str(workdir), "-c", str(conf_path)]
+            run([*base, "-t", "-q"])
+            with open(workdir / "nginx.log", "wb") as log:
+                server = subprocess.Popen([*base, "-g", "daemon off;"], stdout=log, stderr=subprocess.STDOUT)
+            procs.append(server)
+            try:
+                _wait_http(f"http://127.0.0.1:{listen}/nginx-health", procs)
+                break
+            except RuntimeError:
+                if server.poll() is None or attempt == 2:
+                    raise
+                procs.remove(server)
+        stack = Stack(f"http://127.0.0.1:{listen}", workdir, ports, upstreams, procs)
         return stack
     except BaseException:
         stop_all(procs)
