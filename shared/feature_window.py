@@ -42,18 +42,24 @@ def rows_from_bars(bars: OHLCV, base: Timeframe, target: Timeframe, symbol: str,
 
 
 async def latest_feature_rows(
-    conn: asyncpg.Connection | asyncpg.Pool, symbol: str, base: Timeframe, target: Timeframe, limit: int
-) -> FeatureRows:
-    """The newest `limit` feature rows; fetches only warm-up plus `limit` bars (of `target`)."""
-    if not can_resample(base, target):
-        raise ValidationFailed(
-            f"timeframe {target.value} cannot be built from {base.value} bars: it must be a whole multiple "
-            f"of {base.value}"
-        )
-    bars = await latest_bars(conn, symbol, base, base_bars_needed(base, target, limit))
+    conn: asyncpg.Connection | asyncpg.Pool, symbol: str, base: Timeframe, targets: list[Timeframe], limit: int
+) -> dict[Timeframe, FeatureRows]:
+    """The newest `limit` feature rows of each target timeframe, from one read of the base bars.
+
+    Reads only what the most demanding target needs (its warm-up plus `limit` bars); beyond the warm-up,
+    more history does not change a row (see shared.features.WARMUP_BARS).
+    """
+    for target in targets:
+        if not can_resample(base, target):
+            raise ValidationFailed(
+                f"timeframe {target.value} cannot be built from {base.value} bars: it must be a whole multiple "
+                f"of {base.value}"
+            )
+    needed = max(base_bars_needed(base, t, limit) for t in targets)
+    bars = await latest_bars(conn, symbol, base, needed)
     if len(bars) == 0:
         raise NotFoundError(f"no {base.value} bars stored for {symbol}")
-    return rows_from_bars(bars, base, target, symbol, limit)
+    return {t: rows_from_bars(bars, base, t, symbol, limit) for t in targets}
 
 
 async def history_feature_rows(

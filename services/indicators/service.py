@@ -40,27 +40,21 @@ async def ingest(
     return IngestResult(inserted=inserted, updated=updated, flagged=int(np.count_nonzero(flags)))
 
 
-def _check_order(base: Timeframe, targets: list[Timeframe]) -> list[Timeframe]:
-    seen: list[Timeframe] = []
-    for t in targets:
-        if t not in seen:
-            seen.append(t)
-    return seen
+def _unique(targets: list[Timeframe]) -> list[Timeframe]:
+    return list(dict.fromkeys(targets))
 
 
 async def stored_rows(
     pool: asyncpg.Pool, symbol: str, base: Timeframe, targets: list[Timeframe], limit: int
 ) -> dict[Timeframe, FeatureRows]:
-    out: dict[Timeframe, FeatureRows] = {}
-    for t in _check_order(base, targets):
-        out[t] = await with_retry(lambda t=t: latest_feature_rows(pool, symbol, base, t, limit))  # type: ignore[misc]
-    return out
+    unique = _unique(targets)
+    return await with_retry(lambda: latest_feature_rows(pool, symbol, base, unique, limit))
 
 
 def client_rows(
     bars: OHLCV, symbol: str, base: Timeframe, targets: list[Timeframe], limit: int | None
 ) -> dict[Timeframe, FeatureRows]:
-    return {t: rows_from_bars(bars, base, t, symbol, limit) for t in _check_order(base, targets)}
+    return {t: rows_from_bars(bars, base, t, symbol, limit) for t in _unique(targets)}
 
 
 def render_rows(rows: FeatureRows) -> list[dict[str, object]]:
