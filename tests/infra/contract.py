@@ -14,7 +14,7 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "ml_active_models": ("gauge", frozenset()),
     "ml_model_accuracy": ("gauge", frozenset({"model_version"})),
     "ml_prediction_cache_total": ("counter", frozenset({"result"})),
-    "ml_model_load_failures_total": ("counter", frozenset()),
+    "ml_model_load_failures_total": ("counter", frozenset({"symbol", "timeframe"})),
     "ml_prediction_log_dropped_total": ("counter", frozenset()),
     "market_bars_rejected_total": ("counter", frozenset({"symbol"})),
     "market_bars_flagged_total": ("counter", frozenset({"symbol", "reason"})),
@@ -122,6 +122,7 @@ APP_ENV = {
     "AUTH_DISABLED",
     "LOG_LEVEL",
     "PROMETHEUS_MULTIPROC_DIR",
+    "TRAINER_QUEUE",
 }
 SECRET_ENV = {
     "DATABASE_URL",

@@ -160,3 +160,10 @@ def test_grafana_and_prometheus_get_their_files(rendered: dict[str, Any]) -> Non
     assert "monitoring/alerts.yml:/etc/prometheus/alerts.yml" in prom
     grafana = " ".join(rendered["services"]["grafana"]["volumes"])
     assert "monitoring/grafana/provisioning:/etc/grafana/provisioning" in grafana
+
+
+def test_trainer_api_enqueues_to_the_queue_the_worker_consumes(rendered: dict[str, Any]) -> None:
+    worker = rendered["services"]["trainer-worker"]
+    queue = worker["command"][worker["command"].index("-Q") + 1]
+    for name in ("trainer-api", "trainer-worker", "trainer-beat"):
+        assert rendered["services"][name]["environment"]["TRAINER_QUEUE"] == queue, name

@@ -208,6 +208,8 @@ def test_ingress_routes(docs: list[dict[str, Any]]) -> None:
         "/v1/bars": "indicators",
         "/v1/jobs": "trainer-api",
         "/v1/models": "trainer-api",
+        "/v1/series": "indicators",
+        "/v1/retrain-decisions": "trainer-api",
         "/": "predictor",
     }
     services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
@@ -225,3 +227,9 @@ def test_images_are_placeholders_until_deploy_pins_them() -> None:
     workflow = (REPO / ".github" / "workflows" / "deploy.yml").read_text()
     for name in names:
         assert f'"{name}=$prefix/{name}:$SHA"' in workflow, f"deploy.yml does not pin {name}"
+
+
+def test_trainer_api_enqueues_to_the_queue_the_worker_consumes(docs: list[dict[str, Any]]) -> None:
+    (worker,) = find(docs, "Deployment", "trainer-worker")["spec"]["template"]["spec"]["containers"]
+    queue = worker["command"][worker["command"].index("-Q") + 1]
+    assert find(docs, "ConfigMap", "aicash-config")["data"]["TRAINER_QUEUE"] == queue

@@ -6,6 +6,7 @@ only their labels; a renamed metric or label in the code or here breaks a test i
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import shutil
@@ -15,8 +16,9 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.metrics import MetricWrapperBase
 
-from tests.infra.contract import SERIES, TARGET_LABELS
+from tests.infra.contract import METRICS, SERIES, TARGET_LABELS
 from tests.infra.helpers import REPO, run
 from tests.infra.promql import analyse
 
@@ -72,6 +74,52 @@ def test_query_checker_accepts_good_queries() -> None:
     check_query("histogram_quantile(0.95, sum by (le) (rate(ml_prediction_duration_seconds_bucket[5m]))) > 0.1")
     check_query('market_data_staleness_seconds{timeframe="M1"} > 2 * 60 or up == 0')
     check_query('sum by (symbol) (rate(market_bars_rejected_total{symbol=~"$symbol"}[5m])) * 60')
+
+
+# --- the contract against the code ------------------------------------------------------------------
+
+# Modules that declare each service's metrics. The trainer has none yet: when it exposes
+# ml_training_jobs_total and ml_training_duration_seconds, add its module and names here.
+METRIC_MODULES = {
+    "services.predictor.metrics": {
+        "ml_prediction_requests_total",
+        "ml_prediction_duration_seconds",
+        "ml_active_models",
+        "ml_model_accuracy",
+        "ml_prediction_cache_total",
+        "ml_model_load_failures_total",
+        "ml_prediction_log_dropped_total",
+    },
+    "services.indicators.metrics": {
+        "market_bars_rejected_total",
+        "market_bars_flagged_total",
+        "market_data_staleness_seconds",
+    },
+}
+
+
+def declared_metrics(module_name: str) -> dict[str, tuple[str, frozenset[str]]]:
+    """Metric name (as scraped) -> (type, labels) for every metric a module declares or collects."""
+    module = importlib.import_module(module_name)
+    found: dict[str, tuple[str, frozenset[str]]] = {}
+    for value in vars(module).values():
+        if isinstance(value, MetricWrapperBase):
+            name = value._name + ("_total" if value._type == "counter" else "")
+            found[name] = (str(value._type), frozenset(value._labelnames))
+        elif isinstance(value, type) and value.__module__ == module_name and hasattr(value, "collect"):
+            for family in value().collect():  # scrape-time collectors: their families carry the labels
+                labels = frozenset(getattr(family, "_labelnames", ()))
+                found[family.name] = (family.type, labels)
+    return found
+
+
+@pytest.mark.parametrize("module_name", sorted(METRIC_MODULES))
+def test_services_declare_the_metrics_the_alerts_use(module_name: str) -> None:
+    declared = declared_metrics(module_name)
+    for name in METRIC_MODULES[module_name]:
+        assert name in declared, f"{module_name} does not declare {name}"
+        kind, labels = METRICS[name]
+        assert declared[name] == (kind, labels), f"{name}: code {declared[name]}, contract {(kind, labels)}"
 
 
 # --- Prometheus ---------------------------------------------------------------------------------------

@@ -45,7 +45,12 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         {
             "type": "http.response.start",
             "status": 200,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+            # Like the real services (shared/app.py), echo the request id.
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                *([(b"x-request-id", headers["x-request-id"].encode())] if "x-request-id" in headers else []),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": payload})
