@@ -5,21 +5,19 @@ VENV := .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= indicators,predictor,trainer,local,dev
 
-# A Python >= 3.12 that actually runs: $(PYTHON) if given, then python3.13/python3.12 on PATH (pyenv shims
-# print "command not found" unless the version is selected, so each candidate is run, not just located),
-# then pyenv's own 3.12/3.13 installs.
+# Python 3.12 (pandas-ta needs >= 3.12; pgserver and TensorFlow ship 3.12 wheels): $(PYTHON) if given, then
+# python3.12 on PATH, then pyenv's 3.12 installs, then 3.13. pyenv shims print "command not found" unless
+# their version is selected, so each candidate is run, not just located.
 define find_python
-for c in "$(PYTHON)" python3.13 python3.12 python3; do \
+ok() { "$$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1; }; \
+pyenv_py() { command -v pyenv >/dev/null 2>&1 || return 0; \
+  for v in $$(pyenv versions --bare 2>/dev/null | grep -E "^$$1(\.[0-9]+)?$$" | sort -rV); do \
+    echo "$$(pyenv prefix $$v)/bin/python3"; done; }; \
+for c in "$(PYTHON)" python3.12 $$(pyenv_py 3.12) python3.13 $$(pyenv_py 3.13) python3; do \
   [ -n "$$c" ] || continue; \
-  if "$$c" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1; then command -v "$$c" || echo "$$c"; exit 0; fi; \
+  if ok "$$c"; then command -v "$$c" 2>/dev/null || echo "$$c"; exit 0; fi; \
 done; \
-if command -v pyenv >/dev/null 2>&1; then \
-  for v in $$(pyenv versions --bare 2>/dev/null | grep -E '^3\.(1[2-9])(\.[0-9]+)?$$' | sort -rV); do \
-    p="$$(pyenv prefix $$v)/bin/python3"; \
-    if "$$p" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1; then echo "$$p"; exit 0; fi; \
-  done; \
-fi; \
-echo "no Python >= 3.12 found: install one (pandas-ta needs it) or run make PYTHON=/path/to/python3.12" >&2; exit 1
+echo "no Python >= 3.12 found (pandas-ta needs it): install 3.12 or run make PYTHON=/path/to/python3.12" >&2; exit 1
 endef
 
 .PHONY: install up test lint bench fmt clean migrate
@@ -55,3 +53,7 @@ bench: install
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache
+
+# Which interpreter .venv would be made with.
+which-python:
+	@$(find_python)

@@ -58,7 +58,10 @@ def _wait_http(url: str, timeout_s: float = 60.0) -> None:
 
 
 def _has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # the parent package is absent
+        return False
 
 
 def _sample_csv() -> Path:

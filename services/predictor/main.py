@@ -1,0 +1,139 @@
+"""Predictor service: real-time signals from production ONNX models, cached, logged, never TensorFlow.
+
+Run: `uvicorn services.predictor.main:app --port 8080`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import anyio
+from fastapi import FastAPI, Request
+
+from services.predictor import repository
+from services.predictor.cache import PredictionCache
+from services.predictor.features_client import IndicatorsClient
+from services.predictor.models import ModelManager
+from services.predictor.prediction_log import PredictionLog
+from services.predictor.routes import router
+from services.predictor.schemas import PredictionIn
+from services.predictor.service import Predictor
+from services.predictor.settings import PredictorSettings, get_predictor_settings
+from services.predictor.signals import WeightsBook
+from shared.app import build_app
+from shared.cache import create_redis
+from shared.db import create_pool, require_database_url
+from shared.health import ReadinessChecks
+from shared.logging import configure_logging
+from shared.storage import open_store
+
+log = logging.getLogger("predictor")
+
+
+def _predictor(request: Request) -> Predictor:
+    return request.app.state.predictor  # type: ignore[no-any-return]
+
+
+async def _check_db(request: Request) -> None:
+    await _predictor(request).pool.fetchval("SELECT 1")
+
+
+async def _check_cache(request: Request) -> None:
+    await _predictor(request).cache.ping()
+
+
+async def _check_storage(request: Request) -> None:
+    await anyio.to_thread.run_sync(_predictor(request).models.store.ping)
+
+
+async def _check_indicators(request: Request) -> None:
+    await _predictor(request).features.health()
+
+
+async def _check_models_loaded(request: Request) -> None:
+    models = _predictor(request).models
+    if not models.loaded_once:
+        raise RuntimeError(f"the model registry has not been read yet: {models.last_error or 'starting'}")
+
+
+async def _check_production_models(request: Request) -> None:
+    models = _predictor(request).models
+    if not models.models:
+        raise RuntimeError("no production model loaded: every prediction answers 404")
+
+
+async def _check_prediction_log(request: Request) -> None:
+    plog = _predictor(request).log
+    if plog.last_error:
+        raise RuntimeError(f"{len(plog.buffer)} records buffered; last write failed: {plog.last_error}")
+
+
+def create_app(settings: PredictorSettings | None = None) -> FastAPI:
+    settings = settings or get_predictor_settings()
+    configure_logging("predictor", settings.log_level)
+    # httpx logs every request at INFO: one line per features call is noise and costs throughput.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = await create_pool(settings, "aicash-predictor")
+        store = open_store(settings)
+        redis = create_redis(settings, "aicash-predictor")
+        features = IndicatorsClient(settings)
+        plog = PredictionLog(
+            pool,
+            flush_seconds=settings.prediction_log_flush_seconds,
+            batch_rows=settings.prediction_log_batch_rows,
+            buffer_rows=settings.prediction_log_buffer_rows,
+            retention_days=settings.prediction_log_retention_days,
+            prune_interval_seconds=settings.prediction_log_prune_interval_seconds,
+        )
+        weights = WeightsBook()
+        models = ModelManager(store, pool, require_database_url(settings), settings.model_poll_seconds)
+
+        async def refresh_weights() -> None:
+            rows = await repository.latest_weights(pool)
+            weights.replace([(r.symbol, r.timeframe, r.version, r.weights) for r in rows])
+
+        models.on_refresh.append(refresh_weights)
+        app.state.predictor = Predictor(
+            settings, pool, models, PredictionCache(redis, settings.cache_cooldown_seconds), features, plog, weights
+        )
+        plog.start()
+        await models.start()
+        log.info("predictor started", extra={"models": len(models.models)})
+        try:
+            yield
+        finally:
+            await models.stop()
+            await plog.stop()
+            await features.aclose()
+            if redis is not None:
+                with contextlib.suppress(Exception):
+                    await redis.aclose()
+            await pool.close()
+
+    checks = ReadinessChecks()
+    checks.add("database", _check_db, critical=True)
+    checks.add("indicators", _check_indicators, critical=True)
+    checks.add("models_loaded", _check_models_loaded, critical=True)
+    checks.add("production_models", _check_production_models, critical=False)
+    checks.add("cache", _check_cache, critical=False)
+    checks.add("model_storage", _check_storage, critical=False)
+    checks.add("prediction_log", _check_prediction_log, critical=False)
+    app = build_app(
+        title="AI Cash Evolution — predictor",
+        description="Trading signals with calibrated confidence from production ONNX models, multi-timeframe "
+        "consensus, indicator score and risk limits. Authenticate with `X-API-Key` (roles read < write < admin).",
+        settings=settings,
+        lifespan=lifespan,
+        checks=checks,
+        extra_schemas=[PredictionIn],
+    )
+    app.include_router(router)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,270 @@
+"""Production models in memory: verified, loaded off the event loop, swapped atomically.
+
+The serving table is one dict held in one attribute. A refresh builds a new dict (reusing models whose
+version and checksum did not change) and replaces the attribute in a single assignment, so a request
+that took a reference sees one consistent table; a half-loaded model is never in any table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import asyncpg
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+from pydantic import ValidationError
+
+from services.predictor import repository
+from services.predictor.metrics import ACTIVE_MODELS, MODEL_LOAD_FAILURES
+from services.predictor.repository import RegistryRow
+from shared.model_metadata import CLASSES, ModelMetadata, artifact_prefix
+from shared.storage import ObjectStore, sha256_hex
+
+log = logging.getLogger("predictor.models")
+
+FloatArray = npt.NDArray[np.float32]
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    symbol: str
+    timeframe: str
+    version: str
+    sha256: str
+    metadata: ModelMetadata
+    session: ort.InferenceSession
+    mean: FloatArray
+    scale: FloatArray
+    temperature: float
+    # Maps the model's class order to CLASSES (SELL, HOLD, BUY).
+    class_order: list[int] = field(default_factory=lambda: [0, 1, 2])
+
+    @property
+    def sequence_length(self) -> int:
+        return self.metadata.sequence_length
+
+    @property
+    def feature_names(self) -> list[str]:
+        return self.metadata.feature_names
+
+    def predict(self, window: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """Calibrated probabilities in CLASSES order for one raw (sequence_length, n_features) window.
+
+        Runs inline on the event loop: one sequence takes about 50 µs with one thread (docs/PREDICTOR.md),
+        less than a hop to a worker thread would cost.
+        """
+        x = ((window.astype(np.float32) - self.mean) / self.scale)[np.newaxis, :, :]
+        out = self.session.run(None, {self.metadata.input_name: x})[0]
+        p = np.asarray(out, dtype=np.float64).reshape(-1)[self.class_order]
+        return calibrate(p, self.temperature)
+
+
+def calibrate(p: npt.NDArray[np.float64], temperature: float) -> npt.NDArray[np.float64]:
+    """Temperature scaling of probabilities: softmax(log(p) / T)."""
+    logits = np.log(np.clip(p, 1e-12, 1.0)) / temperature
+    logits -= logits.max()
+    e = np.exp(logits)
+    return np.asarray(e / e.sum(), dtype=np.float64)
+
+
+def _session(onnx_bytes: bytes) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    # Many concurrent requests on few cores: parallelism comes from requests, not from inside one inference.
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(onnx_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def load_model(store: ObjectStore, row: RegistryRow) -> LoadedModel:
+    """Fetch, verify and load one version (blocking: call it in a thread). Raises ModelLoadError."""
+    prefix = artifact_prefix(row.symbol, row.timeframe, row.version)
+    try:
+        meta_bytes = store.get(prefix + "metadata.json")
+    except Exception as exc:  # noqa: BLE001 - any store failure is a failed load
+        raise ModelLoadError(f"cannot read {prefix}metadata.json: {exc}") from exc
+    if sha256_hex(meta_bytes) != row.sha256:
+        raise ModelLoadError(f"{prefix}metadata.json: sha256 {sha256_hex(meta_bytes)} != registry {row.sha256}")
+    try:
+        meta = ModelMetadata.model_validate_json(meta_bytes)
+    except ValidationError as exc:
+        raise ModelLoadError(f"{prefix}metadata.json is not valid model metadata: {exc}") from exc
+    expected = meta.artifacts.get("model.onnx")
+    if not expected:
+        raise ModelLoadError(f"{prefix}metadata.json lists no sha256 for model.onnx")
+    try:
+        onnx_bytes = store.get(prefix + "model.onnx")
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"cannot read {prefix}model.onnx: {exc}") from exc
+    if sha256_hex(onnx_bytes) != expected:
+        raise ModelLoadError(f"{prefix}model.onnx: sha256 {sha256_hex(onnx_bytes)} != metadata {expected}")
+
+    n = len(meta.feature_names)
+    if len(meta.scaler.mean) != n or len(meta.scaler.scale) != n:
+        raise ModelLoadError(f"{prefix}: scaler has {len(meta.scaler.mean)} means for {n} features")
+    if sorted(meta.classes) != sorted(CLASSES):
+        raise ModelLoadError(f"{prefix}: classes {meta.classes} are not {list(CLASSES)}")
+    try:
+        session = _session(onnx_bytes)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise ModelLoadError(f"{prefix}model.onnx does not load in onnxruntime: {exc}") from exc
+    scale = np.asarray(meta.scaler.scale, dtype=np.float32)
+    scale[scale == 0] = 1.0  # a constant training feature: centre it, do not divide by zero
+    model = LoadedModel(
+        symbol=row.symbol,
+        timeframe=row.timeframe,
+        version=row.version,
+        sha256=row.sha256,
+        metadata=meta,
+        session=session,
+        mean=np.asarray(meta.scaler.mean, dtype=np.float32),
+        scale=scale,
+        temperature=meta.calibration.temperature,
+        class_order=[meta.classes.index(c) for c in CLASSES],
+    )
+    # A model that cannot answer a zero window fails here, at load, not on a client's request.
+    try:
+        p = model.predict(np.zeros((meta.sequence_length, n), dtype=np.float64))
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"{prefix}model.onnx fails on a ({meta.sequence_length}, {n}) window: {exc}") from exc
+    if p.shape != (3,) or not np.isfinite(p).all():
+        raise ModelLoadError(f"{prefix}model.onnx returns {p.shape} values, not 3 finite probabilities")
+    return model
+
+
+ModelKey = tuple[str, str]
+
+
+class ModelManager:
+    def __init__(self, store: ObjectStore, pool: asyncpg.Pool, database_url: str, poll_seconds: float) -> None:
+        self.store = store
+        self.pool = pool
+        self.database_url = database_url
+        self.poll_seconds = poll_seconds
+        # The serving table; replaced whole, never mutated.
+        self.models: dict[ModelKey, LoadedModel] = {}
+        self.loaded_once = False
+        self.last_error: str | None = None
+        # (symbol, timeframe, version, sha256) that failed: not retried until the registry row changes.
+        self._failed: set[tuple[str, str, str, str]] = set()
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._listen_conn: asyncpg.Connection | None = None
+        # Something else to refresh on every registry change or poll (the indicator weights).
+        self.on_refresh: list[Any] = []
+
+    def get(self, symbol: str, timeframe: str) -> LoadedModel | None:
+        return self.models.get((symbol, timeframe))
+
+    async def refresh(self) -> None:
+        """Bring the serving table in line with the registry's production rows."""
+        async with self._lock:
+            rows = await repository.production_models(self.pool)
+            current = self.models
+            new: dict[ModelKey, LoadedModel] = {}
+            for row in rows:
+                key = (row.symbol, row.timeframe)
+                have = current.get(key)
+                if have is not None and have.version == row.version and have.sha256 == row.sha256:
+                    new[key] = have
+                    continue
+                ident = (row.symbol, row.timeframe, row.version, row.sha256)
+                if ident in self._failed:
+                    if have is not None:
+                        new[key] = have
+                    continue
+                try:
+                    model = await anyio.to_thread.run_sync(load_model, self.store, row)
+                except ModelLoadError as exc:
+                    self._failed.add(ident)
+                    MODEL_LOAD_FAILURES.labels(row.symbol, row.timeframe).inc()
+                    self.last_error = str(exc)
+                    log.error(
+                        "model load failed; %s",
+                        "the previous version keeps serving" if have else "no model serves this series",
+                        extra={
+                            "symbol": row.symbol,
+                            "timeframe": row.timeframe,
+                            "version": row.version,
+                            "error": str(exc),
+                        },
+                    )
+                    if have is not None:
+                        new[key] = have
+                    continue
+                new[key] = model
+                log.info(
+                    "model loaded",
+                    extra={
+                        "symbol": row.symbol,
+                        "timeframe": row.timeframe,
+                        "version": row.version,
+                        "replaces": have.version if have else None,
+                    },
+                )
+            self.models = new  # the atomic swap
+            self.loaded_once = True
+            ACTIVE_MODELS.set(len(new))
+            for callback in self.on_refresh:
+                await callback()
+
+    async def start(self) -> None:
+        try:
+            await self.refresh()
+        except Exception:  # noqa: BLE001 - the loop below retries; readiness says models are not loaded
+            log.exception("initial model load failed")
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._close_listener()
+
+    def _notified(self, *_: object) -> None:
+        self._wake.set()
+
+    async def _close_listener(self) -> None:
+        conn, self._listen_conn = self._listen_conn, None
+        if conn is not None and not conn.is_closed():
+            with contextlib.suppress(Exception):
+                await conn.close(timeout=2)
+
+    async def _ensure_listener(self) -> None:
+        if self._listen_conn is not None and not self._listen_conn.is_closed():
+            return
+        await self._close_listener()
+        try:
+            conn = await asyncpg.connect(
+                self.database_url, timeout=5, server_settings={"application_name": "aicash-predictor-listen"}
+            )
+            await conn.add_listener("model_registry", self._notified)
+            conn.add_termination_listener(lambda _c: self._wake.set())
+            self._listen_conn = conn
+            # Changes made while no one listened are picked up by the refresh this wake-up triggers.
+            self._wake.set()
+        except Exception as exc:  # noqa: BLE001 - polling covers the gap; try again next round
+            log.warning("cannot LISTEN on model_registry; polling only", extra={"error": str(exc)})
+
+    async def _run(self) -> None:
+        while True:
+            await self._ensure_listener()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+            self._wake.clear()
+            try:
+                await self.refresh()
+            except Exception as exc:  # noqa: BLE001 - the database may be down: keep serving what is loaded
+                log.warning("model refresh failed; serving the loaded models", extra={"error": str(exc)})

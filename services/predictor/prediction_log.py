@@ -1,0 +1,183 @@
+"""The prediction log: every served prediction, buffered in memory and written in COPY batches.
+
+Requests only append to a bounded deque (no I/O on the request path). A background task drains it every
+`PREDICTION_LOG_FLUSH_SECONDS` or as soon as `PREDICTION_LOG_BATCH_ROWS` are waiting. While PostgreSQL is
+unreachable the rows stay buffered; past `PREDICTION_LOG_BUFFER_ROWS` the oldest are dropped and counted
+in `ml_prediction_log_dropped_total`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+from collections import deque
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import numpy as np
+
+from services.predictor import repository
+from services.predictor.metrics import LOG_DROPPED, LOG_PRUNED, LOG_WRITTEN
+
+log = logging.getLogger("predictor.log")
+
+Record = tuple[Any, ...]
+
+
+def to_row(record: Record) -> Record:
+    """A buffered record (cheap to build on the request path) as a row of `repository.LOG_COLUMNS`."""
+    (
+        pid,
+        created,
+        symbol,
+        tf,
+        bar_ts,
+        version,
+        variant,
+        user_hash,
+        window_hash,
+        window_b64,
+        shape,
+        probs,
+        signal,
+        confidence,
+        consensus_signal,
+        cached,
+        request_id,
+    ) = record
+    features = np.frombuffer(base64.b64decode(window_b64), dtype=np.float32).tolist()
+    return (
+        pid,
+        datetime.fromtimestamp(created, UTC),
+        symbol,
+        tf,
+        datetime.fromisoformat(bar_ts.replace("Z", "+00:00")),
+        version,
+        variant,
+        user_hash,
+        window_hash,
+        features,
+        shape,
+        probs,
+        signal,
+        confidence,
+        consensus_signal,
+        cached,
+        request_id,
+    )
+
+
+class PredictionLog:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        flush_seconds: float,
+        batch_rows: int,
+        buffer_rows: int,
+        retention_days: int,
+        prune_interval_seconds: float,
+    ) -> None:
+        self.pool = pool
+        self.flush_seconds = flush_seconds
+        self.batch_rows = batch_rows
+        self.buffer_rows = buffer_rows
+        self.retention_days = retention_days
+        self.prune_interval_seconds = prune_interval_seconds
+        self.buffer: deque[Record] = deque()
+        self.dropped = 0
+        self.last_error: str | None = None
+        self._full = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def append(self, record: Record) -> None:
+        if len(self.buffer) >= self.buffer_rows:
+            self.buffer.popleft()
+            self.dropped += 1
+            LOG_DROPPED.inc()
+        self.buffer.append(record)
+        if len(self.buffer) >= self.batch_rows:
+            self._full.set()
+
+    def pending(self, prediction_id: str) -> Record | None:
+        """A record not yet written (so GET /v1/predictions/{id} finds it right after the POST)."""
+        for record in reversed(self.buffer):
+            if str(record[0]) == prediction_id:
+                return to_row(record)
+        return None
+
+    async def flush(self) -> int:
+        """Write everything buffered, batch by batch. Returns rows written; raises if the database fails."""
+        written = 0
+        while self.buffer:
+            # Take the batch out first: appends (and drops) may happen while COPY awaits.
+            batch = [self.buffer.popleft() for _ in range(min(self.batch_rows, len(self.buffer)))]
+            try:
+                await repository.copy_predictions(self.pool, [to_row(r) for r in batch])
+            except BaseException:
+                self._requeue(batch)
+                raise
+            written += len(batch)
+            LOG_WRITTEN.inc(len(batch))
+        return written
+
+    def _requeue(self, batch: list[Record]) -> None:
+        """Put a failed batch back in front; what no longer fits is the oldest and is dropped."""
+        room = self.buffer_rows - len(self.buffer)
+        keep = batch[-room:] if room > 0 else []
+        lost = len(batch) - len(keep)
+        if lost:
+            self.dropped += lost
+            LOG_DROPPED.inc(lost)
+        self.buffer.extendleft(reversed(keep))
+
+    async def _writer(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._full.wait(), self.flush_seconds)
+            self._full.clear()
+            try:
+                await self.flush()
+                self.last_error = None
+            except Exception as exc:  # noqa: BLE001 - keep serving; rows stay buffered (bounded)
+                if self.last_error is None:
+                    log.warning(
+                        "prediction log write failed; buffering",
+                        extra={"error": str(exc), "buffered": len(self.buffer)},
+                    )
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                await asyncio.sleep(min(1.0, self.flush_seconds * 5))
+
+    async def prune(self) -> int:
+        if self.retention_days <= 0:
+            return 0
+        n = await repository.prune_predictions(self.pool, self.retention_days)
+        if n:
+            LOG_PRUNED.inc(n)
+            log.info("pruned prediction log", extra={"deleted": n, "retention_days": self.retention_days})
+        return n
+
+    async def _pruner(self) -> None:
+        while True:
+            try:
+                await self.prune()
+            except Exception as exc:  # noqa: BLE001 - try again next interval
+                log.warning("prediction log prune failed", extra={"error": str(exc)})
+            await asyncio.sleep(self.prune_interval_seconds)
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._writer()), asyncio.create_task(self._pruner())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        try:
+            await asyncio.wait_for(self.flush(), 5.0)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("prediction log: %d rows not written at shutdown", len(self.buffer), extra={"error": str(exc)})

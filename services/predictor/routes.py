@@ -1,0 +1,293 @@
+"""HTTP routes of the predictor."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+
+from services.predictor import repository
+from services.predictor.metrics import PREDICTION_DURATION, PREDICTION_REQUESTS
+from services.predictor.schemas import ModelOut, PredictionIn, PredictionOut, PredictionRecord, WeightsOut
+from services.predictor.service import PredictionRequest, Predictor
+from shared.app import json_body
+from shared.auth import ReadKey
+from shared.bars import parse_json
+from shared.errors import (
+    AppError,
+    NotFoundError,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    ValidationFailed,
+    error_responses,
+)
+from shared.logging import request_id_var
+from shared.model_metadata import CLASSES
+from shared.timeframes import Timeframe, can_resample, check_symbol, parse_timeframe
+
+router = APIRouter()
+
+
+class JSONBytes(Response):
+    """orjson-rendered JSON (FastAPI 0.165 deprecates JSONBytes; this is the same thing, without a warning)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+MAX_TIMEFRAMES = 8
+
+
+def get_predictor(request: Request) -> Predictor:
+    return request.app.state.predictor  # type: ignore[no-any-return]
+
+
+PredictorDep = Annotated[Predictor, Depends(get_predictor)]
+
+
+async def _read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"body of {declared} bytes; the limit is {MAX_BODY_BYTES}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise PayloadTooLarge(f"body over {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _targets(base: Timeframe, raw: object) -> list[Timeframe]:
+    if raw is None:
+        return [base]
+    if not isinstance(raw, list) or not all(isinstance(t, str) for t in raw):
+        raise ValidationFailed('timeframes must be a list of timeframe names, e.g. ["H1", "H4", "D1"]')
+    if len(raw) > MAX_TIMEFRAMES:
+        raise ValidationFailed(f"at most {MAX_TIMEFRAMES} timeframes, got {len(raw)}")
+    out = [base]
+    for name in raw:
+        t = parse_timeframe(name)
+        if not can_resample(base, t):
+            raise ValidationFailed(
+                f"timeframe {t.value} cannot be built from {base.value} bars: it must be {base.value} or a whole "
+                f"multiple of it"
+            )
+        if t not in out:
+            out.append(t)
+    return out
+
+
+def _no_cache(request: Request) -> bool:
+    return "no-cache" in request.headers.get("cache-control", "").lower()
+
+
+def parse_request(raw: object, use_cache: bool) -> PredictionRequest:
+    if not isinstance(raw, dict):
+        raise ValidationFailed('body must be a JSON object {"symbol", "timeframe", ...}')
+    symbol, timeframe = raw.get("symbol"), raw.get("timeframe")
+    if not isinstance(symbol, str):
+        raise ValidationFailed("symbol is required (a string such as EURUSD)")
+    if not isinstance(timeframe, str):
+        raise ValidationFailed("timeframe is required (one of M1, M5, M15, M30, H1, H4, D1, W1)")
+    check_symbol(symbol)
+    tf = parse_timeframe(timeframe)
+    user_id = raw.get("user_id")
+    if user_id is not None and (not isinstance(user_id, str) or not 1 <= len(user_id) <= 256):
+        raise ValidationFailed("user_id must be a string of 1 to 256 characters")
+    bars = raw.get("bars")
+    if bars is not None and not isinstance(bars, list):
+        raise ValidationFailed("bars must be a list of bars")
+    return PredictionRequest(symbol, tf, _targets(tf, raw.get("timeframes")), bars, user_id, use_cache)
+
+
+def _label(predictor: Predictor, symbol: object) -> str:
+    # Symbol label only for series the predictor serves: clients cannot blow up the metric's cardinality.
+    if isinstance(symbol, str) and any(k[0] == symbol for k in predictor.models.models):
+        return symbol
+    return "unknown"
+
+
+async def _measured(
+    predictor: Predictor, symbol: Callable[[], object], fn: Callable[[], Awaitable[dict[str, Any]]]
+) -> JSONBytes:
+    start = time.perf_counter()
+    try:
+        body = await fn()
+    except AppError as exc:
+        result = (
+            "not_found"
+            if isinstance(exc, NotFoundError)
+            else "unavailable"
+            if isinstance(exc, ServiceUnavailable)
+            else "client_error"
+            if exc.status_code < 500
+            else "error"
+        )
+        PREDICTION_REQUESTS.labels(_label(predictor, symbol()), result).inc()
+        raise
+    except Exception:
+        PREDICTION_REQUESTS.labels(_label(predictor, symbol()), "error").inc()
+        raise
+    PREDICTION_REQUESTS.labels(_label(predictor, symbol()), "ok").inc()
+    PREDICTION_DURATION.observe(time.perf_counter() - start)
+    return JSONBytes(body)
+
+
+@router.post(
+    "/v1/predictions",
+    tags=["predictions"],
+    response_model=PredictionOut,
+    responses=error_responses(401, 403, 404, 413, 422, 503),
+    openapi_extra=json_body(PredictionIn, {"symbol": "EURUSD", "timeframe": "H1", "timeframes": ["H1", "H4"]}),
+)
+async def post_prediction(request: Request, predictor: PredictorDep, _: ReadKey) -> JSONBytes:
+    """A signal with calibrated confidence, per-timeframe signals and their consensus, the indicator score
+    and risk limits (role read).
+
+    Without `bars` the stored bars are used; with `bars` they are checked by the ingest rules. Identical
+    inputs within the cache lifetime are served from the cache (`cached: true`); send
+    `Cache-Control: no-cache` to force a fresh computation. 404 when no production model serves the symbol
+    and timeframe or no bars are stored; 422 for invalid bars or too few of them (the detail says how many
+    are needed); 503 when the indicators service is down or slow.
+    """
+    state: dict[str, object] = {}
+
+    async def run() -> dict[str, Any]:
+        raw = parse_json(await _read_body(request))
+        if isinstance(raw, dict):
+            state["symbol"] = raw.get("symbol")
+        req = parse_request(raw, use_cache=not _no_cache(request))
+        return await predictor.predict(req, request_id_var.get())
+
+    return await _measured(predictor, lambda: state.get("symbol"), run)
+
+
+@router.get(
+    "/v1/signals/{symbol}/{timeframe}",
+    tags=["predictions"],
+    response_model=PredictionOut,
+    responses=error_responses(401, 403, 404, 422, 503),
+)
+async def get_signal(symbol: str, timeframe: str, request: Request, predictor: PredictorDep, _: ReadKey) -> JSONBytes:
+    """The latest signal of a series from its stored bars; from the cache while fresh (role read).
+
+    The same computation and response as `POST /v1/predictions` without bars, on one timeframe.
+    """
+
+    async def run() -> dict[str, Any]:
+        check_symbol(symbol)
+        tf = parse_timeframe(timeframe)
+        req = PredictionRequest(symbol, tf, [tf], None, None, not _no_cache(request))
+        return await predictor.predict(req, request_id_var.get())
+
+    return await _measured(predictor, lambda: symbol, run)
+
+
+@router.get(
+    "/v1/predictions/{prediction_id}",
+    tags=["predictions"],
+    response_model=PredictionRecord,
+    responses=error_responses(401, 403, 404, 503),
+)
+async def get_prediction(prediction_id: str, predictor: PredictorDep, _: ReadKey) -> JSONBytes:
+    """A served prediction as recorded in the prediction log, with its feature window (role read)."""
+    try:
+        pid = str(uuid.UUID(prediction_id))
+    except ValueError:
+        raise NotFoundError(f"no prediction {prediction_id!r}: prediction ids are UUIDs") from None
+    row = predictor.log.pending(pid)
+    if row is None:
+        try:
+            record = await repository.get_prediction(predictor.pool, pid)
+        except (OSError, TimeoutError) as exc:
+            raise ServiceUnavailable(f"database unavailable: {type(exc).__name__}") from None
+        if record is None:
+            raise NotFoundError(f"no prediction {pid}")
+        row = tuple(record[c] for c in repository.LOG_COLUMNS)
+    return JSONBytes(_render_record(predictor, dict(zip(repository.LOG_COLUMNS, row, strict=True))))
+
+
+def _render_record(predictor: Predictor, r: dict[str, Any]) -> dict[str, Any]:
+    rows, cols = (int(x) for x in r["feature_shape"])
+    flat = [float(x) for x in r["features"]]
+    model = predictor.models.get(r["symbol"], r["timeframe"])
+    return {
+        "prediction_id": str(r["id"]),
+        "created_at": r["created_at"].isoformat(),
+        "symbol": r["symbol"],
+        "timeframe": r["timeframe"],
+        "bar_ts": r["bar_ts"].isoformat(),
+        "model_version": r["model_version"],
+        "variant": r["variant"],
+        "user_hash": r["user_hash"],
+        "window_hash": r["window_hash"],
+        "feature_names": model.feature_names if model is not None and model.version == r["model_version"] else None,
+        "features": [flat[i * cols : (i + 1) * cols] for i in range(rows)],
+        "probabilities": {c: float(p) for c, p in zip(CLASSES, r["probabilities"], strict=True)},
+        "signal": r["signal"],
+        "confidence": float(r["confidence"]),
+        "consensus_signal": r["consensus_signal"],
+        "cached": r["cached"],
+        "request_id": r["request_id"],
+    }
+
+
+def _weights(predictor: Predictor, symbol: str | None, timeframe: str | None) -> dict[str, Any]:
+    w = predictor.weights.lookup(symbol, timeframe)
+    return {
+        "symbol": symbol,
+        "timeframe": timeframe,
+        "weights_version": w.version,
+        "source": w.source,
+        "weights": w.weights,
+    }
+
+
+@router.get("/weights", tags=["weights"], response_model=WeightsOut, responses=error_responses(401, 403))
+async def get_default_weights(predictor: PredictorDep, _: ReadKey) -> JSONBytes:
+    """The default indicator weights used by `indicator_score` (role read; deploy smoke tests call it)."""
+    return JSONBytes(_weights(predictor, None, None))
+
+
+@router.get("/v1/weights", tags=["weights"], response_model=WeightsOut, responses=error_responses(401, 403, 422))
+async def get_weights(
+    predictor: PredictorDep,
+    _: ReadKey,
+    symbol: Annotated[str | None, Query(description="series symbol; omit for the default weights")] = None,
+    timeframe: Annotated[str | None, Query(description="series timeframe")] = None,
+) -> JSONBytes:
+    """The indicator weights that `indicator_score` uses for a series (role read)."""
+    if symbol is not None:
+        check_symbol(symbol)
+    if timeframe is not None:
+        parse_timeframe(timeframe)
+    return JSONBytes(_weights(predictor, symbol, timeframe))
+
+
+@router.get("/v1/models", tags=["models"], response_model=list[ModelOut], responses=error_responses(401, 403))
+async def get_models(predictor: PredictorDep, _: ReadKey) -> JSONBytes:
+    """The production models this process has loaded and serves (role read)."""
+    return JSONBytes(
+        [
+            {
+                "symbol": m.symbol,
+                "timeframe": m.timeframe,
+                "version": m.version,
+                "sha256": m.sha256,
+                "sequence_length": m.sequence_length,
+                "feature_names": m.feature_names,
+                "temperature": m.temperature,
+            }
+            for m in sorted(predictor.models.models.values(), key=lambda m: (m.symbol, m.timeframe))
+        ]
+    )

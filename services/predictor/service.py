@@ -1,0 +1,328 @@
+"""One prediction, end to end: input identity, cache, features, inference, decision rules, the log."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+from services.predictor import repository
+from services.predictor.cache import PredictionCache, ttl_seconds
+from services.predictor.features_client import IndicatorsClient, Rows, have_bars
+from services.predictor.models import LoadedModel, ModelManager
+from services.predictor.prediction_log import PredictionLog
+from services.predictor.settings import PredictorSettings
+from services.predictor.signals import RiskLimits, WeightsBook, consensus, decide, indicator_score, risk
+from shared.bars import bars_from_items
+from shared.errors import AppError, NotFoundError, PayloadTooLarge, ServiceUnavailable, ValidationFailed
+from shared.model_metadata import CLASSES
+from shared.timeframes import Timeframe
+
+# Rows the indicators service withholds at the start of any series (shared.features.WARMUP_BARS; that module
+# imports TA-Lib, which the predictor does not load). tests/predictor checks the two agree.
+WARMUP_BARS = 500
+# Bump when the cached entry's shape changes, so a deploy never reads entries it does not understand.
+CACHE_SCHEMA = "v1"
+VARIANT_PRODUCTION = "production"
+
+
+class NotEnoughBars(ValidationFailed):
+    code = "not_enough_bars"
+
+
+class NoModel(NotFoundError):
+    code = "no_model"
+
+
+@dataclass(frozen=True)
+class PredictionRequest:
+    symbol: str
+    timeframe: Timeframe
+    targets: list[Timeframe]  # the request's timeframe first, then the others, without repeats
+    bars: list[Any] | None
+    user_id: str | None
+    use_cache: bool = True
+
+
+def _iso(epoch_s: int) -> str:
+    return datetime.fromtimestamp(epoch_s, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()[:32]
+
+
+class Predictor:
+    def __init__(
+        self,
+        settings: PredictorSettings,
+        pool: asyncpg.Pool,
+        models: ModelManager,
+        cache: PredictionCache,
+        features: IndicatorsClient,
+        log: PredictionLog,
+        weights: WeightsBook,
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.models = models
+        self.cache = cache
+        self.features = features
+        self.log = log
+        self.weights = weights
+        self.salt = settings.user_id_salt.get_secret_value().encode()
+        self.limits = RiskLimits(
+            settings.risk_max_position_fraction,
+            settings.risk_per_trade_fraction,
+            settings.risk_stop_atr_multiple,
+            settings.risk_take_profit_atr_multiple,
+        )
+        # Computations actually run (not cache hits, not joined single flights); tests read it.
+        self.computations = 0
+
+    # The one place that picks what serves a request: a later A/B router replaces this method.
+    def select_model(self, symbol: str, timeframe: str, user_id: str | None) -> tuple[LoadedModel, str]:
+        del user_id  # the A/B router will bucket on the hashed user id
+        model = self.models.get(symbol, timeframe)
+        if model is None:
+            raise NoModel(f"no production model for {symbol} {timeframe}; train and promote one first")
+        return model, VARIANT_PRODUCTION
+
+    def hash_user(self, user_id: str | None) -> str | None:
+        if user_id is None:
+            return None
+        return hashlib.sha256(self.salt + user_id.encode()).hexdigest()
+
+    async def predict(self, req: PredictionRequest, request_id: str | None) -> dict[str, Any]:
+        tf = req.timeframe.value
+        primary, variant = self.select_model(req.symbol, tf, req.user_id)
+        models = {t.value: self.models.get(req.symbol, t.value) for t in req.targets}
+        models[tf] = primary
+        weights = self.weights.lookup(req.symbol, tf)
+
+        if req.bars is not None:
+            if len(req.bars) > self.settings.max_bars_per_request:
+                raise PayloadTooLarge(
+                    f"{len(req.bars)} bars in one request; the limit is {self.settings.max_bars_per_request}"
+                )
+            if not req.bars:
+                raise ValidationFailed("bars is empty; send bars or leave the field out to use stored bars")
+            ohlcv, _ = bars_from_items(req.bars, req.timeframe)
+            h = hashlib.sha256()
+            for col in (ohlcv.ts, ohlcv.open, ohlcv.high, ohlcv.low, ohlcv.close, ohlcv.volume):
+                h.update(col.tobytes())
+            input_id = "bars:" + h.hexdigest()[:32]
+            close = float(ohlcv.close[-1])
+        else:
+            try:
+                stamp = await repository.series_stamp(self.pool, req.symbol, tf)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                raise ServiceUnavailable(f"database unavailable: {type(exc).__name__}; try again later") from None
+            if stamp is None:
+                raise NotFoundError(f"no {tf} bars stored for {req.symbol}; upload bars or send them in the request")
+            # The newest bar and the last change to any bar of the series identify the stored window.
+            input_id = f"stored:{stamp.last_ts}:{stamp.updated_at.timestamp()}"
+            close = stamp.close
+
+        versions = ",".join(f"{t}={m.version if m else '-'}" for t, m in models.items())
+        key = (
+            f"pred:{CACHE_SCHEMA}:{req.symbol}:{tf}:{primary.version}:"
+            f"{_digest(versions, variant, weights.version, input_id)}"
+        )
+        raw = await self.cache.get(key) if req.use_cache else None
+        cached = raw is not None
+        if raw is not None:
+            entry: dict[str, Any] = orjson.loads(raw)
+        else:
+            entry, _shared = await self.cache.single_flight(
+                key, lambda: self._compute(req, models, weights.version, weights.weights, close, key)
+            )
+        return self._serve(entry, req, variant, cached, request_id)
+
+    async def _compute(
+        self,
+        req: PredictionRequest,
+        models: dict[str, LoadedModel | None],
+        weights_version: str,
+        weights: dict[str, float],
+        close: float,
+        key: str,
+    ) -> dict[str, Any]:
+        self.computations += 1
+        tf = req.timeframe.value
+        wanted = [t for t, m in models.items() if m is not None]
+        limit = max(m.sequence_length for m in models.values() if m is not None)
+        rows = await self._features(req, wanted, limit)
+
+        per_tf: dict[str, dict[str, Any]] = {}
+        signals: dict[str, tuple[str, float]] = {}
+        primary_out: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], Rows] | None = None
+        for t, model in models.items():
+            if model is None:
+                per_tf[t] = {
+                    "status": "no_model",
+                    "signal": None,
+                    "confidence": None,
+                    "model_version": None,
+                    "detail": f"no production model for {req.symbol} {t}",
+                }
+                continue
+            got = rows[t]
+            if isinstance(got, AppError):
+                if t == tf:
+                    raise self._not_enough(got, req, t, model) if isinstance(got, ValidationFailed) else got
+                per_tf[t] = {
+                    "status": "insufficient_data",
+                    "signal": None,
+                    "confidence": None,
+                    "model_version": model.version,
+                    "detail": got.message,
+                }
+                continue
+            if len(got) < model.sequence_length:
+                err = self._not_enough(None, req, t, model, rows_have=len(got))
+                if t == tf:
+                    raise err
+                per_tf[t] = {
+                    "status": "insufficient_data",
+                    "signal": None,
+                    "confidence": None,
+                    "model_version": model.version,
+                    "detail": err.message,
+                }
+                continue
+            missing = [n for n in model.feature_names if n not in got.names]
+            if missing:
+                raise ServiceUnavailable(
+                    f"model {model.version} needs features the indicators service does not provide: {missing}"
+                )
+            window = got.window(model.feature_names, model.sequence_length)
+            p = model.predict(window)
+            signal, confidence = decide(p.tolist())
+            signals[t] = (signal, confidence)
+            per_tf[t] = {
+                "status": "ok",
+                "signal": signal,
+                "confidence": round(confidence, 6),
+                "model_version": model.version,
+                "probabilities": {c: round(float(p[i]), 6) for i, c in enumerate(CLASSES)},
+                "bar_ts": got.ts[-1],
+            }
+            if t == tf:
+                primary_out = (p, window, got)
+        assert primary_out is not None
+        p, window, got = primary_out
+        signal, confidence = signals[tf]
+        latest = dict(zip(got.names, got.values[-1].tolist(), strict=True))
+        w32 = np.ascontiguousarray(window, dtype=np.float32)
+        entry = {
+            "symbol": req.symbol,
+            "timeframe": tf,
+            "signal": signal,
+            "confidence": round(confidence, 6),
+            "probabilities": {c: round(float(p[i]), 6) for i, c in enumerate(CLASSES)},
+            "model_version": models[tf].version,  # type: ignore[union-attr]
+            "timeframes": per_tf,
+            "consensus": consensus(signals),
+            "indicator_score": indicator_score(latest, weights),
+            "weights_version": weights_version,
+            "risk": risk(signal, confidence, close, float(latest.get("atr_14_pct", float("nan"))), self.limits),
+            "bar_ts": got.ts[-1],
+            "generated_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            "window_hash": hashlib.sha256(w32.tobytes() + str(w32.shape).encode()).hexdigest(),
+            "window_shape": list(w32.shape),
+            "window_b64": base64.b64encode(w32.tobytes()).decode(),
+        }
+        # A no-cache request still refreshes the entry for the requests after it.
+        await self.cache.set(key, orjson.dumps(entry), ttl_seconds(req.timeframe, self.settings.cache_ttl_seconds))
+        return entry
+
+    def _not_enough(
+        self, err: AppError | None, req: PredictionRequest, t: str, model: LoadedModel, rows_have: int | None = None
+    ) -> AppError:
+        need = WARMUP_BARS + model.sequence_length
+        have = have_bars(err.message) if err is not None else None
+        if have is None and rows_have is not None:
+            have = WARMUP_BARS + rows_have
+        if err is not None and have is None:
+            return err  # not about the count of bars: pass the indicators service's message on
+        source = f"{t} bars" if t == req.timeframe.value else f"completed {t} bars (from {req.timeframe.value})"
+        return NotEnoughBars(
+            f"need at least {need} {source} for {req.symbol} ({WARMUP_BARS} warm-up + {model.sequence_length} "
+            f"for model {model.version}'s input window), have {have}"
+        )
+
+    async def _features(self, req: PredictionRequest, targets: list[str], limit: int) -> dict[str, Rows | AppError]:
+        async def call(ts: list[str]) -> dict[str, Rows]:
+            if req.bars is None:
+                return await self.features.stored(req.symbol, req.timeframe.value, ts, limit)
+            return await self.features.from_bars(req.symbol, req.timeframe.value, ts, limit, req.bars)
+
+        try:
+            return dict(await call(targets))
+        except (ValidationFailed, NotFoundError) as exc:
+            if len(targets) == 1:
+                return {targets[0]: exc}
+        # One timeframe lacks data: ask per timeframe, so the others still give their signals.
+        out: dict[str, Rows | AppError] = {}
+        for t in targets:
+            try:
+                out.update(await call([t]))
+            except (ValidationFailed, NotFoundError) as exc:
+                out[t] = exc
+        return out
+
+    def _serve(
+        self, entry: dict[str, Any], req: PredictionRequest, variant: str, cached: bool, request_id: str | None
+    ) -> dict[str, Any]:
+        prediction_id = uuid.uuid4()
+        now = time.time()
+        probs = entry["probabilities"]
+        self.log.append(
+            (
+                prediction_id,
+                now,
+                entry["symbol"],
+                entry["timeframe"],
+                entry["bar_ts"],
+                entry["model_version"],
+                variant,
+                self.hash_user(req.user_id),
+                entry["window_hash"],
+                entry["window_b64"],
+                entry["window_shape"],
+                [probs[c] for c in CLASSES],
+                entry["signal"],
+                entry["confidence"],
+                entry["consensus"]["signal"],
+                cached,
+                request_id,
+            )
+        )
+        return {
+            "prediction_id": str(prediction_id),
+            "symbol": entry["symbol"],
+            "timeframe": entry["timeframe"],
+            "signal": entry["signal"],
+            "confidence": entry["confidence"],
+            "probabilities": probs,
+            "model_version": entry["model_version"],
+            "variant": variant,
+            "cached": cached,
+            "timeframes": entry["timeframes"],
+            "consensus": entry["consensus"],
+            "indicator_score": entry["indicator_score"],
+            "weights_version": entry["weights_version"],
+            "risk": entry["risk"],
+            "bar_ts": entry["bar_ts"],
+            "generated_at": entry["generated_at"],
+        }

@@ -1,0 +1,54 @@
+"""Settings of the predictor process: the shared ones plus inference, cache, log and risk knobs."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field, SecretStr, model_validator
+
+from shared.settings import Settings
+
+
+class PredictorSettings(Settings):
+    # The read key the predictor presents to the indicators service (`X-API-Key`).
+    indicators_api_key: SecretStr = SecretStr("")
+    # Whole-request limit for a features call; past it the client gets 503, never a hang.
+    indicators_timeout_seconds: float = Field(default=2.0, gt=0)
+    indicators_connect_timeout_seconds: float = Field(default=0.5, gt=0)
+    indicators_max_connections: int = Field(default=64, ge=1)
+
+    # Upper bound of a cached prediction's life; it also ends when the current bar of its timeframe closes.
+    cache_ttl_seconds: int = Field(default=60, ge=1)
+    # After a Redis error the cache is skipped this long, so a dead Redis costs one request its timeout.
+    cache_cooldown_seconds: float = Field(default=2.0, ge=0)
+
+    # Registry changes arrive by LISTEN/NOTIFY; this poll catches anything a dropped connection missed.
+    model_poll_seconds: float = Field(default=10.0, gt=0)
+
+    prediction_log_flush_seconds: float = Field(default=0.2, gt=0)
+    prediction_log_batch_rows: int = Field(default=500, ge=1)
+    # Rows held while PostgreSQL is unreachable; beyond it the oldest are dropped (and counted).
+    prediction_log_buffer_rows: int = Field(default=20_000, ge=1)
+    # Rows older than this are deleted by the predictor's hourly prune; 0 keeps them forever.
+    prediction_log_retention_days: int = Field(default=90, ge=0)
+    prediction_log_prune_interval_seconds: float = Field(default=3600.0, gt=0)
+
+    # user_id is stored as sha256(salt + user_id); required in production so hashes cannot be reversed by lookup.
+    user_id_salt: SecretStr = SecretStr("")
+
+    # Position sizing limits (docs/PREDICTOR.md, "Risk").
+    risk_max_position_fraction: float = Field(default=0.10, gt=0, le=1)
+    risk_per_trade_fraction: float = Field(default=0.01, gt=0, le=1)
+    risk_stop_atr_multiple: float = Field(default=2.0, gt=0)
+    risk_take_profit_atr_multiple: float = Field(default=3.0, gt=0)
+
+    @model_validator(mode="after")
+    def _salt_in_production(self) -> PredictorSettings:
+        if self.environment == "production" and not self.user_id_salt.get_secret_value():
+            raise ValueError("USER_ID_SALT must be set in production (user ids are stored salted and hashed)")
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_predictor_settings() -> PredictorSettings:
+    return PredictorSettings()

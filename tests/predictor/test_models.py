@@ -1,0 +1,146 @@
+"""Models in memory: picked up without restart, checksums enforced, a failed load keeps the old model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from services.predictor.models import ModelLoadError, load_model
+from services.predictor.repository import RegistryRow
+from shared.model_metadata import artifact_prefix
+from shared.storage import ObjectStore
+from tests.conftest import WRITE_KEY, bars_json
+from tests.data import generate_bars
+from tests.predictor.model_factory import register, write_model
+
+SYMBOL = "PRED4"
+NO_CACHE = {"Cache-Control": "no-cache"}
+BUY, SELL = [0.0, 0.0, 60.0], [60.0, 0.0, 0.0]
+
+
+@pytest.fixture(scope="module")
+def fit(scaler: tuple[list[float], list[float]]) -> dict[str, list[float]]:
+    return {"mean": scaler[0], "scale": scaler[1]}
+
+
+@pytest.fixture(scope="module")
+def pred4_bars(indicators_url: str) -> None:
+    bars = generate_bars("H1", 600, seed=11)
+    r = httpx.post(
+        f"{indicators_url}/v1/bars/{SYMBOL}/H1",
+        json={"bars": bars_json(bars)},
+        headers={"X-API-Key": WRITE_KEY},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+
+
+async def _wait_for_version(client: httpx.AsyncClient, version: str, timeout_s: float = 15.0) -> dict[str, object]:
+    deadline = time.monotonic() + timeout_s
+    body: dict[str, object] = {}
+    while time.monotonic() < deadline:
+        r = await client.post("/v1/predictions", json={"symbol": SYMBOL, "timeframe": "H1"}, headers=NO_CACHE)
+        if r.status_code == 200:
+            body = r.json()
+            if body["model_version"] == version:
+                return body
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"version {version} not served within {timeout_s} s; last answer {body}")
+
+
+async def _metric(client: httpx.AsyncClient, prefix: str) -> float:
+    text = (await client.get("/metrics")).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+async def test_new_production_version_is_picked_up_without_restart(
+    client: httpx.AsyncClient,
+    app: FastAPI,
+    database_url: str,
+    store: ObjectStore,
+    pred4_bars: None,
+    fit: dict[str, list[float]],
+) -> None:
+    assert (await client.post("/v1/predictions", json={"symbol": SYMBOL, "timeframe": "H1"})).status_code == 404
+    sha = write_model(store, SYMBOL, "H1", "v1", bias=BUY, **fit)
+    await register(database_url, store, SYMBOL, "H1", "v1", sha)
+    body = await _wait_for_version(client, "v1")
+    assert body["signal"] == "BUY"
+
+    sha = write_model(store, SYMBOL, "H1", "v2", bias=SELL, **fit)
+    await register(database_url, store, SYMBOL, "H1", "v2", sha)
+    body = await _wait_for_version(client, "v2")
+    assert body["signal"] == "SELL"
+    models = (await client.get("/v1/models")).json()
+    assert {"symbol": SYMBOL, "timeframe": "H1", "version": "v2"}.items() <= next(
+        m for m in models if m["symbol"] == SYMBOL
+    ).items()
+
+
+async def test_bad_checksum_keeps_the_previous_model_serving(
+    client: httpx.AsyncClient,
+    database_url: str,
+    store: ObjectStore,
+    pred4_bars: None,
+    fit: dict[str, list[float]],
+) -> None:
+    await _wait_for_version(client, "v2")
+    failures = await _metric(client, "ml_model_load_failures_total{")
+    # v3's model.onnx is replaced after metadata.json recorded its checksum: tampered, must not load.
+    sha = write_model(store, SYMBOL, "H1", "v3", bias=BUY, **fit)
+    store.put(artifact_prefix(SYMBOL, "H1", "v3") + "model.onnx", b"not the model that was trained")
+    await register(database_url, store, SYMBOL, "H1", "v3", sha)
+    deadline = time.monotonic() + 15
+    while await _metric(client, "ml_model_load_failures_total{") == failures:
+        assert time.monotonic() < deadline, "the failed load was not counted"
+        await asyncio.sleep(0.2)
+    r = await client.post("/v1/predictions", json={"symbol": SYMBOL, "timeframe": "H1"}, headers=NO_CACHE)
+    assert r.status_code == 200
+    assert r.json()["model_version"] == "v2" and r.json()["signal"] == "SELL"
+
+
+async def test_requests_during_a_swap_see_one_whole_model(
+    client: httpx.AsyncClient,
+    database_url: str,
+    store: ObjectStore,
+    pred4_bars: None,
+    fit: dict[str, list[float]],
+) -> None:
+    await _wait_for_version(client, "v2")
+    sha = write_model(store, SYMBOL, "H1", "v4", bias=BUY, **fit)
+
+    async def hammer() -> list[tuple[str, str]]:
+        seen = []
+        for _ in range(40):
+            r = await client.post("/v1/predictions", json={"symbol": SYMBOL, "timeframe": "H1"}, headers=NO_CACHE)
+            assert r.status_code == 200, r.text
+            seen.append((r.json()["model_version"], r.json()["signal"]))
+            await asyncio.sleep(0.02)
+        return seen
+
+    task = asyncio.create_task(hammer())
+    await asyncio.sleep(0.1)
+    await register(database_url, store, SYMBOL, "H1", "v4", sha)
+    seen = await task
+    await _wait_for_version(client, "v4")
+    # Every answer pairs a version with that version's behaviour: never a mix.
+    assert set(seen) <= {("v2", "SELL"), ("v4", "BUY")}
+
+
+def test_load_refuses_metadata_that_does_not_match_the_registry(store: ObjectStore) -> None:
+    sha = write_model(store, "PRED5", "H1", "v1")
+    with pytest.raises(ModelLoadError, match="metadata.json: sha256"):
+        load_model(store, RegistryRow("PRED5", "H1", "v1", "", "0" * 64))
+    model = load_model(store, RegistryRow("PRED5", "H1", "v1", "", sha))
+    assert model.sequence_length == 20
+
+
+def test_load_refuses_a_missing_artifact(store: ObjectStore) -> None:
+    sha = write_model(store, "PRED5", "H1", "v2")
+    store.delete(artifact_prefix("PRED5", "H1", "v2") + "model.onnx")
+    with pytest.raises(ModelLoadError, match="cannot read"):
+        load_model(store, RegistryRow("PRED5", "H1", "v2", "", sha))
