@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -41,6 +42,9 @@ ON CONFLICT (symbol, timeframe) DO UPDATE
        last_ts = GREATEST(series.last_ts, EXCLUDED.last_ts),
        updated_at = now()
 """
+
+# NOTIFY channel: {"symbol", "timeframe", "first_ts", "last_ts"} (epoch seconds) after bars of a series change.
+SERIES_CHANNEL = "market_series"
 
 _COLUMNS = "extract(epoch FROM ts)::float8, open, high, low, close, volume"
 
@@ -82,7 +86,23 @@ async def upsert_bars(
     row = await conn.fetchrow(_UPSERT, symbol, timeframe.value)
     await conn.execute(_SERIES_UPSERT, symbol, timeframe.value, int(bars.ts[0]), int(bars.ts[-1]))
     assert row is not None
-    return int(row["inserted"]), int(row["updated"])
+    inserted, updated = int(row["inserted"]), int(row["updated"])
+    if inserted or updated:
+        # Delivered when the caller's transaction commits: readers caching on a series (the predictor) learn
+        # that its stored bars changed without asking PostgreSQL on every request.
+        await conn.execute(
+            "SELECT pg_notify($1, $2)",
+            SERIES_CHANNEL,
+            json.dumps(
+                {
+                    "symbol": symbol,
+                    "timeframe": timeframe.value,
+                    "first_ts": int(bars.ts[0]),
+                    "last_ts": int(bars.ts[-1]),
+                }
+            ),
+        )
+    return inserted, updated
 
 
 async def bars_before(conn: asyncpg.Connection, symbol: str, timeframe: Timeframe, ts: int, n: int) -> OHLCV:

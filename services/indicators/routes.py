@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 import asyncpg
 import numpy as np
@@ -155,6 +155,15 @@ async def get_catalog() -> list[dict[str, object]]:
     return catalog()
 
 
+FormatQuery = Annotated[
+    Literal["rows", "columns"],
+    Query(
+        description='`rows` (default): `[{"ts", "values": {feature: number}}]`; `columns`: `{"ts": [...], '
+        '"names": [...], "values": [[...]]}`, the same numbers in a form cheaper to render and parse'
+    ),
+]
+
+
 def _parse_timeframes(value: str | None, base: Timeframe) -> list[Timeframe]:
     if not value:
         return [base]
@@ -180,6 +189,7 @@ async def get_indicators(
             "only); default: the path's timeframe"
         ),
     ] = None,
+    format: FormatQuery = "rows",  # noqa: A002 - the query parameter's public name
 ) -> JSON:
     """Indicator rows of a stored series (role read).
 
@@ -189,7 +199,7 @@ async def get_indicators(
     check_symbol(symbol)
     base = parse_timeframe(timeframe)
     rows = await service.stored_rows(pool, symbol, base, _parse_timeframes(timeframes, base), limit)
-    return JSON({"symbol": symbol, "timeframes": {t.value: service.render_rows(r) for t, r in rows.items()}})
+    return JSON({"symbol": symbol, "timeframes": {t.value: service.render_rows(r, format) for t, r in rows.items()}})
 
 
 @router.post(
@@ -199,7 +209,12 @@ async def get_indicators(
     responses=error_responses(401, 403, 413, 422),
     openapi_extra=json_body(IndicatorsIn),
 )
-async def post_indicators(request: Request, settings: SettingsDep, _: ReadKey) -> JSON:
+async def post_indicators(
+    request: Request,
+    settings: SettingsDep,
+    _: ReadKey,
+    format: FormatQuery = "rows",  # noqa: A002
+) -> JSON:
     """Indicator rows computed from the bars in the body (nothing is stored; role read).
 
     The bars are checked by the same rules as ingest. Needs at least warm-up + 1 bars of each requested
@@ -219,4 +234,4 @@ async def post_indicators(request: Request, settings: SettingsDep, _: ReadKey) -
     targets = [parse_timeframe(t) for t in tfs_raw] if tfs_raw else [tf]
     bars, _order = bars_from_payload(raw, tf, settings.max_bars_per_request)
     rows = service.client_rows(bars, symbol, tf, targets, limit)
-    return JSON({"symbol": symbol, "timeframes": {t.value: service.render_rows(r) for t, r in rows.items()}})
+    return JSON({"symbol": symbol, "timeframes": {t.value: service.render_rows(r, format) for t, r in rows.items()}})

@@ -57,9 +57,13 @@ def client_rows(
     return {t: rows_from_bars(bars, base, t, symbol, limit) for t in _unique(targets)}
 
 
-def render_rows(rows: FeatureRows) -> list[dict[str, object]]:
-    stamps = np.datetime_as_string(rows.ts.astype("datetime64[s]"), unit="s")
+def render_rows(rows: FeatureRows, fmt: str = "rows") -> list[dict[str, object]] | dict[str, object]:
+    """`rows`: [{"ts", "values": {feature: number}}]; `columns`: {"ts": [...], "names": [...], "values": [[...]]}
+    (the same numbers, several times cheaper to render and parse; the predictor reads this form)."""
+    stamps = [f"{s}Z" for s in np.datetime_as_string(rows.ts.astype("datetime64[s]"), unit="s").tolist()]
+    if fmt == "columns":
+        return {"ts": stamps, "names": list(FEATURE_NAMES), "values": rows.values}
     return [
-        {"ts": f"{s}Z", "values": dict(zip(FEATURE_NAMES, v, strict=True))}
-        for s, v in zip(stamps.tolist(), rows.values.tolist(), strict=True)
+        {"ts": s, "values": dict(zip(FEATURE_NAMES, v, strict=True))}
+        for s, v in zip(stamps, rows.values.tolist(), strict=True)
     ]

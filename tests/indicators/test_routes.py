@@ -238,3 +238,36 @@ async def test_openapi_documents_bodies_and_errors(indicators: httpx.AsyncClient
     assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/BarsIn")
     assert {"401", "403", "413", "422"} <= set(post["responses"])
     assert "BarsIn" in doc["components"]["schemas"] and "Bar" in doc["components"]["schemas"]
+
+
+async def test_columns_format_carries_the_same_numbers(indicators: httpx.AsyncClient, spx: str) -> None:
+    rows = (await indicators.get("/v1/indicators/SPX/D1", params={"limit": 3})).json()["timeframes"]["D1"]
+    r = await indicators.get("/v1/indicators/SPX/D1", params={"limit": 3, "format": "columns"})
+    cols = r.json()["timeframes"]["D1"]
+    assert cols["names"] == list(FEATURE_NAMES)
+    assert cols["ts"] == [x["ts"] for x in rows]
+    assert cols["values"] == [list(x["values"].values()) for x in rows]
+    r = await indicators.get("/v1/indicators/SPX/D1", params={"format": "csv"})
+    assert r.status_code == 422
+
+
+async def test_ingest_notifies_listeners_after_commit(indicators: httpx.AsyncClient, database_url: str) -> None:
+    import asyncio
+
+    import asyncpg
+
+    got: asyncio.Queue[str] = asyncio.Queue()
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.add_listener("market_series", lambda *args: got.put_nowait(args[-1]))
+        b = bars_json(generate_bars("H1", 10, seed=21))
+        assert (await indicators.post("/v1/bars/NOTIFY/H1", json={"bars": b})).status_code == 200
+        payload = json.loads(await asyncio.wait_for(got.get(), 5))
+        assert payload["symbol"] == "NOTIFY"
+        assert payload["timeframe"] == "H1"
+        # the same bars again change nothing and notify nobody
+        assert (await indicators.post("/v1/bars/NOTIFY/H1", json={"bars": b})).json()["updated"] == 0
+        await asyncio.sleep(0.3)
+        assert got.empty()
+    finally:
+        await conn.close()

@@ -78,9 +78,9 @@ def test_query_checker_accepts_good_queries() -> None:
 
 # --- the contract against the code ------------------------------------------------------------------
 
-# Modules that declare each service's metrics. The trainer has none yet: when it exposes
-# ml_training_jobs_total and ml_training_duration_seconds, add its module and names here.
+# Modules that declare each service's metrics.
 METRIC_MODULES = {
+    "services.trainer.metrics": {"ml_training_jobs_total", "ml_training_duration_seconds"},
     "services.predictor.metrics": {
         "ml_prediction_requests_total",
         "ml_prediction_duration_seconds",
@@ -109,7 +109,9 @@ def declared_metrics(module_name: str) -> dict[str, tuple[str, frozenset[str]]]:
         elif isinstance(value, type) and value.__module__ == module_name and hasattr(value, "collect"):
             for family in value().collect():  # scrape-time collectors: their families carry the labels
                 labels = frozenset(getattr(family, "_labelnames", ()))
-                found[family.name] = (family.type, labels)
+                # a counter family is named without the `_total` its samples carry
+                name = family.name + ("_total" if family.type == "counter" else "")
+                found[name] = (family.type, labels)
     return found
 
 

@@ -1,0 +1,179 @@
+"""Training datasets from bars: 17 features, BUY/SELL/HOLD labels, purged chronological splits, scaling.
+
+Pure numpy (no TensorFlow): the API and the tests of the data rules import it cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+import numpy.typing as npt
+
+from services.trainer.config import TrainConfig
+from shared.feature_window import NotEnoughBars
+from shared.features import FEATURE_NAMES, N_FEATURES, WARMUP_BARS, compute_features
+from shared.model_metadata import CLASSES, ReferenceDistribution
+from shared.timeframes import OHLCV, Timeframe, resample
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+SELL, HOLD, BUY = 0, 1, 2
+assert (CLASSES[SELL], CLASSES[HOLD], CLASSES[BUY]) == ("SELL", "HOLD", "BUY")
+ATR_PCT = FEATURE_NAMES.index("atr_14_pct")
+
+LABEL_DESCRIPTION = (
+    "r = ln(close[t+horizon] / close[t]); band = dead_band_atr * atr_14_pct[t] (ATR(14)/close at bar t); "
+    "BUY if r > band, SELL if r < -band, else HOLD. The input sequence ending at bar t uses feature rows "
+    "t-sequence_length+1..t; bars are completed bars of the model's timeframe."
+)
+
+
+@dataclass(frozen=True)
+class Split:
+    x: npt.NDArray[np.float32]  # (n, sequence_length, 17), scaled
+    y: IntArray  # (n,) class index in CLASSES order
+    ts: IntArray  # bar-open epoch seconds of each sequence's last bar
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def info(self) -> dict[str, object]:
+        counts = np.bincount(self.y, minlength=3)
+        return {
+            "sequences": len(self),
+            "start": _iso(int(self.ts[0])) if len(self) else None,
+            "end": _iso(int(self.ts[-1])) if len(self) else None,
+            "label_counts": {c: int(n) for c, n in zip(CLASSES, counts, strict=True)},
+        }
+
+
+@dataclass(frozen=True)
+class Dataset:
+    symbol: str
+    timeframe: Timeframe
+    base_timeframe: Timeframe
+    bars: int  # completed bars of `timeframe` available
+    train: Split
+    val: Split
+    test: Split
+    scaler_mean: FloatArray
+    scaler_scale: FloatArray
+    class_weights: dict[int, float]
+    reference: dict[str, ReferenceDistribution]
+    first_ts: int  # first bar whose features enter a sequence
+    last_ts: int  # last bar whose close enters a label
+    purge_gap: int
+
+    def splits_info(self) -> dict[str, dict[str, object]]:
+        return {"train": self.train.info(), "val": self.val.info(), "test": self.test.info()}
+
+
+def _iso(epoch_s: int) -> str:
+    return datetime.fromtimestamp(epoch_s, UTC).isoformat().replace("+00:00", "Z")
+
+
+def min_bars(cfg: TrainConfig) -> int:
+    """Completed bars needed: warm-up, one sequence, the label horizon, two purge gaps and `min_sequences`."""
+    return WARMUP_BARS + cfg.sequence_length - 1 + cfg.horizon + 2 * cfg.purge_gap + cfg.min_sequences
+
+
+def labels(close: FloatArray, atr_pct: FloatArray, horizon: int, dead_band_atr: float) -> IntArray:
+    """Label of every bar that has a bar `horizon` ahead (len(close) - horizon of them)."""
+    ret = np.log(close[horizon:] / close[:-horizon])
+    band = dead_band_atr * atr_pct[: len(ret)]
+    y = np.full(len(ret), HOLD, dtype=np.int64)
+    y[ret > band] = BUY
+    y[ret < -band] = SELL
+    return y
+
+
+def class_weights(y: IntArray) -> dict[int, float]:
+    """'Balanced' weights n / (3 * count); a class absent from training gets 1."""
+    counts = np.bincount(y, minlength=3)
+    n = float(len(y))
+    return {c: (n / (3.0 * counts[c]) if counts[c] else 1.0) for c in range(3)}
+
+
+def reference_distribution(values: FloatArray, bins: int) -> ReferenceDistribution:
+    edges = np.unique(np.quantile(values, np.linspace(0.0, 1.0, bins + 1)))
+    if edges.size < 2:  # a constant feature: one bin around the value
+        edges = np.array([edges[0] - 0.5, edges[0] + 0.5])
+    hist, _ = np.histogram(values, bins=edges)
+    return ReferenceDistribution(
+        edges=edges.tolist(),
+        shares=(hist / max(len(values), 1)).tolist(),
+        mean=float(values.mean()),
+        std=float(values.std()),
+    )
+
+
+def build_dataset(bars: OHLCV, base: Timeframe, target: Timeframe, symbol: str, cfg: TrainConfig) -> Dataset:
+    """Everything training needs from the stored bars of one series (resampled from `base` when needed)."""
+    tbars = resample(bars, base, target)
+    n = len(tbars)
+    need = min_bars(cfg)
+    source = "" if base is target else f" (completed bars resampled from {base.value})"
+    if n < need:
+        raise NotEnoughBars(f"need at least {need} bars for {target.value}, have {n}{source} for {symbol}")
+
+    feats = compute_features(tbars)
+    finite = np.isfinite(feats[WARMUP_BARS:]).all(axis=1)
+    rows_idx: IntArray = np.arange(WARMUP_BARS, n, dtype=np.int64)[finite]
+    values = feats[rows_idx]
+    y_all = labels(tbars.close, feats[:, ATR_PCT], cfg.horizon, cfg.dead_band_atr)
+
+    length, h, gap = cfg.sequence_length, cfg.horizon, cfg.purge_gap
+    r = np.arange(length - 1, len(rows_idx))
+    # A sequence needs `length` consecutive bars (no row dropped inside it) and a label `horizon` ahead.
+    contiguous = rows_idx[r] - rows_idx[r - length + 1] == length - 1
+    labelled = rows_idx[r] + h < n
+    ends = r[contiguous & labelled]
+    usable = len(ends) - 2 * gap
+    if usable < cfg.min_sequences:
+        raise NotEnoughBars(
+            f"need at least {need} bars for {target.value} with {cfg.min_sequences} usable sequences, "
+            f"have {n}{source} for {symbol} giving {max(usable, 0)}"
+        )
+    n_test = int(usable * cfg.test_fraction)
+    n_val = int(usable * cfg.val_fraction)
+    n_train = usable - n_val - n_test
+    train_ends = ends[:n_train]
+    val_ends = ends[n_train + gap : n_train + gap + n_val]
+    test_ends = ends[n_train + 2 * gap + n_val :]
+
+    # Scaler and reference distributions from the feature rows the training sequences read, nothing later.
+    fit_rows = values[train_ends[0] - length + 1 : train_ends[-1] + 1]
+    mean = fit_rows.mean(axis=0)
+    std = fit_rows.std(axis=0)
+    scale = np.where(std > 1e-12, std, 1.0)
+    scaled = ((values - mean) / scale).astype(np.float32)
+    windows = np.lib.stride_tricks.sliding_window_view(scaled, length, axis=0)  # (rows-length+1, 17, length)
+
+    def split(sel: IntArray) -> Split:
+        x = np.ascontiguousarray(windows[sel - length + 1].transpose(0, 2, 1))
+        bar = rows_idx[sel]
+        return Split(x=x, y=y_all[bar], ts=tbars.ts[bar].astype(np.int64))
+
+    train, val, test = split(train_ends), split(val_ends), split(test_ends)
+    assert train.x.shape[1:] == (length, N_FEATURES)
+    return Dataset(
+        symbol=symbol,
+        timeframe=target,
+        base_timeframe=base,
+        bars=n,
+        train=train,
+        val=val,
+        test=test,
+        scaler_mean=mean,
+        scaler_scale=scale,
+        class_weights=class_weights(train.y),
+        reference={
+            name: reference_distribution(fit_rows[:, i], cfg.reference_bins) for i, name in enumerate(FEATURE_NAMES)
+        },
+        first_ts=int(tbars.ts[rows_idx[train_ends[0] - length + 1]]),
+        last_ts=int(tbars.ts[rows_idx[test_ends[-1]] + h]),
+        purge_gap=gap,
+    )

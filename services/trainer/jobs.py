@@ -1,0 +1,198 @@
+"""Running one training job exactly once: job lock, bounded attempts, idempotent registration.
+
+Synchronous (Celery tasks and `aicash train --local` call it); it talks to PostgreSQL through one asyncpg
+connection on a private event loop, kept for the whole job because it also holds the job's advisory lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import asyncpg
+from pydantic import ValidationError
+
+from services.trainer import repository as repo
+from services.trainer.artifacts import ArtifactIntegrityError, publish, remove_unregistered, version_string
+from services.trainer.config import TrainConfig
+from services.trainer.dataset import build_dataset
+from services.trainer.errors import JobBusy, RetryLater
+from services.trainer.schemas import Job, ModelVersion
+from services.trainer.settings import TrainerSettings, get_trainer_settings
+from services.trainer.source import load_bars
+from shared.db import require_database_url
+from shared.errors import AppError, ValidationFailed
+from shared.model_metadata import artifact_prefix
+from shared.settings import Settings, get_settings
+from shared.storage import ObjectStore, open_store
+from shared.timeframes import Timeframe
+
+log = logging.getLogger("trainer.jobs")
+T = TypeVar("T")
+
+# Progress: 5% once the dataset is built, 5-90% over the epochs, 95% once exported, 100% when registered.
+_P_DATASET, _P_FIT_END, _P_EXPORTED = 0.05, 0.90, 0.95
+FAULT_PARAM = "fault"
+
+
+class SyncDb:
+    def __init__(self, url: str, application_name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.conn: asyncpg.Connection = self.loop.run_until_complete(
+            asyncpg.connect(url, timeout=10, command_timeout=60, server_settings={"application_name": application_name})
+        )
+
+    def run(self, aw: Awaitable[T]) -> T:
+        return self.loop.run_until_complete(aw)
+
+    def close(self) -> None:
+        try:
+            self.loop.run_until_complete(self.conn.close(timeout=5))
+        finally:
+            self.loop.close()
+
+
+def parse_params(params: dict[str, Any], *, fault_injection: bool) -> TrainConfig:
+    """Hyperparameter overrides as a TrainConfig; a bad one is a 422 naming the field."""
+    clean = dict(params)
+    fault = clean.pop(FAULT_PARAM, None)
+    if fault is not None and not (fault_injection and fault in ("exit", "raise")):
+        raise ValidationFailed(f"params.{FAULT_PARAM} is only accepted by test deployments (TRAINER_FAULT_INJECTION)")
+    try:
+        return TrainConfig.model_validate(clean)
+    except ValidationError as exc:
+        detail = "; ".join(f"params.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ValidationFailed(detail) from None
+
+
+def version_result(v: ModelVersion) -> dict[str, Any]:
+    return {
+        "model_version_id": v.id,
+        "symbol": v.symbol,
+        "timeframe": v.timeframe,
+        "version": v.version,
+        "status": v.status,
+        "artifact_uri": v.artifact_uri,
+        "sha256": v.sha256,
+        "metrics": v.metrics,
+    }
+
+
+def run_job(
+    job_id: str,
+    *,
+    settings: Settings | None = None,
+    tsettings: TrainerSettings | None = None,
+    store: ObjectStore | None = None,
+) -> dict[str, Any]:
+    """Run (or finish the bookkeeping of) a training job; safe to call any number of times per job.
+
+    Returns the job's result. Raises JobBusy when another process is working on the job, RetryLater when
+    this attempt failed with an error worth retrying (the job is back to queued, attempts counted).
+    """
+    settings = settings or get_settings()
+    tsettings = tsettings or get_trainer_settings()
+    db = SyncDb(require_database_url(settings), "aicash-trainer")
+    try:
+        if not db.run(repo.try_lock_job(db.conn, job_id)):
+            raise JobBusy(f"job {job_id} is being worked on by another process")
+        job = db.run(repo.get_job(db.conn, job_id))
+        if job is None:
+            log.error("job %s does not exist; dropping the message", job_id)
+            return {"status": "unknown_job"}
+        if job.status in ("succeeded", "failed"):
+            log.info("job %s already %s; nothing to do (duplicate delivery)", job_id, job.status)
+            return job.result or {"status": job.status, "error": job.error}
+        existing = db.run(repo.version_for_job(db.conn, job_id))
+        if existing is not None:  # an earlier attempt registered the model and died before saying so
+            result = version_result(existing)
+            db.run(repo.finish_job(db.conn, job_id, result))
+            return result
+        if job.attempts >= tsettings.max_attempts:
+            why = job.error or "the worker process died during each attempt (killed, out of memory or crashed)"
+            error = f"gave up after {job.attempts} attempts: {why}"
+            db.run(repo.fail_job(db.conn, job_id, error))
+            return {"status": "failed", "error": error}
+        attempt = db.run(repo.start_attempt(db.conn, job_id))
+        log.info("job %s: attempt %d of %d", job_id, attempt, tsettings.max_attempts)
+        try:
+            result = _train(db, job, settings, tsettings, store or open_store(settings))
+        except AppError as exc:
+            if not isinstance(exc, ArtifactIntegrityError):  # the operator must act: no retry
+                db.run(repo.fail_job(db.conn, job_id, exc.message))
+                return {"status": "failed", "error": exc.message}
+            error = f"{type(exc).__name__}: {exc}"
+            return _retry_or_fail(db, job_id, attempt, tsettings, error)
+        except Exception as exc:  # noqa: BLE001 - anything else may pass: counted and retried, bounded
+            log.exception("job %s: attempt %d failed", job_id, attempt)
+            return _retry_or_fail(db, job_id, attempt, tsettings, f"{type(exc).__name__}: {exc}")
+        db.run(repo.finish_job(db.conn, job_id, result))
+        return result
+    finally:
+        db.close()  # ends the session: the advisory lock goes with it
+
+
+def _retry_or_fail(db: SyncDb, job_id: str, attempt: int, tsettings: TrainerSettings, error: str) -> dict[str, Any]:
+    if attempt >= tsettings.max_attempts:
+        msg = f"failed after {attempt} attempts: {error}"
+        db.run(repo.fail_job(db.conn, job_id, msg))
+        return {"status": "failed", "error": msg}
+    db.run(repo.requeue_job(db.conn, job_id, error))
+    raise RetryLater(error)
+
+
+def _train(db: SyncDb, job: Job, settings: Settings, tsettings: TrainerSettings, store: ObjectStore) -> dict[str, Any]:
+    from services.trainer import pipeline
+
+    assert job.symbol is not None
+    assert job.timeframe is not None
+    fault = job.params.get(FAULT_PARAM) if tsettings.fault_injection else None
+    if fault == "exit":
+        os._exit(70)  # a crash of the process itself (segfault, OOM kill): no Python cleanup runs
+    if fault == "raise":
+        raise RuntimeError("injected fault")
+    cfg = parse_params(job.params, fault_injection=tsettings.fault_injection)
+    symbol, timeframe = job.symbol, Timeframe(job.timeframe)
+    bars, base = db.run(load_bars(db.conn, symbol, timeframe))
+    ds = build_dataset(bars, base, timeframe, symbol, cfg)
+    db.run(repo.set_progress(db.conn, job.id, _P_DATASET))
+    registered = {v.version for v in db.run(repo.list_versions(db.conn, symbol, timeframe.value, limit=100_000))}
+    remove_unregistered(store, symbol, timeframe.value, job.id, registered)
+
+    def on_epoch(epoch: int, epochs: int, logs: dict[str, float]) -> None:
+        progress = _P_DATASET + (_P_FIT_END - _P_DATASET) * epoch / epochs
+        entry: dict[str, float] = {"epoch": epoch}
+        entry.update({k: logs[k] for k in ("loss", "val_loss", "accuracy", "val_accuracy") if k in logs})
+        db.run(repo.record_epoch(db.conn, job.id, progress, entry))
+
+    created = datetime.now(UTC)
+    version = version_string(job.id, created)
+    trained = pipeline.train(ds, cfg, version=version, job_id=job.id, created_at=created, on_epoch=on_epoch)
+    db.run(repo.set_progress(db.conn, job.id, _P_EXPORTED))
+    uri, sha = publish(store, artifact_prefix(symbol, timeframe.value, version), trained.files, trained.metadata)
+    metrics = pipeline.summary_metrics(trained.metadata)
+    metrics["training_range_end"] = trained.metadata.training_range["end"].isoformat()
+    metrics["base_timeframe"] = base.value
+    row = db.run(
+        repo.register_version(
+            db.conn,
+            symbol=symbol,
+            timeframe=timeframe.value,
+            version=version,
+            metrics=metrics,
+            artifact_uri=uri,
+            sha256=sha,
+            training_job_id=job.id,
+        )
+    )
+    # The retrain answered the drift/performance flags raised against the previous model.
+    db.run(repo.clear_flags(db.conn, symbol, timeframe.value))
+    result = version_result(row)
+    result["timings"] = {k: round(v, 3) for k, v in trained.timings.items()}
+    result["bars"] = ds.bars
+    log.info("job %s: registered %s/%s/%s as %s", job.id, symbol, timeframe.value, version, row.status)
+    return result

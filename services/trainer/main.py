@@ -1,0 +1,83 @@
+"""Trainer API: queue training jobs, follow their progress, list the model registry.
+
+Run: `uvicorn services.trainer.main:app --port 8082`. Training itself runs in the Celery worker
+(`celery -A services.trainer.worker worker -Q training`); this process never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import asyncpg
+from fastapi import FastAPI, Request
+
+from services.trainer.metrics import TrainingJobsCollector
+from services.trainer.routes import router
+from services.trainer.settings import TrainerSettings, get_trainer_settings
+from shared.app import build_app
+from shared.db import create_pool
+from shared.health import ReadinessChecks
+from shared.logging import configure_logging
+from shared.settings import Settings, get_settings
+
+log = logging.getLogger("trainer")
+
+
+# How often the API re-reads the jobs table for ml_training_jobs_total / ml_training_duration_seconds.
+METRICS_REFRESH_SECONDS = 15.0
+
+
+async def _refresh_metrics(pool: asyncpg.Pool, collector: TrainingJobsCollector) -> None:
+    while True:
+        try:
+            await collector.refresh(pool)
+        except Exception as exc:  # noqa: BLE001 - the database may be down; readiness reports that
+            log.warning("could not refresh training metrics: %s: %s", type(exc).__name__, exc)
+        await asyncio.sleep(METRICS_REFRESH_SECONDS)
+
+
+async def _check_db(request: Request) -> None:
+    await request.app.state.pool.fetchval("SELECT 1")
+
+
+def create_app(settings: Settings | None = None, trainer_settings: TrainerSettings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    tsettings = trainer_settings or get_trainer_settings()
+    configure_logging("trainer", settings.log_level)
+
+    jobs_metrics = TrainingJobsCollector()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.pool = await create_pool(settings, "aicash-trainer-api")
+        refresher = asyncio.create_task(_refresh_metrics(app.state.pool, jobs_metrics))
+        log.info("trainer API started")
+        try:
+            yield
+        finally:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+            await app.state.pool.close()
+
+    checks = ReadinessChecks()
+    checks.add("database", _check_db, critical=True)
+    app = build_app(
+        title="AI Cash Evolution — trainer",
+        description="Queue LSTM training jobs, follow their progress, list the versioned model registry. "
+        "Authenticate with `X-API-Key` (roles read < write < admin; queueing needs admin).",
+        settings=settings,
+        lifespan=lifespan,
+        checks=checks,
+        collectors=[jobs_metrics],
+    )
+    app.state.jobs_metrics = jobs_metrics
+    app.state.trainer_settings = tsettings
+    app.include_router(router)
+    return app
+
+
+app = create_app()

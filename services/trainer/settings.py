@@ -1,0 +1,41 @@
+"""Trainer-only settings (schedules, retrain rules, queue behaviour); shared ones live in shared.settings."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class TrainerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TRAINER_", env_file=None, extra="ignore", case_sensitive=False)
+
+    # Celery queue the API enqueues to and the worker consumes (tests use a unique one per run).
+    queue: str = "training"
+    # Deliveries of one job that may start work before it is marked failed (worker crashes included).
+    max_attempts: int = Field(default=3, ge=1)
+    # Seconds before a retry after an ordinary exception (a crash of the worker is redelivered by the broker).
+    retry_delay_seconds: float = Field(default=30.0, ge=0)
+    # Redis broker: a message unacknowledged this long is handed out again. Must exceed the longest job
+    # (the design budget for a full retrain is 2 h); the PostgreSQL job lock covers the rest.
+    visibility_timeout_seconds: int = Field(default=4 * 3600, ge=1)
+    # How often kombu looks for unacknowledged messages of dead workers to restore (Redis broker).
+    unacked_restore_interval_seconds: int = Field(default=60, ge=1)
+    # Beat: auto-retrain every N hours; full retrain weekly on this day/hour/minute (UTC, crontab syntax).
+    auto_retrain_interval_hours: float = Field(default=6.0, gt=0)
+    full_retrain_day_of_week: str = "sun"
+    full_retrain_hour_utc: int = Field(default=2, ge=0, le=23)
+    full_retrain_minute_utc: int = Field(default=0, ge=0, le=59)
+    # Auto-retrain rules: a production model older than this, or this many new bars since its training range.
+    max_model_age_hours: float = Field(default=7 * 24.0, gt=0)
+    min_new_bars: int = Field(default=500, ge=1)
+    # Default epochs of scheduled retrains (a job's params override every hyperparameter).
+    scheduled_epochs: int | None = Field(default=None, ge=1)
+    # Lets a job's params carry {"fault": "exit" | "raise"} to crash on purpose; test suites only.
+    fault_injection: bool = False
+
+
+@lru_cache(maxsize=1)
+def get_trainer_settings() -> TrainerSettings:
+    return TrainerSettings()
