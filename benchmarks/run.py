@@ -75,6 +75,9 @@ def main() -> None:
         f"Mode: {'quick' if args.quick else 'full'}.",
         "",
     ]
+    gpu = ROOT / "docs" / "GPU_TRAINING.md"
+    if gpu.exists():  # measured on a lent GPU machine, not by this run: kept verbatim and labelled so
+        sections.append(gpu.read_text().strip() + "\n")
     Path(args.out).write_text("\n".join(header) + "\n\n".join(sections))
     print(f"wrote {args.out}", file=sys.stderr)
 

@@ -37,6 +37,10 @@ class ValidationFailed(AppError):
     code = "validation_error"
 
 
+class NotEnoughBars(ValidationFailed):
+    """Too few bars for the warm-up plus what was asked; the message says how many are needed and present."""
+
+
 class PayloadTooLarge(AppError):
     status_code = 413
     code = "payload_too_large"

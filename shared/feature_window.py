@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import asyncpg
 
-from shared.errors import NotFoundError, ValidationFailed
+from shared.errors import NotEnoughBars, NotFoundError, ValidationFailed
 from shared.features import WARMUP_BARS, FeatureRows, feature_rows
 from shared.market_repository import all_bars, latest_bars
 from shared.timeframes import OHLCV, Timeframe, can_resample, resample
-
-
-class NotEnoughBars(ValidationFailed):
-    pass
 
 
 def bars_needed(rows: int) -> int:

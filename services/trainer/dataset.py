@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from services.trainer.config import TrainConfig
-from shared.feature_window import NotEnoughBars
+from shared.errors import NotEnoughBars
 from shared.features import FEATURE_NAMES, N_FEATURES, WARMUP_BARS, compute_features
 from shared.model_metadata import CLASSES, ReferenceDistribution
 from shared.timeframes import OHLCV, Timeframe, resample

@@ -1,6 +1,8 @@
 """The Keras LSTM classifier, its training loop, ONNX export and the ONNX-vs-Keras check.
 
-Imports TensorFlow at module import: only training code imports this module, lazily (the API never does).
+Only training code imports this module, lazily (the API never does). Building and fitting are plain Keras 3,
+so they run on any Keras backend (TensorFlow here; JAX or PyTorch on a GPU machine, see
+benchmarks/gpu_training.py); the ONNX export goes through tf2onnx and needs the TensorFlow backend.
 """
 
 from __future__ import annotations
@@ -17,8 +19,6 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import numpy.typing as npt  # noqa: E402
 import onnxruntime as ort  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import tf2onnx  # noqa: E402
 
 from services.trainer.config import TrainConfig  # noqa: E402
 from services.trainer.dataset import Dataset  # noqa: E402
@@ -90,8 +90,17 @@ def fit(model: Any, ds: Dataset, cfg: TrainConfig, on_epoch: EpochCallback | Non
 
 def predict(model: Any, x: npt.NDArray[np.float32], batch_size: int = 1024) -> npt.NDArray[np.float64]:
     """Uncalibrated class probabilities, inference mode (dropout off, batch-norm moving statistics)."""
-    fn = tf.function(lambda t: model(t, training=False), reduce_retracing=True)
-    out = [fn(tf.constant(x[i : i + batch_size])).numpy() for i in range(0, len(x), batch_size)]
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        # a traced function: eager calls and model.predict() cost 30-40x more per batch (FIELD-NOTES)
+        fn = tf.function(lambda t: model(t, training=False), reduce_retracing=True)
+        out = [fn(tf.constant(x[i : i + batch_size])).numpy() for i in range(0, len(x), batch_size)]
+    else:
+        out = [
+            keras.ops.convert_to_numpy(model(x[i : i + batch_size], training=False))
+            for i in range(0, len(x), batch_size)
+        ]
     if not out:
         return np.empty((0, len(CLASSES)), dtype=np.float64)
     return np.asarray(np.concatenate(out), dtype=np.float64)
@@ -113,6 +122,9 @@ def load_keras(data: bytes) -> Any:
 
 
 def export_onnx(model: Any, cfg: TrainConfig) -> bytes:
+    import tensorflow as tf
+    import tf2onnx
+
     spec = [tf.TensorSpec((None, cfg.sequence_length, N_FEATURES), tf.float32, name=INPUT_NAME)]
     proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=ONNX_OPSET)
     return bytes(proto.SerializeToString())
@@ -138,11 +150,14 @@ def library_versions() -> dict[str, str]:
     import platform
 
     import onnx
+    import tensorflow as tf
+    import tf2onnx
 
     return {
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
+        "keras_backend": keras.backend.backend(),
         "tf2onnx": tf2onnx.__version__,
         "onnx": onnx.__version__,
         "onnxruntime": ort.__version__,

@@ -8,7 +8,7 @@ import pytest
 from services.trainer.config import TrainConfig
 from services.trainer.dataset import BUY, HOLD, SELL, build_dataset, class_weights, labels, min_bars
 from services.trainer.evaluation import calibrate, fit_temperature, macro_f1
-from shared.feature_window import NotEnoughBars
+from shared.errors import NotEnoughBars
 from shared.features import FEATURE_NAMES, WARMUP_BARS, compute_features
 from shared.timeframes import OHLCV, Timeframe, resample
 from tests.data import generate_bars
