@@ -79,10 +79,47 @@ def _sample_csv() -> Path:
     return path
 
 
+def _has_production_model(database_url: str) -> bool:
+    import asyncio
+
+    import asyncpg
+
+    async def query() -> bool:
+        conn = await asyncpg.connect(database_url)
+        try:
+            found = await conn.fetchval(
+                "SELECT 1 FROM model_versions WHERE symbol = $1 AND timeframe = $2 AND status = 'production'",
+                SAMPLE_SYMBOL,
+                SAMPLE_TF,
+            )
+        finally:
+            await conn.close()
+        return found is not None
+
+    return asyncio.run(query())
+
+
+def _first_prediction(port: int, key: str, timeout_s: float = 60.0) -> dict[str, object]:
+    """The prediction the printed curl makes, once the predictor has loaded the new model."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/predictions",
+            json={"symbol": SAMPLE_SYMBOL, "timeframe": SAMPLE_TF},
+            headers={"X-API-Key": key},
+            timeout=10,
+        )
+        if r.status_code == 200 or time.monotonic() > deadline:
+            r.raise_for_status()
+            return dict(r.json())
+        time.sleep(1.0)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="aicash up")
     parser.add_argument("--smoke", action="store_true", help="start, check one request, stop (for tests)")
     parser.add_argument("--no-train", action="store_true", help="do not train the first model")
+    parser.add_argument("--epochs", type=int, default=None, help="maximum epochs of the first model")
     args = parser.parse_args(argv)
 
     env = dict(os.environ)
@@ -175,22 +212,11 @@ def main(argv: list[str] | None = None) -> None:
         )
         if has_trainer:
             _wait_http(f"http://127.0.0.1:{PORTS['trainer']}/health")
-            if not args.no_train:
-                subprocess.run(
-                    [
-                        str(BIN / "aicash"),
-                        "train",
-                        "--symbol",
-                        SAMPLE_SYMBOL,
-                        "--timeframe",
-                        SAMPLE_TF,
-                        "--if-missing",
-                        "--wait",
-                    ],
-                    env=env,
-                    cwd=ROOT,
-                    check=True,
-                )
+            if not args.no_train and not _has_production_model(env["DATABASE_URL"]):
+                console.print(f"training the first model for {SAMPLE_SYMBOL} {SAMPLE_TF} on the Celery worker")
+                epochs = ["--epochs", str(args.epochs)] if args.epochs else []
+                train = [str(BIN / "aicash"), "train", "--symbol", SAMPLE_SYMBOL, "--timeframe", SAMPLE_TF, "--wait"]
+                subprocess.run([*train, *epochs], env=env, cwd=ROOT, check=True)
         if has_predictor:
             _wait_http(f"http://127.0.0.1:{PORTS['predictor']}/health")
 
@@ -222,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
             )
             r.raise_for_status()
             console.print(r.json())
+            if has_predictor and has_trainer and not args.no_train:
+                console.print(_first_prediction(PORTS["predictor"], key))
             return
         console.print("[dim]Ctrl-C stops everything.[/dim]")
         while all(p.poll() is None for _, p in procs):

@@ -1,4 +1,5 @@
-"""`make up`'s program, end to end: migrations, services, the real sample imported through the API."""
+"""`make up`'s program, end to end: migrations, every service, the real sample imported through the API, the
+first model trained on the Celery worker, and the prediction the printed curl makes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from shared.local_services import free_port
 
 
-def test_make_up_serves_indicators_for_the_imported_sample(database_url: str, redis_url: str) -> None:
+def test_make_up_trains_the_first_model_and_serves_predictions(database_url: str, redis_url: str) -> None:
     env = {
         **os.environ,
         "DATABASE_URL": database_url,
@@ -17,10 +18,12 @@ def test_make_up_serves_indicators_for_the_imported_sample(database_url: str, re
         "INDICATORS_PORT": str(free_port()),
         "PREDICTOR_PORT": str(free_port()),
         "TRAINER_PORT": str(free_port()),
+        # a queue of this test's own on the shared Redis
+        "TRAINER_QUEUE": f"make-up-{os.getpid()}",
     }
     env.pop("API_KEYS", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "shared.devstack", "up", "--smoke", "--no-train"],
+        [sys.executable, "-m", "shared.devstack", "up", "--smoke", "--epochs", "2"],
         env=env,
         capture_output=True,
         text=True,
@@ -32,3 +35,6 @@ def test_make_up_serves_indicators_for_the_imported_sample(database_url: str, re
     assert "'ts': '2018-12-31T00:00:00Z'" in proc.stdout
     assert "rsi_14" in proc.stdout
     assert "curl" in proc.stdout
+    # the first model was trained through the worker and the predictor serves it
+    assert "'model_version':" in proc.stdout
+    assert "'signal':" in proc.stdout
