@@ -9,13 +9,13 @@ import argparse
 import time
 
 import httpx
-import numpy as np
 import orjson
 import pandas as pd
 import pandas_ta as ta
 import talib
 
 from benchmarks.common import best_of, percentiles, temporary_database, uvicorn_server
+from shared.bars import bars_to_rows
 from shared.features import compute_features
 from shared.timeframes import OHLCV
 from tests.data import generate_bars
@@ -80,23 +80,7 @@ def features_section(sizes: list[int]) -> list[str]:
 
 
 def bars_body(b: OHLCV) -> bytes:
-    stamps = np.datetime_as_string(b.ts.astype("datetime64[s]"), unit="s")
-    return orjson.dumps(
-        {
-            "bars": [
-                {"ts": f"{t}Z", "open": o, "high": h, "low": lo, "close": c, "volume": v}
-                for t, o, h, lo, c, v in zip(
-                    stamps.tolist(),
-                    b.open.tolist(),
-                    b.high.tolist(),
-                    b.low.tolist(),
-                    b.close.tolist(),
-                    b.volume.tolist(),
-                    strict=True,
-                )
-            ]
-        }
-    )
+    return orjson.dumps({"bars": bars_to_rows(b)})
 
 
 def service_section(quick: bool) -> list[str]:

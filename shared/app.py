@@ -2,24 +2,79 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import re
 import uuid
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Annotated, Any
 
-from fastapi import FastAPI
+import asyncpg
+from fastapi import Depends, FastAPI, Request
 from prometheus_client.registry import Collector
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.auth import Authenticator
-from shared.errors import install_error_handlers
+from shared.errors import PayloadTooLarge, install_error_handlers
 from shared.health import ReadinessChecks, install_health
 from shared.logging import request_id_var
 from shared.metrics import install_metrics
 from shared.settings import Settings
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+log = logging.getLogger(__name__)
+
+
+# 50,000 bars of JSON with ISO timestamps are about 6 MB; leave room for long numbers and whitespace.
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+async def read_body(request: Request, max_bytes: int = MAX_BODY_BYTES) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"body of {declared} bytes; the limit is {max_bytes}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"body over {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def get_pool(request: Request) -> asyncpg.Pool:
+    return request.app.state.pool  # type: ignore[no-any-return]
+
+
+PoolDep = Annotated[asyncpg.Pool, Depends(get_pool)]
+
+
+@contextlib.asynccontextmanager
+async def periodic(what: str, interval_s: float, fn: Callable[[], Awaitable[None]]) -> AsyncIterator[None]:
+    """Run `fn` now and then every `interval_s` in the background while the context is open.
+
+    A failure (the database is down, say) is logged in one line and retried on the next tick; readiness is
+    where a dependency's state is reported.
+    """
+
+    async def loop() -> None:
+        while True:
+            try:
+                await fn()
+            except Exception as exc:  # noqa: BLE001 - logged, retried next tick
+                log.warning("could not refresh %s: %s: %s", what, type(exc).__name__, exc)
+            await asyncio.sleep(interval_s)
+
+    task = asyncio.create_task(loop(), name=f"refresh {what}")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 class RequestIdMiddleware:

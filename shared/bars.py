@@ -140,6 +140,16 @@ def bars_from_items(items: list[Any], timeframe: Timeframe) -> tuple[OHLCV, list
     return bars, order.tolist()
 
 
+def bars_to_rows(bars: OHLCV) -> list[dict[str, object]]:
+    """Bars as JSON-ready objects, `ts` in ISO 8601 UTC: what the API returns and accepts."""
+    stamps = np.datetime_as_string(bars.ts.astype("datetime64[s]"), unit="s").tolist()
+    columns = (bars.open.tolist(), bars.high.tolist(), bars.low.tolist(), bars.close.tolist(), bars.volume.tolist())
+    return [
+        {"ts": f"{t}Z", "open": o, "high": h, "low": lo, "close": c, "volume": v}
+        for t, o, h, lo, c, v in zip(stamps, *columns, strict=True)
+    ]
+
+
 def _iso(epoch_s: int) -> str:
     return pd.Timestamp(epoch_s, unit="s", tz="UTC").isoformat().replace("+00:00", "Z")
 

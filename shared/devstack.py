@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 
-from shared.local_services import VAR, embedded_postgres, embedded_redis
+from shared.local_services import VAR, embedded_postgres, embedded_redis, wait_http
 
 console = Console()
 ROOT = VAR.parent
@@ -43,18 +43,6 @@ def _local_key() -> str:
         path.write_text(secrets.token_urlsafe(24))
         path.chmod(0o600)
     return path.read_text().strip()
-
-
-def _wait_http(url: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"{url} did not answer within {timeout_s:.0f} s")
 
 
 def _has(module: str) -> bool:
@@ -165,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
             "indicators",
             [*uvicorn, "services.indicators.main:app", "--port", str(PORTS["indicators"]), "--workers", "2"],
         )
-        _wait_http(f"http://127.0.0.1:{PORTS['indicators']}/health")
+        wait_http(f"http://127.0.0.1:{PORTS['indicators']}/health")
         has_trainer = _has("services.trainer.main") and _has("services.trainer.worker")
         has_predictor = _has("services.predictor.main")
         if has_trainer:
@@ -211,14 +199,14 @@ def main(argv: list[str] | None = None) -> None:
             check=True,
         )
         if has_trainer:
-            _wait_http(f"http://127.0.0.1:{PORTS['trainer']}/health")
+            wait_http(f"http://127.0.0.1:{PORTS['trainer']}/health")
             if not args.no_train and not _has_production_model(env["DATABASE_URL"]):
                 console.print(f"training the first model for {SAMPLE_SYMBOL} {SAMPLE_TF} on the Celery worker")
                 epochs = ["--epochs", str(args.epochs)] if args.epochs else []
                 train = [str(BIN / "aicash"), "train", "--symbol", SAMPLE_SYMBOL, "--timeframe", SAMPLE_TF, "--wait"]
                 subprocess.run([*train, *epochs], env=env, cwd=ROOT, check=True)
         if has_predictor:
-            _wait_http(f"http://127.0.0.1:{PORTS['predictor']}/health")
+            wait_http(f"http://127.0.0.1:{PORTS['predictor']}/health")
 
         hdr = f" -H 'X-API-Key: {key}'" if key else ""
         console.print("\n[bold green]AI Cash Evolution is up.[/bold green]")

@@ -5,9 +5,19 @@ Used by `make up` and the test suite only when DATABASE_URL / REDIS_URL are unse
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import secrets
 import socket
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
 
 VAR = Path(__file__).resolve().parent.parent / "var"
 
@@ -39,3 +49,44 @@ def embedded_redis(name: str = "redis") -> tuple[str, Any]:
     port = free_port()
     server = Redis(str(path / "redis.db"), serverconfig={"port": str(port), "bind": "127.0.0.1"})
     return f"redis://127.0.0.1:{port}/0", server
+
+
+def wait_http(url: str, timeout_s: float = 60.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Wait until `url` answers 200; fail early if `proc` (the server being started) exits."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server for {url} exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not answer within {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+async def _admin(server_url: str, sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(server_url)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@contextlib.contextmanager
+def scratch_database(server_url: str, prefix: str) -> Iterator[str]:
+    """A new database on `server_url`'s server, migrated to head, dropped on exit (tests, benchmarks)."""
+    from shared.migrate import upgrade
+
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
+    asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}"'))
+    try:
+        url = urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
+        upgrade(url)
+        yield url
+    finally:
+        asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

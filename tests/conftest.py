@@ -6,18 +6,17 @@ unset, embedded servers are started under var/.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import secrets
 from collections.abc import AsyncIterator, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import httpx
 import numpy as np
 import pytest
 from fastapi import FastAPI
 
+from shared.bars import bars_to_rows
+from shared.local_services import scratch_database
 from shared.timeframes import OHLCV
 
 ADMIN_KEY = "test-admin-secret-0001"
@@ -47,23 +46,9 @@ def server_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def database_url(server_url: str) -> Iterator[str]:
     """A fresh database for this test run, migrated to head, dropped afterwards."""
-    from shared.migrate import upgrade
-
-    name = f"aicash_test_{os.getpid()}_{secrets.token_hex(3)}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(server_url)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    url = _with_db(server_url, name)
-    upgrade(url)
-    os.environ["DATABASE_URL"] = url
-    yield url
-    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with scratch_database(server_url, "aicash_test") as url:
+        os.environ["DATABASE_URL"] = url
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -104,19 +89,7 @@ def hourly() -> OHLCV:
 
 
 def bars_json(bars: OHLCV) -> list[dict[str, object]]:
-    stamps = np.datetime_as_string(bars.ts.astype("datetime64[s]"), unit="s")
-    return [
-        {"ts": f"{t}Z", "open": o, "high": h, "low": lo, "close": c, "volume": v}
-        for t, o, h, lo, c, v in zip(
-            stamps.tolist(),
-            bars.open.tolist(),
-            bars.high.tolist(),
-            bars.low.tolist(),
-            bars.close.tolist(),
-            bars.volume.tolist(),
-            strict=True,
-        )
-    ]
+    return bars_to_rows(bars)
 
 
 async def asgi_client(app: FastAPI, key: str | None = ADMIN_KEY) -> AsyncIterator[httpx.AsyncClient]:

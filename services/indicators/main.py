@@ -5,7 +5,6 @@ Run: `uvicorn services.indicators.main:app --port 8081`.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -16,7 +15,7 @@ from fastapi import FastAPI, Request
 from services.indicators.metrics import StalenessCollector
 from services.indicators.routes import router
 from services.indicators.schemas import IndicatorsIn
-from shared.app import build_app
+from shared.app import build_app, periodic
 from shared.bars import BarsIn
 from shared.db import create_pool
 from shared.health import ReadinessChecks
@@ -28,15 +27,6 @@ log = logging.getLogger("indicators")
 
 # How often each worker refreshes its snapshot of the series table for the staleness gauge.
 STALENESS_REFRESH_SECONDS = 15.0
-
-
-async def _refresh_staleness(app: FastAPI, collector: StalenessCollector) -> None:
-    while True:
-        try:
-            collector.replace(await list_series(app.state.pool))
-        except Exception as exc:  # noqa: BLE001 - the database may be down; readiness reports that
-            log.warning("could not refresh series for the staleness gauge: %s: %s", type(exc).__name__, exc)
-        await asyncio.sleep(STALENESS_REFRESH_SECONDS)
 
 
 async def _check_db(request: Request) -> None:
@@ -55,14 +45,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await app.state.pool.fetchval("SELECT 1")
         except (OSError, asyncpg.PostgresError):
             log.warning("PostgreSQL unreachable at start; /health/ready reports unhealthy until it is back")
-        refresher = asyncio.create_task(_refresh_staleness(app, staleness))
-        log.info("indicators service started")
+
+        async def refresh() -> None:
+            staleness.replace(await list_series(app.state.pool))
+
         try:
-            yield
+            async with periodic("series for the staleness gauge", STALENESS_REFRESH_SECONDS, refresh):
+                log.info("indicators service started")
+                yield
         finally:
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
             await app.state.pool.close()
 
     checks = ReadinessChecks()

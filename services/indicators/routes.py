@@ -5,9 +5,6 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-import asyncpg
-import numpy as np
-import numpy.typing as npt
 from fastapi import APIRouter, Depends, Query, Request
 
 from services.indicators import service
@@ -20,11 +17,11 @@ from services.indicators.schemas import (
     IngestResult,
     SeriesOut,
 )
-from shared.app import json_body
+from shared.app import PoolDep, json_body, read_body
 from shared.auth import ReadKey, WriteKey
-from shared.bars import BarsIn, bars_from_payload, parse_json
+from shared.bars import BarsIn, bars_from_payload, bars_to_rows, parse_json
 from shared.db import with_retry
-from shared.errors import AppError, PayloadTooLarge, ValidationFailed, error_responses
+from shared.errors import AppError, ValidationFailed, error_responses
 from shared.features import catalog
 from shared.market_repository import bars_range, list_series
 from shared.responses import JSON
@@ -33,38 +30,12 @@ from shared.timeframes import SYMBOL_RE, Timeframe, check_symbol, parse_timefram
 
 router = APIRouter()
 
-# 50,000 bars of JSON with ISO timestamps are about 6 MB; leave room for long numbers and whitespace.
-MAX_BODY_BYTES = 16 * 1024 * 1024
-
-
-def get_pool(request: Request) -> asyncpg.Pool:
-    return request.app.state.pool  # type: ignore[no-any-return]
-
 
 def get_settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-PoolDep = Annotated[asyncpg.Pool, Depends(get_pool)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-
-
-async def read_body(request: Request, max_bytes: int = MAX_BODY_BYTES) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise PayloadTooLarge(f"body of {declared} bytes; the limit is {max_bytes}")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise PayloadTooLarge(f"body over {max_bytes} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _fmt_ts(ts: npt.NDArray[np.int64]) -> list[str]:
-    return [f"{s}Z" for s in np.datetime_as_string(ts.astype("datetime64[s]"), unit="s").tolist()]
 
 
 @router.post(
@@ -127,19 +98,7 @@ async def get_bars(
         if value is not None and value.tzinfo is None:
             raise ValidationFailed(f"{name} must carry a UTC offset (e.g. 2024-01-01T00:00:00Z)")
     bars = await with_retry(lambda: bars_range(pool, symbol, tf, start, end, limit))
-    stamps = _fmt_ts(bars.ts)
-    rows = zip(
-        stamps,
-        bars.open.tolist(),
-        bars.high.tolist(),
-        bars.low.tolist(),
-        bars.close.tolist(),
-        bars.volume.tolist(),
-        strict=True,
-    )
-    return JSON(
-        {"bars": [{"ts": t, "open": o, "high": h, "low": lo, "close": c, "volume": v} for t, o, h, lo, c, v in rows]}
-    )
+    return JSON({"bars": bars_to_rows(bars)})
 
 
 @router.get("/v1/series", tags=["bars"], response_model=list[SeriesOut], responses=error_responses(401, 403))

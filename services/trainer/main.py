@@ -6,18 +6,16 @@ Run: `uvicorn services.trainer.main:app --port 8082`. Training itself runs in th
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-import asyncpg
 from fastapi import FastAPI, Request
 
 from services.trainer.metrics import TrainingJobsCollector
 from services.trainer.routes import router
 from services.trainer.settings import TrainerSettings, get_trainer_settings
-from shared.app import build_app
+from shared.app import build_app, periodic
 from shared.db import create_pool
 from shared.health import ReadinessChecks
 from shared.logging import configure_logging
@@ -28,15 +26,6 @@ log = logging.getLogger("trainer")
 
 # How often the API re-reads the jobs table for ml_training_jobs_total / ml_training_duration_seconds.
 METRICS_REFRESH_SECONDS = 15.0
-
-
-async def _refresh_metrics(pool: asyncpg.Pool, collector: TrainingJobsCollector) -> None:
-    while True:
-        try:
-            await collector.refresh(pool)
-        except Exception as exc:  # noqa: BLE001 - the database may be down; readiness reports that
-            log.warning("could not refresh training metrics: %s: %s", type(exc).__name__, exc)
-        await asyncio.sleep(METRICS_REFRESH_SECONDS)
 
 
 async def _check_db(request: Request) -> None:
@@ -53,14 +42,13 @@ def create_app(settings: Settings | None = None, trainer_settings: TrainerSettin
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.pool = await create_pool(settings, "aicash-trainer-api")
-        refresher = asyncio.create_task(_refresh_metrics(app.state.pool, jobs_metrics))
-        log.info("trainer API started")
         try:
-            yield
+            async with periodic(
+                "training metrics", METRICS_REFRESH_SECONDS, lambda: jobs_metrics.refresh(app.state.pool)
+            ):
+                log.info("trainer API started")
+                yield
         finally:
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
             await app.state.pool.close()
 
     checks = ReadinessChecks()

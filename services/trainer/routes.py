@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import asyncpg
 from fastapi import APIRouter, Depends, Query, Request
 
 from services.trainer import repository as repo
 from services.trainer import service
 from services.trainer.schemas import Job, JobCreated, JobIn, ModelStatus, ModelVersion
 from services.trainer.settings import TrainerSettings
+from shared.app import PoolDep
 from shared.auth import AdminKey, ReadKey
 from shared.db import with_retry
 from shared.errors import NotFoundError, error_responses
@@ -19,15 +19,10 @@ from shared.timeframes import Timeframe
 router = APIRouter()
 
 
-def get_pool(request: Request) -> asyncpg.Pool:
-    return request.app.state.pool  # type: ignore[no-any-return]
-
-
 def get_tsettings(request: Request) -> TrainerSettings:
     return request.app.state.trainer_settings  # type: ignore[no-any-return]
 
 
-PoolDep = Annotated[asyncpg.Pool, Depends(get_pool)]
 TrainerSettingsDep = Annotated[TrainerSettings, Depends(get_tsettings)]
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
-from shared.local_services import free_port
+from shared.local_services import free_port, wait_http
 from tests.conftest import API_KEYS, READ_KEY
 
 BIN = Path(sys.executable).parent
@@ -47,15 +46,7 @@ def test_metrics_aggregate_across_two_workers(database_url: str, tmp_path: Path)
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "indicators did not start"
-            time.sleep(0.2)
+        wait_http(f"{base}/health", 60, proc)
         pids = set()
         n = 60
         for _ in range(n):
