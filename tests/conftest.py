@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import numpy as np
@@ -23,11 +22,6 @@ ADMIN_KEY = "test-admin-secret-0001"
 WRITE_KEY = "test-write-secret-0001"
 READ_KEY = "test-read-secret-00001"
 API_KEYS = f"admin:admin:{ADMIN_KEY},writer:write:{WRITE_KEY},reader:read:{READ_KEY}"
-
-
-def _with_db(url: str, db: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{db}"))
 
 
 @pytest.fixture(scope="session")

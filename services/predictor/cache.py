@@ -1,6 +1,9 @@
-"""Prediction cache in Redis: a dead Redis costs at most one short timeout, then is skipped for a while.
+"""Prediction cache: a small in-process L1 (parsed entries) in front of Redis (shared by every worker and
+replica). A dead Redis costs at most one short timeout, then is skipped for a while.
 
-Identical concurrent misses in one process share one computation (single flight).
+Both tiers use the same key, and an entry lives in either no longer than its `expires_at` (wall clock, set
+when computed), so the L1 never serves what Redis would no longer. Identical concurrent misses in one
+process share one computation (single flight).
 """
 
 from __future__ import annotations
@@ -10,9 +13,10 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
+import orjson
 import redis.asyncio as aioredis
 
 from services.predictor.metrics import CACHE
@@ -22,6 +26,8 @@ from shared.timeframes import Timeframe
 log = logging.getLogger("predictor.cache")
 
 T = TypeVar("T")
+CACHE_HIT = CACHE.labels("hit")
+CACHE_MISS = CACHE.labels("miss")
 
 
 def ttl_seconds(timeframe: Timeframe, max_ttl_s: int, now: float | None = None) -> int:
@@ -32,11 +38,50 @@ def ttl_seconds(timeframe: Timeframe, max_ttl_s: int, now: float | None = None) 
     return max(1, min(max_ttl_s, math.ceil(until_close)))
 
 
+Entry = dict[str, Any]
+
+
 class PredictionCache:
-    def __init__(self, client: aioredis.Redis | None, cooldown_s: float) -> None:
+    def __init__(self, client: aioredis.Redis | None, cooldown_s: float, l1_entries: int = 4096) -> None:
         self.client = client
         self.breaker = CircuitBreaker(cooldown_s)
         self._inflight: dict[str, asyncio.Future[object]] = {}
+        # key -> (expires_at, entry), oldest insert first; bounded, so unused keys (old stamps, old model
+        # versions) leave by age. 0 turns the L1 off.
+        self.l1_entries = l1_entries
+        self._l1: dict[str, tuple[float, Entry]] = {}
+        self.l1_hits = 0  # tests read it
+
+    async def lookup(self, key: str) -> Entry | None:
+        """The fresh entry under `key` from the L1, else from Redis (then kept in the L1); None on a miss."""
+        held = self._l1.get(key)
+        if held is not None:
+            if held[0] > time.time():
+                self.l1_hits += 1
+                CACHE_HIT.inc()
+                return held[1]
+            del self._l1[key]
+        raw = await self.get(key)
+        if raw is None:
+            return None
+        entry: Entry = orjson.loads(raw)
+        self._l1_put(key, entry)
+        return entry
+
+    async def store(self, key: str, entry: Entry, ttl_s: int) -> None:
+        self._l1_put(key, entry)
+        await self.set(key, orjson.dumps(entry), ttl_s)
+
+    def _l1_put(self, key: str, entry: Entry) -> None:
+        if self.l1_entries <= 0:
+            return
+        expires_at = float(entry.get("expires_at", 0.0))
+        if expires_at <= time.time():
+            return
+        self._l1.pop(key, None)
+        while len(self._l1) >= self.l1_entries:
+            del self._l1[next(iter(self._l1))]
+        self._l1[key] = (expires_at, entry)
 
     @property
     def usable(self) -> bool:
@@ -54,7 +99,7 @@ class PredictionCache:
             self._failed("get", exc)
             return None
         self.breaker.success()
-        CACHE.labels("hit" if value is not None else "miss").inc()
+        (CACHE_HIT if value is not None else CACHE_MISS).inc()
         return value if isinstance(value, bytes) else None
 
     async def set(self, key: str, value: bytes, ttl_s: int) -> None:

@@ -77,7 +77,7 @@ class IndicatorsClient:
         await self.client.aclose()
 
     async def stored(self, symbol: str, timeframe: str, targets: list[str], limit: int) -> dict[str, Rows]:
-        params = {"limit": str(limit), "timeframes": ",".join(targets)}
+        params = {"limit": str(limit), "timeframes": ",".join(targets), "format": "columns"}
         return await self._call("GET", f"/v1/indicators/{symbol}/{timeframe}", params=params)
 
     async def from_bars(
@@ -86,7 +86,13 @@ class IndicatorsClient:
         body = orjson.dumps(
             {"symbol": symbol, "timeframe": timeframe, "timeframes": targets, "limit": limit, "bars": bars}
         )
-        return await self._call("POST", "/v1/indicators", content=body, headers={"Content-Type": "application/json"})
+        return await self._call(
+            "POST",
+            "/v1/indicators",
+            params={"format": "columns"},
+            content=body,
+            headers={"Content-Type": "application/json"},
+        )
 
     async def health(self) -> None:
         r = await self.client.get("/health/ready", timeout=1.5)
@@ -130,13 +136,14 @@ def _detail(r: httpx.Response) -> str:
 
 
 def _parse(content: bytes) -> dict[str, Rows]:
+    """The `format=columns` answer: {"timeframes": {TF: {"ts": [...], "names": [...], "values": [[...]]}}}."""
     body = orjson.loads(content)
     out: dict[str, Rows] = {}
-    for tf, items in body["timeframes"].items():
-        if not items:
+    for tf, cols in body["timeframes"].items():
+        ts = cols["ts"]
+        if not ts:
             out[tf] = Rows([], [], np.empty((0, 0)))
             continue
-        names = list(items[0]["values"])
-        values = np.array([[row["values"][n] for n in names] for row in items], dtype=np.float64)
-        out[tf] = Rows([row["ts"] for row in items], names, values)
+        # null (a NaN the renderer could not write) becomes NaN here.
+        out[tf] = Rows(ts, cols["names"], np.array(cols["values"], dtype=np.float64))
     return out

@@ -19,6 +19,7 @@ from services.predictor.models import ModelManager
 from services.predictor.prediction_log import PredictionLog
 from services.predictor.routes import router
 from services.predictor.schemas import PredictionIn
+from services.predictor.series import SeriesStamps
 from services.predictor.service import Predictor
 from services.predictor.settings import PredictorSettings, get_predictor_settings
 from services.predictor.signals import WeightsBook
@@ -89,7 +90,9 @@ def create_app(settings: PredictorSettings | None = None) -> FastAPI:
             buffer_rows=settings.prediction_log_buffer_rows,
             retention_days=settings.prediction_log_retention_days,
             prune_interval_seconds=settings.prediction_log_prune_interval_seconds,
+            remember_hashes=settings.prediction_log_window_hashes,
         )
+        series = SeriesStamps(pool, require_database_url(settings), settings.series_poll_seconds)
         weights = WeightsBook()
         models = ModelManager(store, pool, require_database_url(settings), settings.model_poll_seconds)
 
@@ -99,15 +102,24 @@ def create_app(settings: PredictorSettings | None = None) -> FastAPI:
 
         models.on_refresh.append(refresh_weights)
         app.state.predictor = Predictor(
-            settings, pool, models, PredictionCache(redis, settings.cache_cooldown_seconds), features, plog, weights
+            settings,
+            pool,
+            models,
+            PredictionCache(redis, settings.cache_cooldown_seconds, settings.cache_l1_entries),
+            features,
+            plog,
+            weights,
+            series,
         )
         plog.start()
+        await series.start()
         await models.start()
         log.info("predictor started", extra={"models": len(models.models)})
         try:
             yield
         finally:
             await models.stop()
+            await series.stop()
             await plog.stop()
             await features.aclose()
             if redis is not None:

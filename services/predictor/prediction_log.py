@@ -1,5 +1,8 @@
 """The prediction log: every served prediction, buffered in memory and written in COPY batches.
 
+Each feature window is stored once per window hash (table `prediction_windows`); a prediction row references
+it by `window_hash`, so a cached prediction costs one narrow row, not 340 floats.
+
 Requests only append to a bounded deque (no I/O on the request path). A background task drains it every
 `PREDICTION_LOG_FLUSH_SECONDS` or as soon as `PREDICTION_LOG_BATCH_ROWS` are waiting. While PostgreSQL is
 unreachable the rows stay buffered; past `PREDICTION_LOG_BUFFER_ROWS` the oldest are dropped and counted
@@ -12,7 +15,7 @@ import asyncio
 import base64
 import contextlib
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,8 +42,8 @@ def to_row(record: Record) -> Record:
         variant,
         user_hash,
         window_hash,
-        window_b64,
-        shape,
+        _window_b64,
+        _shape,
         probs,
         signal,
         confidence,
@@ -48,7 +51,6 @@ def to_row(record: Record) -> Record:
         cached,
         request_id,
     ) = record
-    features = np.frombuffer(base64.b64decode(window_b64), dtype=np.float32).tolist()
     return (
         pid,
         datetime.fromtimestamp(created, UTC),
@@ -59,8 +61,6 @@ def to_row(record: Record) -> Record:
         variant,
         user_hash,
         window_hash,
-        features,
-        shape,
         probs,
         signal,
         confidence,
@@ -68,6 +68,18 @@ def to_row(record: Record) -> Record:
         cached,
         request_id,
     )
+
+
+def window_row(record: Record) -> Record:
+    """The record's feature window as a row of `repository.WINDOW_COLUMNS`."""
+    features = np.frombuffer(base64.b64decode(record[9]), dtype=np.float32).tolist()
+    return (record[8], datetime.fromtimestamp(record[1], UTC), features, record[10])
+
+
+def to_record_row(record: Record) -> Record:
+    """A buffered record as a row of `repository.RECORD_COLUMNS` (GET /v1/predictions/{id})."""
+    window = window_row(record)
+    return (*to_row(record), window[2], window[3])
 
 
 class PredictionLog:
@@ -80,6 +92,7 @@ class PredictionLog:
         buffer_rows: int,
         retention_days: int,
         prune_interval_seconds: float,
+        remember_hashes: int = 50_000,
     ) -> None:
         self.pool = pool
         self.flush_seconds = flush_seconds
@@ -89,7 +102,13 @@ class PredictionLog:
         self.prune_interval_seconds = prune_interval_seconds
         self.buffer: deque[Record] = deque()
         self.dropped = 0
+        self.windows_written = 0  # windows sent to PostgreSQL (after dedupe); tests read it
         self.last_error: str | None = None
+        # Windows already written (hash → None, oldest first): a window served again (a cached prediction, a
+        # repeated input) is not sent again. ON CONFLICT DO NOTHING covers what this forgot or another worker
+        # wrote.
+        self._written: OrderedDict[str, None] = OrderedDict()
+        self.remember_hashes = remember_hashes
         self._full = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -106,7 +125,7 @@ class PredictionLog:
         """A record not yet written (so GET /v1/predictions/{id} finds it right after the POST)."""
         for record in reversed(self.buffer):
             if str(record[0]) == prediction_id:
-                return to_row(record)
+                return to_record_row(record)
         return None
 
     async def flush(self) -> int:
@@ -115,11 +134,21 @@ class PredictionLog:
         while self.buffer:
             # Take the batch out first: appends (and drops) may happen while COPY awaits.
             batch = [self.buffer.popleft() for _ in range(min(self.batch_rows, len(self.buffer)))]
+            windows: dict[str, Record] = {}
+            for r in batch:
+                h = r[8]
+                if h not in windows and h not in self._written:
+                    windows[h] = window_row(r)
             try:
-                await repository.copy_predictions(self.pool, [to_row(r) for r in batch])
+                await repository.copy_predictions(self.pool, [to_row(r) for r in batch], list(windows.values()))
             except BaseException:
                 self._requeue(batch)
                 raise
+            for h in windows:
+                self._written[h] = None
+            while len(self._written) > self.remember_hashes:
+                self._written.popitem(last=False)
+            self.windows_written += len(windows)
             written += len(batch)
             LOG_WRITTEN.inc(len(batch))
         return written
@@ -154,10 +183,16 @@ class PredictionLog:
     async def prune(self) -> int:
         if self.retention_days <= 0:
             return 0
-        n = await repository.prune_predictions(self.pool, self.retention_days)
-        if n:
+        n, windows = await repository.prune_predictions(self.pool, self.retention_days)
+        if windows:
+            # A pruned window may come back; it must then be written again.
+            self._written.clear()
+        if n or windows:
             LOG_PRUNED.inc(n)
-            log.info("pruned prediction log", extra={"deleted": n, "retention_days": self.retention_days})
+            log.info(
+                "pruned prediction log",
+                extra={"deleted": n, "windows_deleted": windows, "retention_days": self.retention_days},
+            )
         return n
 
     async def _pruner(self) -> None:

@@ -213,8 +213,8 @@ async def get_prediction(prediction_id: str, predictor: PredictorDep, _: ReadKey
             raise ServiceUnavailable(f"database unavailable: {type(exc).__name__}") from None
         if record is None:
             raise NotFoundError(f"no prediction {pid}")
-        row = tuple(record[c] for c in repository.LOG_COLUMNS)
-    return JSONBytes(_render_record(predictor, dict(zip(repository.LOG_COLUMNS, row, strict=True))))
+        row = tuple(record[c] for c in repository.RECORD_COLUMNS)
+    return JSONBytes(_render_record(predictor, dict(zip(repository.RECORD_COLUMNS, row, strict=True))))
 
 
 def _render_record(predictor: Predictor, r: dict[str, Any]) -> dict[str, Any]:

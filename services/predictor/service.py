@@ -13,13 +13,12 @@ from typing import Any
 import asyncpg
 import numpy as np
 import numpy.typing as npt
-import orjson
 
-from services.predictor import repository
 from services.predictor.cache import PredictionCache, ttl_seconds
 from services.predictor.features_client import IndicatorsClient, Rows, have_bars
 from services.predictor.models import LoadedModel, ModelManager
 from services.predictor.prediction_log import PredictionLog
+from services.predictor.series import SeriesStamps
 from services.predictor.settings import PredictorSettings
 from services.predictor.signals import RiskLimits, WeightsBook, consensus, decide, indicator_score, risk
 from shared.bars import bars_from_items
@@ -31,7 +30,7 @@ from shared.timeframes import Timeframe
 # imports TA-Lib, which the predictor does not load). tests/predictor checks the two agree.
 WARMUP_BARS = 500
 # Bump when the cached entry's shape changes, so a deploy never reads entries it does not understand.
-CACHE_SCHEMA = "v1"
+CACHE_SCHEMA = "v2"
 VARIANT_PRODUCTION = "production"
 
 
@@ -71,6 +70,7 @@ class Predictor:
         features: IndicatorsClient,
         log: PredictionLog,
         weights: WeightsBook,
+        series: SeriesStamps,
     ) -> None:
         self.settings = settings
         self.pool = pool
@@ -79,6 +79,7 @@ class Predictor:
         self.features = features
         self.log = log
         self.weights = weights
+        self.series = series
         self.salt = settings.user_id_salt.get_secret_value().encode()
         self.limits = RiskLimits(
             settings.risk_max_position_fraction,
@@ -124,7 +125,7 @@ class Predictor:
             close = float(ohlcv.close[-1])
         else:
             try:
-                stamp = await repository.series_stamp(self.pool, req.symbol, tf)
+                stamp = await self.series.get(req.symbol, tf)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 raise ServiceUnavailable(f"database unavailable: {type(exc).__name__}; try again later") from None
             if stamp is None:
@@ -138,11 +139,9 @@ class Predictor:
             f"pred:{CACHE_SCHEMA}:{req.symbol}:{tf}:{primary.version}:"
             f"{_digest(versions, variant, weights.version, input_id)}"
         )
-        raw = await self.cache.get(key) if req.use_cache else None
-        cached = raw is not None
-        if raw is not None:
-            entry: dict[str, Any] = orjson.loads(raw)
-        else:
+        entry = await self.cache.lookup(key) if req.use_cache else None
+        cached = entry is not None
+        if entry is None:
             entry, _shared = await self.cache.single_flight(
                 key, lambda: self._compute(req, models, weights.version, weights.weights, close, key)
             )
@@ -224,6 +223,7 @@ class Predictor:
         signal, confidence = signals[tf]
         latest = dict(zip(got.names, got.values[-1].tolist(), strict=True))
         w32 = np.ascontiguousarray(window, dtype=np.float32)
+        ttl_s = ttl_seconds(req.timeframe, self.settings.cache_ttl_seconds)
         entry = {
             "symbol": req.symbol,
             "timeframe": tf,
@@ -241,9 +241,11 @@ class Predictor:
             "window_hash": hashlib.sha256(w32.tobytes() + str(w32.shape).encode()).hexdigest(),
             "window_shape": list(w32.shape),
             "window_b64": base64.b64encode(w32.tobytes()).decode(),
+            # Both cache tiers keep the entry until then (the L1 cannot read Redis's TTL back).
+            "expires_at": time.time() + ttl_s,
         }
         # A no-cache request still refreshes the entry for the requests after it.
-        await self.cache.set(key, orjson.dumps(entry), ttl_seconds(req.timeframe, self.settings.cache_ttl_seconds))
+        await self.cache.store(key, entry, ttl_s)
         return entry
 
     def _not_enough(

@@ -19,6 +19,10 @@ class PredictorSettings(Settings):
 
     # Upper bound of a cached prediction's life; it also ends when the current bar of its timeframe closes.
     cache_ttl_seconds: int = Field(default=60, ge=1)
+    # Entries of the in-process L1 in front of Redis (parsed, per worker); 0 turns it off.
+    cache_l1_entries: int = Field(default=4096, ge=0)
+    # Series stamps come from the ingest's NOTIFY; this poll bounds how long a missed notification is missed.
+    series_poll_seconds: float = Field(default=5.0, gt=0)
     # After a Redis error the cache is skipped this long, so a dead Redis costs one request its timeout.
     cache_cooldown_seconds: float = Field(default=2.0, ge=0)
 
@@ -30,6 +34,8 @@ class PredictorSettings(Settings):
     # Rows held while PostgreSQL is unreachable; beyond it the oldest are dropped (and counted).
     prediction_log_buffer_rows: int = Field(default=20_000, ge=1)
     # Rows older than this are deleted by the predictor's hourly prune; 0 keeps them forever.
+    # Window hashes remembered as written, so a window served again is not sent again.
+    prediction_log_window_hashes: int = Field(default=50_000, ge=0)
     prediction_log_retention_days: int = Field(default=90, ge=0)
     prediction_log_prune_interval_seconds: float = Field(default=3600.0, gt=0)
 

@@ -101,8 +101,15 @@ async def test_redis_that_stops_leaves_predictions_working(
     own_redis: tuple[str, subprocess.Popen[bytes]],
 ) -> None:
     url, proc = own_redis
+    # Without the in-process L1, so every lookup goes to Redis (with it, entries already held keep serving).
     async for client in _client(
-        {"database_url": database_url, "redis_url": url, "indicators_url": indicators_url, "store_url": store_url}
+        {
+            "database_url": database_url,
+            "redis_url": url,
+            "indicators_url": indicators_url,
+            "store_url": store_url,
+            "cache_l1_entries": 0,
+        }
     ):
         body = {"symbol": SYMBOL, "timeframe": "H1"}
         first = await client.post("/v1/predictions", json=body)

@@ -22,7 +22,11 @@ async def _row(database_url: str, pid: str, timeout_s: float = 10.0) -> asyncpg.
     try:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            row = await conn.fetchrow("SELECT * FROM predictions WHERE id = $1::uuid", pid)
+            row = await conn.fetchrow(
+                "SELECT p.*, w.features, w.feature_shape FROM predictions p "
+                "JOIN prediction_windows w USING (window_hash) WHERE p.id = $1::uuid",
+                pid,
+            )
             if row is not None:
                 return row
             await asyncio.sleep(0.05)
@@ -62,7 +66,7 @@ async def test_get_prediction_returns_the_record(client: httpx.AsyncClient) -> N
     assert (await client.get("/v1/predictions/not-a-uuid")).status_code == 404
 
 
-def _record(created: float, pid: uuid.UUID | None = None) -> tuple[object, ...]:
+def _record(created: float, pid: uuid.UUID | None = None, window_hash: str = "h" * 64) -> tuple[object, ...]:
     import base64
 
     import numpy as np
@@ -77,7 +81,7 @@ def _record(created: float, pid: uuid.UUID | None = None) -> tuple[object, ...]:
         "v1",
         "production",
         None,
-        "h" * 64,
+        window_hash,
         window,
         [2, 3],
         [0.2, 0.3, 0.5],
@@ -131,5 +135,62 @@ async def test_retention_prune_deletes_old_rows_only(database_url: str) -> None:
         assert await plog.prune() >= 1
         assert await pool.fetchval("SELECT count(*) FROM predictions WHERE id = $1", old) == 0
         assert await pool.fetchval("SELECT count(*) FROM predictions WHERE id = $1", new) == 1
+    finally:
+        await pool.close()
+
+
+async def test_each_window_is_stored_once(database_url: str) -> None:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        plog = PredictionLog(
+            pool, flush_seconds=1, batch_rows=100, buffer_rows=100, retention_days=0, prune_interval_seconds=3600
+        )
+        a, b = uuid.uuid4().hex * 2, uuid.uuid4().hex * 2
+        # One batch: three predictions on window a, one on b; then a later batch on a again.
+        for h in (a, a, b, a):
+            plog.append(_record(time.time(), window_hash=h))
+        assert await plog.flush() == 4
+        assert plog.windows_written == 2
+        plog.append(_record(time.time(), window_hash=a))
+        assert await plog.flush() == 1
+        assert plog.windows_written == 2  # remembered as written: not sent again
+        # Another worker (or a restart) that does not remember it: the database keeps one row.
+        other = PredictionLog(
+            pool, flush_seconds=1, batch_rows=100, buffer_rows=100, retention_days=0, prune_interval_seconds=3600
+        )
+        other.append(_record(time.time(), window_hash=a))
+        assert await other.flush() == 1
+        windows = await pool.fetchval("SELECT count(*) FROM prediction_windows WHERE window_hash = ANY($1)", [a, b])
+        uses = await pool.fetchval("SELECT count(*) FROM predictions WHERE window_hash = $1", a)
+        assert windows == 2 and uses == 5
+    finally:
+        await pool.close()
+
+
+async def test_retention_prune_deletes_windows_no_prediction_references(database_url: str) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from services.predictor.prediction_log import to_row
+
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        old_unused, old_used, new_unused = (uuid.uuid4().hex * 2 for _ in range(3))
+        long_ago = datetime.now(UTC) - timedelta(days=100)
+        async with pool.acquire() as conn:
+            await conn.executemany(
+                "INSERT INTO prediction_windows (window_hash, created_at, features, feature_shape) "
+                "VALUES ($1, $2, '{0,0}', '{1,2}')",
+                [(old_unused, long_ago), (old_used, long_ago), (new_unused, datetime.now(UTC))],
+            )
+        # A recent prediction still references the old window old_used.
+        await repository.copy_predictions(pool, [to_row(_record(time.time(), window_hash=old_used))])
+        plog = PredictionLog(
+            pool, flush_seconds=1, batch_rows=10, buffer_rows=10, retention_days=90, prune_interval_seconds=3600
+        )
+        await plog.prune()
+        left = await pool.fetch(
+            "SELECT window_hash FROM prediction_windows WHERE window_hash = ANY($1)", [old_unused, old_used, new_unused]
+        )
+        assert {r["window_hash"] for r in left} == {old_used, new_unused}
     finally:
         await pool.close()
