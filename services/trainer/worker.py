@@ -1,4 +1,4 @@
-"""Celery app of the trainer: `celery -A services.trainer.worker worker -Q trainer` (and `... beat`).
+"""Celery app of the trainer: `celery -A services.trainer.worker worker -Q training` (and `... beat`).
 
 Guarantees (see docs/TRAINER.md): a job's message is acknowledged only after the task returns
 (acks_late), is handed back when the worker process dies (task_reject_on_worker_lost), and a worker holds
