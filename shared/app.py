@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Annotated, Any
 
 import asyncpg
+import orjson
 from fastapi import Depends, FastAPI, Request
 from prometheus_client.registry import Collector
 from pydantic import BaseModel
@@ -25,6 +27,9 @@ from shared.settings import Settings
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 log = logging.getLogger(__name__)
+# One line per request (set ACCESS_LOG=false, or the logger "aicash.access" above INFO, to silence it).
+access_log = logging.getLogger("aicash.access")
+_QUIET_PATHS = frozenset({"/health", "/health/ready", "/metrics"})
 
 
 # 50,000 bars of JSON with ISO timestamps are about 6 MB; leave room for long numbers and whitespace.
@@ -78,7 +83,9 @@ async def periodic(what: str, interval_s: float, fn: Callable[[], Awaitable[None
 
 
 class RequestIdMiddleware:
-    """Takes `X-Request-ID` (or makes one), puts it in the log context and returns it in the response.
+    """Takes `X-Request-ID` (or makes one), puts it in the log context and returns it in the response; logs
+    one JSON line per request; turns an unexpected exception into a JSON 500 that carries the request id
+    (the exception is logged with its traceback, as JSON).
 
     Pure ASGI rather than BaseHTTPMiddleware: it sits on every request, and the latter costs throughput.
     """
@@ -100,16 +107,41 @@ class RequestIdMiddleware:
         rid = rid or uuid.uuid4().hex
         token = request_id_var.set(rid)
         raw = rid.encode()
+        status = 0
+        start = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", raw)]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            if status:  # the response had started: nothing more can be said to this client
+                raise
+            body = orjson.dumps({"error": "internal_error", "detail": f"internal error; request id {rid}"})
+            await send_with_id(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
         finally:
+            if access_log.isEnabledFor(logging.INFO) and scope.get("path") not in _QUIET_PATHS:
+                access_log.info(
+                    "%s %s %d",
+                    scope.get("method"),
+                    scope.get("path"),
+                    status,
+                    extra={"status": status, "duration_ms": round((time.perf_counter() - start) * 1000, 3)},
+                )
             request_id_var.reset(token)
 
 
@@ -126,6 +158,8 @@ def build_app(
     app = FastAPI(title=title, description=description, version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.auth = Authenticator(settings)
+    if not settings.access_log:
+        access_log.setLevel(logging.WARNING)
     install_error_handlers(app)
     install_health(app, checks)
     install_metrics(app, collectors)

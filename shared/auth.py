@@ -63,6 +63,8 @@ class Authenticator:
         self.disabled = settings.auth_disabled
         self.keys = parse_api_keys(settings.api_keys.get_secret_value())
         if self.disabled:
+            if settings.environment == "production":
+                raise ApiKeyConfigError("AUTH_DISABLED=true is refused when ENVIRONMENT=production")
             log.warning("AUTH_DISABLED=true: every request is treated as admin; for local runs only")
         elif not self.keys:
             log.warning("API_KEYS is empty: every request will get 401")

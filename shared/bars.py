@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -112,7 +113,10 @@ def bars_from_items(items: list[Any], timeframe: Timeframe) -> tuple[OHLCV, list
         for f in FIELDS:
             v = item.get(f)
             if type(v) is float or type(v) is int:
-                cols[f][i] = v
+                try:
+                    cols[f][i] = v
+                except OverflowError:
+                    errors.append(f"bar {i}: {f} is too large for a number")
             elif v is None:
                 errors.append(f"bar {i}: missing field {f}")
             else:
@@ -151,39 +155,62 @@ def bars_to_rows(bars: OHLCV) -> list[dict[str, object]]:
 
 
 def _iso(epoch_s: int) -> str:
-    return pd.Timestamp(epoch_s, unit="s", tz="UTC").isoformat().replace("+00:00", "Z")
+    # numpy's datetime64 spans any epoch second a client can send (pandas stops at 2262)
+    return f"{np.datetime_as_string(np.datetime64(epoch_s, 's'))}Z"
+
+
+# Bars may open from 1800 on (long equity histories) and never in the future: a bar that opens after now
+# has not happened, and storing one would make its series look fresh forever.
+MIN_TS = -5_364_662_400  # 1800-01-01T00:00:00Z
 
 
 def _parse_timestamps(raw: list[Any]) -> npt.NDArray[np.int64]:
+    """Epoch seconds of each bar. Fractional seconds are refused, never truncated."""
     if all(type(v) is int for v in raw):
-        return np.asarray(raw, dtype=np.int64)
-    if all(isinstance(v, str) for v in raw):
+        if all(MIN_TS <= v <= 2**40 for v in raw):
+            return np.asarray(raw, dtype=np.int64)
+    elif all(isinstance(v, str) for v in raw):
         try:
             parsed = pd.to_datetime(pd.Series(raw, dtype=object), utc=True, format="ISO8601")
-            naive = parsed.dt.tz_localize(None).to_numpy(dtype="datetime64[s]")
-            return naive.astype(np.int64)
+            ns = parsed.dt.tz_localize(None).to_numpy(dtype="datetime64[ns]").astype(np.int64)
+            if not (ns % 1_000_000_000).any():
+                return ns // 1_000_000_000
         except (ValueError, TypeError, OverflowError):
-            pass  # find the offending bar below
+            pass
+    # Something is off: find the bar and say what.
     out = np.empty(len(raw), dtype=np.int64)
     for i, v in enumerate(raw):
-        if type(v) is int:
-            out[i] = v
-            continue
-        if not isinstance(v, str):
-            raise BarValidationError([f"bar {i}: ts must be an ISO 8601 string or epoch seconds, got {v!r}"])
-        try:
-            t = pd.Timestamp(v)
-        except (ValueError, TypeError, OverflowError):
-            raise BarValidationError([f"bar {i}: ts {v!r} is not an ISO 8601 timestamp"]) from None
-        t = t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
-        out[i] = int(t.value // 1_000_000_000)
+        out[i] = _one_timestamp(i, v)
     return out
+
+
+def _one_timestamp(i: int, v: Any) -> int:
+    if type(v) is int:
+        if not MIN_TS <= v <= 2**40:
+            raise BarValidationError([f"bar {i}: ts {v} is out of range (epoch seconds from 1800 on)"])
+        return v
+    if not isinstance(v, str):
+        raise BarValidationError([f"bar {i}: ts must be an ISO 8601 string or epoch seconds, got {v!r}"])
+    try:
+        t = pd.Timestamp(v)
+        t = t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+    except (ValueError, TypeError, OverflowError):
+        raise BarValidationError([f"bar {i}: ts {v!r} is not an ISO 8601 timestamp"]) from None
+    if t.microsecond or t.nanosecond:
+        raise BarValidationError([f"bar {i}: ts {v!r} has fractional seconds; bars open on whole seconds"])
+    # whole seconds, exact in a float far beyond any year a bar can have
+    return int(t.timestamp())
 
 
 def _check_values(
     cols: Mapping[str, npt.NDArray[np.float64]], ts: npt.NDArray[np.int64], timeframe: Timeframe
 ) -> list[str]:
     errors: list[str] = []
+    now = int(time.time())
+    bad = np.flatnonzero((ts < MIN_TS) | (ts > now))
+    errors += [
+        f"bar {i}: ts {_iso(int(ts[i]))} is out of range: bars open from 1800 until now ({_iso(now)})" for i in bad[:5]
+    ]
     o, h, lo, c, v = (cols[f] for f in FIELDS)
     for f in FIELDS:
         bad = np.flatnonzero(~np.isfinite(cols[f]))

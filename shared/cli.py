@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -44,7 +45,10 @@ def read_bars_csv(path: Path) -> list[dict[str, object]]:
     """Rows of a CSV with columns ts,open,high,low,close,volume (headers case-insensitive, any order)."""
     with path.open(newline="") as fh:
         reader = csv.reader(fh)
-        header = [h.strip().lower() for h in next(reader)]
+        first = next(reader, None)
+        if first is None:
+            raise typer.BadParameter(f"{path}: the file is empty; expected a header ts,open,high,low,close,volume")
+        header = [h.strip().lower() for h in first]
         need = ["ts", "open", "high", "low", "close", "volume"]
         missing = [c for c in need if c not in header]
         if missing:
@@ -69,8 +73,28 @@ def import_bars(
     timeframe: Annotated[str, typer.Option("--timeframe", "-t")],
     url: Annotated[str | None, typer.Option(help="indicators service (default INDICATORS_URL)")] = None,
 ) -> None:
-    """Upload bars from a CSV file through the indicators service's API, in chunks of 50,000."""
+    """Upload bars from a CSV file through the indicators service's API, in chunks of 50,000.
+
+    The whole file is checked by the API's own rules first, so a bad row stops the import before anything
+    is written; errors name the CSV line.
+    """
+    from shared.bars import BarValidationError, bars_from_items
+    from shared.errors import AppError
+    from shared.timeframes import check_symbol, parse_timeframe
+
     rows = read_bars_csv(file)
+    if not rows:
+        console.print(f"[red]{file}: no bars[/red]")
+        raise typer.Exit(1)
+    try:
+        check_symbol(symbol)
+        bars_from_items(rows, parse_timeframe(timeframe))
+    except BarValidationError as exc:
+        console.print(f"[red]{file}: nothing imported: {_csv_lines(exc.message)}[/red]")
+        raise typer.Exit(1) from None
+    except AppError as exc:
+        console.print(f"[red]nothing imported: {exc.message}[/red]")
+        raise typer.Exit(1) from None
     base = (url or get_settings().indicators_url).rstrip("/")
     inserted = updated = flagged = 0
     with (
@@ -89,7 +113,10 @@ def import_bars(
                     if r.headers.get("content-type", "").startswith("application/json")
                     else r.text
                 )
-                console.print(f"[red]chunk starting at row {start}: {r.status_code} {detail}[/red]")
+                console.print(
+                    f"[red]chunk from CSV line {start + 2}: {r.status_code} {detail}; lines 2 to {start + 1} were "
+                    "imported, the rest was not (importing again is safe: it is an upsert)[/red]"
+                )
                 raise typer.Exit(1)
             body = r.json()
             inserted += body["inserted"]
@@ -97,6 +124,11 @@ def import_bars(
             flagged += body.get("flagged", 0)
             progress.advance(task, len(chunk))
     console.print(f"{symbol} {timeframe}: {inserted} inserted, {updated} updated, {flagged} flagged")
+
+
+def _csv_lines(message: str) -> str:
+    """`bar 17: ...` -> `line 19: ...` (the header is line 1)."""
+    return re.sub(r"\bbar (\d+)", lambda m: f"line {int(m.group(1)) + 2}", message)
 
 
 def _register_service_commands() -> None:

@@ -137,6 +137,15 @@ def install_error_handlers(app: FastAPI) -> None:
     for exc_type in _dependency_errors():
         app.add_exception_handler(exc_type, dependency_down)
 
+    async def bad_value(_: Request, exc: Exception) -> JSON:
+        # PostgreSQL refused a value that came from the client (a NUL byte, a date out of its range, ...):
+        # validation should have caught it; either way it is the client's input, so 422, not 500.
+        return JSON({"error": "validation_error", "detail": f"invalid value: {exc}"}, status_code=422)
+
+    import asyncpg
+
+    app.add_exception_handler(asyncpg.DataError, bad_value)
+
 
 def _dependency_errors() -> tuple[type[Exception], ...]:
     import asyncpg

@@ -27,7 +27,7 @@ def rows_from_bars(bars: OHLCV, base: Timeframe, target: Timeframe, symbol: str,
             f"timeframe {target.value} cannot be built from {base.value} bars: it must be a whole multiple "
             f"of {base.value}"
         )
-    tbars = resample(bars, base, target)
+    tbars = resample(bars.closed(base), base, target)
     if len(tbars) <= WARMUP_BARS:
         source = f"{target.value} bars" if target is base else f"completed {target.value} bars (from {base.value})"
         raise NotEnoughBars(f"need at least {WARMUP_BARS + 1} {source} for {symbol}, have {len(tbars)}")

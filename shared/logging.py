@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import sys
+import time
 from typing import Any
 
 import orjson
@@ -41,10 +42,18 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(service: str, level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     formatter = JsonFormatter(service)
-    formatter.converter = __import__("time").gmtime
+    formatter.converter = time.gmtime
     handler.setFormatter(formatter)
+    handler.set_name("aicash-json")
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    # Replace plain stream handlers (ours from an earlier call, basicConfig's); keep specialised handlers
+    # installed on purpose (files, pytest's capture).
+    root.handlers[:] = [h for h in root.handlers if type(h) is not logging.StreamHandler] + [handler]
     root.setLevel(level.upper())
-    # uvicorn's access log duplicates the instrumentator's metrics and costs throughput.
+    # uvicorn's own access log is replaced by shared.app's (JSON, with the request id); its other loggers
+    # go through the JSON handler too instead of the plain-text ones uvicorn installs.
     logging.getLogger("uvicorn.access").disabled = True
+    for name in ("uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True

@@ -118,11 +118,19 @@ async def bars_before(conn: asyncpg.Connection, symbol: str, timeframe: Timefram
     return _to_ohlcv(rows, newest_first=True)
 
 
+# Features read closed bars only: a bar still forming (it closes after now) enters no indicator, so a row
+# never changes once served and training (which sees the final bar) and serving see the same values.
+_CLOSED = "ts <= now() - make_interval(secs => $3::float8)"
+
+
 async def latest_bars(conn: asyncpg.Connection | asyncpg.Pool, symbol: str, timeframe: Timeframe, n: int) -> OHLCV:
+    """The `n` newest closed bars, oldest first."""
     rows = await conn.fetch(
-        f"SELECT {_COLUMNS} FROM bars WHERE symbol = $1 AND timeframe = $2 ORDER BY ts DESC LIMIT $3",  # noqa: S608
+        f"SELECT {_COLUMNS} FROM bars WHERE symbol = $1 AND timeframe = $2 AND {_CLOSED} "  # noqa: S608
+        "ORDER BY ts DESC LIMIT $4",
         symbol,
         timeframe.value,
+        float(timeframe.seconds),
         n,
     )
     return _to_ohlcv(rows, newest_first=True)
@@ -151,10 +159,12 @@ async def bars_range(
 
 
 async def all_bars(conn: asyncpg.Connection | asyncpg.Pool, symbol: str, timeframe: Timeframe) -> OHLCV:
+    """Every closed bar of the series, oldest first (training)."""
     rows = await conn.fetch(
-        f"SELECT {_COLUMNS} FROM bars WHERE symbol = $1 AND timeframe = $2 ORDER BY ts",  # noqa: S608
+        f"SELECT {_COLUMNS} FROM bars WHERE symbol = $1 AND timeframe = $2 AND {_CLOSED} ORDER BY ts",  # noqa: S608
         symbol,
         timeframe.value,
+        float(timeframe.seconds),
     )
     return _to_ohlcv(rows, newest_first=False)
 

@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     # Local runs only; logged as a warning at start.
     auth_disabled: bool = False
     log_level: str = "INFO"
+    # One JSON line per request (method, path, status, duration_ms, request_id).
+    access_log: bool = True
 
     # 0: a service starts (and reports unready) while PostgreSQL is down, instead of crash-looping.
     db_pool_min_size: int = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -92,6 +93,11 @@ class OHLCV:
 
     def tail(self, n: int) -> OHLCV:
         return self.window(max(len(self) - n, 0), None)
+
+    def closed(self, timeframe: Timeframe, now: float | None = None) -> OHLCV:
+        """The bars that have closed by `now`: a bar still forming enters no feature."""
+        now = time.time() if now is None else now
+        return self.until(int(now) - timeframe.seconds + 1)
 
     def until(self, ts_exclusive: int) -> OHLCV:
         """Bars that open before `ts_exclusive`."""

@@ -124,9 +124,12 @@ FormatQuery = Annotated[
 
 
 def _parse_timeframes(value: str | None, base: Timeframe) -> list[Timeframe]:
-    if not value:
+    if value is None:
         return [base]
-    return [parse_timeframe(v.strip()) for v in value.split(",") if v.strip()]
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise ValidationFailed("timeframes is empty; name at least one, e.g. timeframes=H1,H4")
+    return [parse_timeframe(v) for v in names]
 
 
 @router.get(

@@ -78,6 +78,9 @@ def _valid(n: int = 30) -> list[dict[str, object]]:
         (lambda b: b[10].pop("close"), "bar 10: missing field close"),
         (lambda b: b[11].update(close="1.5"), "bar 11: close must be a number"),
         (lambda b: b[12].update(ts="yesterday"), "bar 12: ts 'yesterday' is not an ISO 8601 timestamp"),
+        (lambda b: b[13].update(ts=b[13]["ts"].replace("Z", ".5Z")), "bar 13: ts '2020-09-14"),
+        (lambda b: b[14].update(ts="2999-01-01T00:00:00Z"), "bar 14: ts 2999-01-01T00:00:00Z is out of range"),
+        (lambda b: b[15].update(close=10**400), "bar 15: close is too large"),
     ],
 )
 async def test_invalid_bars_get_422_naming_the_bar_and_nothing_is_written(
@@ -95,6 +98,52 @@ async def test_invalid_bars_get_422_naming_the_bar_and_nothing_is_written(
     assert r.json()["error"] == "validation_error"
     assert message in r.json()["detail"]
     assert await _count(indicators, "BAD", "H1") == 0
+
+
+async def test_epoch_timestamps_out_of_range_get_422(indicators: httpx.AsyncClient) -> None:
+    bars = [{"ts": 86400 * 10**9, "open": 1.0, "high": 1.0, "low": 1.0, "close": 1.0, "volume": 0.0}]
+    r = await indicators.post("/v1/bars/BAD/D1", json={"bars": bars})
+    assert r.status_code == 422
+    assert "bar 0: ts 86400000000000 is out of range" in r.json()["detail"]
+
+
+async def test_stored_bars_are_unchanged_by_a_refused_batch(indicators: httpx.AsyncClient) -> None:
+    good = _valid(30)
+    assert (await indicators.post("/v1/bars/KEEP/H1", json={"bars": good})).status_code == 200
+    before = (await indicators.get("/v1/bars/KEEP/H1")).json()["bars"]
+    # every stored bar changed and ten new ones, with one invalid bar at the end
+    changed = [dict(b, close=b["close"] * 1.001, high=b["high"] * 1.01) for b in good]
+    extra = bars_json(generate_bars("H1", 40, seed=9))[30:]
+    bad = [*changed, *extra]
+    bad[-1] = dict(bad[-1], volume=-1.0)
+    r = await indicators.post("/v1/bars/KEEP/H1", json={"bars": bad})
+    assert r.status_code == 422
+    assert (await indicators.get("/v1/bars/KEEP/H1")).json()["bars"] == before
+
+
+async def test_odd_query_values_get_422_not_500(indicators: httpx.AsyncClient, spx: str) -> None:
+    r = await indicators.get("/v1/indicators/SPX/D1", params={"timeframes": ",,"})
+    assert r.status_code == 422
+    assert "timeframes is empty" in r.json()["detail"]
+    r = await indicators.get("/v1/bars/SPX/D1", params={"start": "0001-01-01T00:00:00+14:00"})
+    assert r.status_code == 422
+    r = await indicators.get("/v1/series", params={"symbol": "\x00"})
+    assert r.status_code == 422
+
+
+async def test_a_bar_still_forming_enters_no_feature(indicators: httpx.AsyncClient) -> None:
+    import time
+
+    now = int(time.time())
+    forming_open = now // 3600 * 3600
+    b = generate_bars("H1", WARMUP_BARS + 30, start=forming_open - (WARMUP_BARS + 29) * 3600, seed=17)
+    assert int(b.ts[-1]) == forming_open  # the newest bar opened this hour and has not closed
+    assert (await indicators.post("/v1/bars/LIVE/H1", json={"bars": bars_json(b)})).status_code == 200
+    rows = (await indicators.get("/v1/indicators/LIVE/H1", params={"limit": 2})).json()["timeframes"]["H1"]
+    last_closed = np.datetime_as_string(np.datetime64(forming_open - 3600, "s"))
+    assert rows[-1]["ts"] == f"{last_closed}Z"
+    expected = feature_rows(b.window(0, len(b) - 1)).values[-1]
+    np.testing.assert_allclose(list(rows[-1]["values"].values()), expected, rtol=1e-9)
 
 
 async def test_bad_path_parameters_get_422(indicators: httpx.AsyncClient) -> None:

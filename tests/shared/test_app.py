@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
 import httpx
+import pytest
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
@@ -49,3 +52,33 @@ async def test_service_starts_without_database_and_reports_unhealthy() -> None:
         r = await client.get("/v1/bars/SPX/D1")
         assert r.status_code == 503, r.text
         assert r.json()["error"] == "service_unavailable"
+
+
+async def test_an_unexpected_error_is_a_json_500_with_the_request_id(caplog: pytest.LogCaptureFixture) -> None:
+    from shared.app import RequestIdMiddleware
+
+    app = FastAPI()
+    install_error_handlers(app)
+    app.add_middleware(RequestIdMiddleware)
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("bug")
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        r = await c.get("/boom", headers={"X-Request-ID": "req-500"})
+    assert r.status_code == 500
+    assert r.json() == {"error": "internal_error", "detail": "internal error; request id req-500"}
+    assert r.headers["x-request-id"] == "req-500"
+    assert "RuntimeError: bug" in caplog.text
+
+
+async def test_each_request_is_logged_once_with_status_and_duration(caplog: pytest.LogCaptureFixture) -> None:
+    app = create_app(Settings(database_url="postgresql://postgres@127.0.0.1:1/none", api_keys=API_KEYS))  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="aicash.access"):
+        async for client in asgi_client(app):
+            await client.get("/v1/indicators/catalog", headers={"X-Request-ID": "req-log"})
+    (record,) = [r for r in caplog.records if r.name == "aicash.access"]
+    assert record.getMessage() == "GET /v1/indicators/catalog 200"
+    assert record.status == 200  # type: ignore[attr-defined]
+    assert record.duration_ms >= 0  # type: ignore[attr-defined]

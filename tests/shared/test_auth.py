@@ -44,3 +44,8 @@ def test_auth_disabled_is_admin_and_warns(caplog: pytest.LogCaptureFixture) -> N
         auth = Authenticator(Settings(auth_disabled=True))
     assert auth.authenticate(None).role is Role.admin
     assert "AUTH_DISABLED=true" in caplog.text
+
+
+def test_auth_disabled_is_refused_in_production() -> None:
+    with pytest.raises(ApiKeyConfigError, match="refused when ENVIRONMENT=production"):
+        Authenticator(Settings(auth_disabled=True, environment="production"))

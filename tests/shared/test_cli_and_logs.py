@@ -43,3 +43,22 @@ def test_log_lines_are_json_with_the_request_id() -> None:
     assert doc["request_id"] == "rid-1"
     assert doc["service"] == "indicators"
     assert doc["extra_field"] == 3
+
+
+def test_import_bars_checks_the_whole_file_before_writing(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from shared.cli import app
+
+    p = tmp_path / "bars.csv"
+    p.write_text(
+        "ts,open,high,low,close,volume\n2024-01-01T00:00:00Z,1,2,0.5,1.5,10\n2024-01-01T01:00:00Z,1,2,0.5,nan,10\n"
+    )
+    # nothing listens on this URL: the file is refused before any request
+    result = CliRunner().invoke(
+        app, ["import-bars", str(p), "--symbol", "CSV", "--timeframe", "H1", "--url", "http://127.0.0.1:9"]
+    )
+    assert result.exit_code == 1
+    output = " ".join(result.output.split())  # rich wraps lines
+    assert "nothing imported" in output
+    assert "line 3: close is nan" in output
