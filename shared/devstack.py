@@ -29,7 +29,8 @@ from shared.local_services import VAR, embedded_postgres, embedded_redis, wait_h
 console = Console()
 ROOT = VAR.parent
 BIN = Path(sys.executable).parent
-SAMPLE_SYMBOL, SAMPLE_TF = "SPX", "D1"
+# the symbol the S&P 500 sample is stored under (tests use their own)
+SAMPLE_SYMBOL, SAMPLE_TF = os.environ.get("AICASH_SAMPLE_SYMBOL", "SPX"), "D1"
 PORTS = {
     name: int(os.environ.get(f"{name.upper()}_PORT", default))
     for name, default in (("predictor", 8080), ("indicators", 8081), ("trainer", 8082))

@@ -20,6 +20,7 @@ def test_make_up_trains_the_first_model_and_serves_predictions(database_url: str
         "TRAINER_PORT": str(free_port()),
         # a queue of this test's own on the shared Redis
         "TRAINER_QUEUE": f"make-up-{os.getpid()}",
+        "AICASH_SAMPLE_SYMBOL": "SPXUP",
     }
     env.pop("API_KEYS", None)
     proc = subprocess.run(
@@ -31,7 +32,8 @@ def test_make_up_trains_the_first_model_and_serves_predictions(database_url: str
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "SPX D1: 5031 inserted" in proc.stdout + proc.stderr or "SPX D1: 0 inserted" in proc.stdout + proc.stderr
+    assert "SPXUP D1: 5031 inserted" in " ".join((proc.stdout + proc.stderr).split())
+    assert "'symbol': 'SPXUP'" in proc.stdout
     assert "'ts': '2018-12-31T00:00:00Z'" in proc.stdout
     assert "rsi_14" in proc.stdout
     assert "curl" in proc.stdout
