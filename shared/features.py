@@ -129,9 +129,37 @@ def compute_features(bars: OHLCV) -> FloatArray:
     c = np.ascontiguousarray(bars.close, dtype=np.float64)
     v = np.ascontiguousarray(bars.volume, dtype=np.float64)
     n = c.shape[0]
-    out = np.full((n, N_FEATURES), np.nan, dtype=np.float64)
+    # Feature-major while filling (each kernel writes one contiguous row), returned as its (n, 17) transpose.
+    out = np.empty((N_FEATURES, n), dtype=np.float64)
     if n == 0:
-        return out
+        return out.T
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out[0] = talib.RSI(c, 14)
+        macd, signal, hist = talib.MACD(c, 12, 26, 9)
+        np.divide(macd, c, out=out[1])
+        np.divide(signal, c, out=out[2])
+        np.divide(hist, c, out=out[3])
+        upper, middle, lower = talib.BBANDS(c, 20, 2.0, 2.0, _SMA)
+        width = np.subtract(upper, lower, out=upper)
+        np.divide(np.subtract(c, lower, out=lower), width, out=out[4])
+        out[4][width == 0] = 0.5  # flat bands: the close sits in the middle
+        np.divide(width, middle, out=out[5])
+        np.divide(c, middle, out=out[6])
+        out[6] -= 1.0
+        np.divide(c, talib.SMA(c, 50), out=out[7])
+        out[7] -= 1.0
+        np.divide(talib.ATR(h, lo, c, 14), c, out=out[8])
+        out[9], out[10] = talib.STOCH(h, lo, c, 14, 3, _SMA, 3, _SMA)
+        out[11] = talib.ADX(h, lo, c, 14)
+        out[12] = talib.CCI(h, lo, c, 20)
+        out[13] = talib.WILLR(h, lo, c, 14)
+        out[14] = talib.MFI(h, lo, c, v, 14)
+        out[15] = talib.ROC(c, 10)
+        mean_volume = talib.SMA(v, 20)
+        np.divide(talib.LINEARREG_SLOPE(_obv(c, v), 20), mean_volume, out=out[16])
+        out[16][mean_volume == 0] = 0.0  # no volume, no flow
+    return out.T
 
     with np.errstate(divide="ignore", invalid="ignore"):
         out[:, 0] = talib.RSI(c, 14)
@@ -191,7 +219,7 @@ class FeatureRows:
 
 def feature_rows(bars: OHLCV, warmup: int = WARMUP_BARS) -> FeatureRows:
     """Rows from index `warmup` on, with any non-finite row (degenerate input) left out."""
-    matrix = compute_features(bars)[warmup:]
+    matrix = np.ascontiguousarray(compute_features(bars)[warmup:])
     ts = bars.ts[warmup:]
     finite = np.isfinite(matrix).all(axis=1)
     if not finite.all():
