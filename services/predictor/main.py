@@ -17,7 +17,7 @@ from services.predictor.cache import PredictionCache
 from services.predictor.features_client import IndicatorsClient
 from services.predictor.models import ModelManager
 from services.predictor.prediction_log import PredictionLog
-from services.predictor.routes import router
+from services.predictor.routes import lean, router
 from services.predictor.schemas import PredictionIn
 from services.predictor.series import SeriesStamps
 from services.predictor.service import Predictor
@@ -144,6 +144,7 @@ def create_app(settings: PredictorSettings | None = None) -> FastAPI:
         checks=checks,
         extra_schemas=[PredictionIn],
     )
+    app.include_router(lean)
     app.include_router(router)
     return app
 

@@ -110,6 +110,7 @@ class PredictionLog:
         self._written: OrderedDict[str, None] = OrderedDict()
         self.remember_hashes = remember_hashes
         self._full = asyncio.Event()
+        self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
 
     def append(self, record: Record) -> None:
@@ -164,7 +165,7 @@ class PredictionLog:
         self.buffer.extendleft(reversed(keep))
 
     async def _writer(self) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._full.wait(), self.flush_seconds)
             self._full.clear()
@@ -207,6 +208,14 @@ class PredictionLog:
         self._tasks = [asyncio.create_task(self._writer()), asyncio.create_task(self._pruner())]
 
     async def stop(self) -> None:
+        # The writer is not cancelled mid-COPY (a batch whose commit was under way would be requeued and
+        # written twice): it finishes its round and leaves; the last flush below takes the rest.
+        self._stopping = True
+        self._full.set()
+        writer = self._tasks[0] if self._tasks else None
+        with contextlib.suppress(Exception):
+            if writer is not None:
+                await asyncio.wait_for(asyncio.shield(writer), 5.0)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 
 from services.predictor import repository
 from services.predictor.metrics import PREDICTION_DURATION, PREDICTION_REQUESTS
 from services.predictor.schemas import ModelOut, PredictionIn, PredictionOut, PredictionRecord, WeightsOut
 from services.predictor.service import PredictionRequest, Predictor
 from shared.app import json_body
-from shared.auth import ReadKey
+from shared.auth import Authenticator, Principal, ReadKey, Role
 from shared.bars import parse_json
 from shared.errors import (
     AppError,
+    Forbidden,
     NotFoundError,
     PayloadTooLarge,
     ServiceUnavailable,
@@ -42,11 +44,46 @@ class JSONBytes(Response):
         return orjson.dumps(content)
 
 
+class LeanRoute(APIRoute):
+    """An APIRoute for the hot prediction routes: its handler skips FastAPI's per-request dependency solving
+    and parameter validation, which cost about as much as a whole cached prediction (docs/PREDICTOR.md,
+    Benchmark). The endpoint's declared parameters still describe the route in OpenAPI; `_lean_handler` does
+    the same work by hand: the read-role API key check with the shared Authenticator, then the endpoint."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        call = self.endpoint
+        params = list(self.param_convertors)
+
+        async def app(request: Request) -> Response:
+            principal = _authenticate(request)
+            path = request.path_params
+            kwargs: dict[str, Any] = {name: path[name] for name in params}
+            return await call(request=request, _=principal, **kwargs)  # type: ignore[no-any-return]
+
+        return app
+
+
+def _authenticate(request: Request) -> Principal:
+    # What shared.auth.require(Role.read) does, without the dependency machinery.
+    auth: Authenticator = request.app.state.auth
+    principal = auth.authenticate(request.headers.get("x-api-key"))
+    if principal.role < Role.read:
+        raise Forbidden(f"key {principal.key_id!r} has role {principal.role.name}; this needs read")
+    request.state.principal = principal
+    return principal
+
+
+# The two prediction routes (LeanRoute); the app includes this router before `router`, and not nested in it:
+# each level of included router is another round of route matching on every request.
+lean = APIRouter(route_class=LeanRoute)
+
 MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_TIMEFRAMES = 8
 
 
-def get_predictor(request: Request) -> Predictor:
+async def get_predictor(request: Request) -> Predictor:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, a hop that cost more than the whole
+    # cached prediction.
     return request.app.state.predictor  # type: ignore[no-any-return]
 
 
@@ -143,14 +180,14 @@ async def _measured(
     return JSONBytes(body)
 
 
-@router.post(
+@lean.post(
     "/v1/predictions",
     tags=["predictions"],
     response_model=PredictionOut,
     responses=error_responses(401, 403, 404, 413, 422, 503),
     openapi_extra=json_body(PredictionIn, {"symbol": "EURUSD", "timeframe": "H1", "timeframes": ["H1", "H4"]}),
 )
-async def post_prediction(request: Request, predictor: PredictorDep, _: ReadKey) -> JSONBytes:
+async def post_prediction(request: Request, _: ReadKey) -> JSONBytes:
     """A signal with calibrated confidence, per-timeframe signals and their consensus, the indicator score
     and risk limits (role read).
 
@@ -160,6 +197,8 @@ async def post_prediction(request: Request, predictor: PredictorDep, _: ReadKey)
     and timeframe or no bars are stored; 422 for invalid bars or too few of them (the detail says how many
     are needed); 503 when the indicators service is down or slow.
     """
+    # Not a dependency: on the hottest route each one costs FastAPI's dependency machinery a few µs.
+    predictor: Predictor = request.app.state.predictor
     state: dict[str, object] = {}
 
     async def run() -> dict[str, Any]:
@@ -172,17 +211,18 @@ async def post_prediction(request: Request, predictor: PredictorDep, _: ReadKey)
     return await _measured(predictor, lambda: state.get("symbol"), run)
 
 
-@router.get(
+@lean.get(
     "/v1/signals/{symbol}/{timeframe}",
     tags=["predictions"],
     response_model=PredictionOut,
     responses=error_responses(401, 403, 404, 422, 503),
 )
-async def get_signal(symbol: str, timeframe: str, request: Request, predictor: PredictorDep, _: ReadKey) -> JSONBytes:
+async def get_signal(symbol: str, timeframe: str, request: Request, _: ReadKey) -> JSONBytes:
     """The latest signal of a series from its stored bars; from the cache while fresh (role read).
 
     The same computation and response as `POST /v1/predictions` without bars, on one timeframe.
     """
+    predictor: Predictor = request.app.state.predictor
 
     async def run() -> dict[str, Any]:
         check_symbol(symbol)

@@ -110,6 +110,28 @@ class Predictor:
         models[tf] = primary
         weights = self.weights.lookup(req.symbol, tf)
 
+        versions = ",".join(f"{t}={m.version if m else '-'}" for t, m in models.items())
+        for _attempt in range(3):
+            epoch = self.series.epoch
+            input_id, close = await self._input(req, tf)
+            key = (
+                f"pred:{CACHE_SCHEMA}:{req.symbol}:{tf}:{primary.version}:"
+                f"{_digest(versions, variant, weights.version, input_id)}"
+            )
+            hit = await self.cache.lookup(key) if req.use_cache else None
+            if hit is None:
+                break
+            # A series' bars changed while this request looked (a Redis round trip): its stamp may be the old
+            # one, and nothing computed on old bars is served once the notification is processed. Look again.
+            if req.bars is not None or self.series.epoch == epoch:
+                return self._serve(hit, req, variant, True, request_id)
+        entry, _shared = await self.cache.single_flight(
+            key, lambda: self._compute(req, models, weights.version, weights.weights, close, key)
+        )
+        return self._serve(entry, req, variant, False, request_id)
+
+    async def _input(self, req: PredictionRequest, tf: str) -> tuple[str, float]:
+        """What identifies the input window (part of the cache key) and the close of its newest bar."""
         if req.bars is not None:
             if len(req.bars) > self.settings.max_bars_per_request:
                 raise PayloadTooLarge(
@@ -121,31 +143,15 @@ class Predictor:
             h = hashlib.sha256()
             for col in (ohlcv.ts, ohlcv.open, ohlcv.high, ohlcv.low, ohlcv.close, ohlcv.volume):
                 h.update(col.tobytes())
-            input_id = "bars:" + h.hexdigest()[:32]
-            close = float(ohlcv.close[-1])
-        else:
-            try:
-                stamp = await self.series.get(req.symbol, tf)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-                raise ServiceUnavailable(f"database unavailable: {type(exc).__name__}; try again later") from None
-            if stamp is None:
-                raise NotFoundError(f"no {tf} bars stored for {req.symbol}; upload bars or send them in the request")
-            # The newest bar and the last change to any bar of the series identify the stored window.
-            input_id = f"stored:{stamp.last_ts}:{stamp.updated_at.timestamp()}"
-            close = stamp.close
-
-        versions = ",".join(f"{t}={m.version if m else '-'}" for t, m in models.items())
-        key = (
-            f"pred:{CACHE_SCHEMA}:{req.symbol}:{tf}:{primary.version}:"
-            f"{_digest(versions, variant, weights.version, input_id)}"
-        )
-        entry = await self.cache.lookup(key) if req.use_cache else None
-        cached = entry is not None
-        if entry is None:
-            entry, _shared = await self.cache.single_flight(
-                key, lambda: self._compute(req, models, weights.version, weights.weights, close, key)
-            )
-        return self._serve(entry, req, variant, cached, request_id)
+            return "bars:" + h.hexdigest()[:32], float(ohlcv.close[-1])
+        try:
+            stamp = await self.series.get(req.symbol, tf)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise ServiceUnavailable(f"database unavailable: {type(exc).__name__}; try again later") from None
+        if stamp is None:
+            raise NotFoundError(f"no {tf} bars stored for {req.symbol}; upload bars or send them in the request")
+        # The newest bar and the last change to any bar of the series identify the stored window.
+        return f"stored:{stamp.last_ts}:{stamp.updated_at.timestamp()}", stamp.close
 
     async def _compute(
         self,
