@@ -10,6 +10,9 @@ from shared.settings import Settings
 
 
 class PredictorSettings(Settings):
+    # Off by default here: every prediction is already recorded, with its request id, in the prediction log,
+    # and a JSON line per request costs about 25 us, a fifth of a cached prediction (docs/PREDICTOR.md).
+    access_log: bool = False
     # The read key the predictor presents to the indicators service (`X-API-Key`).
     indicators_api_key: SecretStr = SecretStr("")
     # Whole-request limit for a features call; past it the client gets 503, never a hang.
