@@ -39,6 +39,12 @@ def upgrade() -> None:
         """
     )
     op.execute("CREATE INDEX training_jobs_created_at ON training_jobs (created_at DESC)")
+    # At most one queued or running job per series: concurrent schedule runs or a second POST /v1/jobs cannot
+    # queue duplicates (the insert fails; the API answers 409). Also serves the sweeper's scan.
+    op.execute(
+        "CREATE UNIQUE INDEX training_jobs_one_active ON training_jobs (symbol, timeframe) "
+        "WHERE status IN ('queued', 'running')"
+    )
     op.execute(
         """
         CREATE TABLE model_versions (
@@ -48,7 +54,7 @@ def upgrade() -> None:
             version         text NOT NULL,
             status          text NOT NULL CHECK (status IN ('candidate', 'production', 'archived', 'failed')),
             metrics         jsonb NOT NULL DEFAULT '{}'::jsonb,
-            -- the version's prefix, e.g. s3://bucket/models/EURUSD/H1/20261126T041500Z-3f9a1c/
+            -- the version's prefix, e.g. s3://bucket/models/EURUSD/H1/20261126T041500Z-<32-hex job id>/
             artifact_uri    text NOT NULL,
             -- sha256 of metadata.json; metadata.json holds the sha256 of every other artifact
             sha256          text NOT NULL,

@@ -29,8 +29,18 @@ class ArtifactIntegrityError(AppError):
 
 
 def version_string(job_id: str, at: datetime) -> str:
-    """Sortable UTC timestamp plus the job id's first 6 characters: 20261126T041500Z-3f9a1c."""
-    return f"{at.strftime('%Y%m%dT%H%M%SZ')}-{job_id[:6]}"
+    """Sortable UTC timestamp plus the whole job id: 20261126T041500Z-3f9a1c0e5b7d4e2fa1b2c3d4e5f60718.
+
+    The whole id (not a prefix) makes a version folder belong to exactly one job, so the cleanup of an
+    interrupted attempt can never touch another job's files.
+    """
+    return f"{at.strftime('%Y%m%dT%H%M%SZ')}-{job_id}"
+
+
+def job_of_version(version: str) -> str | None:
+    """The job id a version string was made for (the timestamp part holds no hyphen)."""
+    _, sep, job_id = version.partition("-")
+    return job_id if sep else None
 
 
 def _check(name: str, data: bytes, expected: str, where: str) -> None:
@@ -103,12 +113,14 @@ def load_keras_verified(
 def remove_unregistered(
     store: ObjectStore, symbol: str, timeframe: str, job_id: str, registered: set[str]
 ) -> list[str]:
-    """Delete files an earlier, interrupted attempt of this job left behind (never registered, never read)."""
-    suffix = f"-{job_id[:6]}"
+    """Delete files an earlier, interrupted attempt of this job left behind (never registered, never read).
+
+    A folder is this job's only when its version names the whole job id.
+    """
     removed: list[str] = []
     for key in store.list(f"{symbol}/{timeframe}/"):
         parts = key.split("/")
-        if len(parts) >= 4 and parts[2].endswith(suffix) and parts[2] not in registered:
+        if len(parts) >= 4 and job_of_version(parts[2]) == job_id and parts[2] not in registered:
             store.delete(key)
             removed.append(key)
     if removed:

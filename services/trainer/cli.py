@@ -120,15 +120,15 @@ def train(
         raise typer.Exit(2) from None
     console.print(f"job {job_id}")
     if local:
-        from services.trainer.errors import RetryLater
         from services.trainer.jobs import run_job
 
         errors: list[BaseException] = []
 
         def work() -> None:
             try:
-                run_job(job_id)
-            except RetryLater as exc:  # no broker to retry through: report it
+                # No broker to retry through: an error worth retrying fails the job (never left queued).
+                run_job(job_id, retry=False)
+            except Exception as exc:  # noqa: BLE001 - reported below (e.g. PostgreSQL unreachable)
                 errors.append(exc)
 
         thread = threading.Thread(target=work, name=f"train-{job_id[:6]}")
@@ -136,8 +136,9 @@ def train(
         job = _follow(job_id, max_epochs, worker=thread)
         thread.join()
         if errors:
-            console.print(f"[red]attempt failed[/]: {errors[0]} (re-run the job or queue it to a worker)")
+            console.print(f"[red]job {job_id} not finished[/]: {type(errors[0]).__name__}: {errors[0]}")
             raise typer.Exit(1)
+        job = _get_job(job_id)
     elif wait:
         job = _follow(job_id, max_epochs)
     else:

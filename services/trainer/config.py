@@ -3,28 +3,45 @@ in the model's metadata."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Every bound is checked when the job is queued (a 422 naming the field), so nothing out of range reaches a
+# worker: huge layers or sequences would exhaust its memory on every attempt, odd values would crash it.
+MAX_LSTM_UNITS = 1024
+MAX_LSTM_LAYERS = 4
+# Fewest sequences each of train / validation / test must hold (checked on the data, when the job runs).
+MIN_SPLIT_SEQUENCES = 10
+
+LstmUnits = Annotated[int, Field(ge=1, le=MAX_LSTM_UNITS)]
 
 
 class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    sequence_length: int = Field(default=20, ge=2, le=500, description="steps per input sequence")
-    horizon: int = Field(default=1, ge=1, le=500, description="bars ahead for the forward return label")
+    sequence_length: int = Field(default=20, ge=2, le=200, description="steps per input sequence")
+    horizon: int = Field(default=1, ge=1, le=200, description="bars ahead for the forward return label")
     dead_band_atr: float = Field(
         default=0.25, ge=0, le=10, description="HOLD when |forward log return| <= dead_band_atr * ATR(14)/close"
     )
-    lstm_units: tuple[int, ...] = Field(default=(64, 32), min_length=1, max_length=4)
-    dropout: float = Field(default=0.2, ge=0, lt=1)
-    learning_rate: float = Field(default=1e-3, gt=0, le=1)
-    batch_size: int = Field(default=256, ge=1, le=65_536)
+    lstm_units: tuple[LstmUnits, ...] = Field(
+        default=(64, 32),
+        min_length=1,
+        max_length=MAX_LSTM_LAYERS,
+        description=f"units per LSTM layer, 1..{MAX_LSTM_UNITS} each, at most {MAX_LSTM_LAYERS} layers",
+    )
+    dropout: float = Field(default=0.2, ge=0, le=0.9)
+    learning_rate: float = Field(default=1e-3, ge=1e-6, le=1)
+    batch_size: int = Field(default=256, ge=1, le=16_384)
     epochs: int = Field(default=30, ge=1, le=1000)
-    patience: int = Field(default=5, ge=1, description="early stopping on validation loss")
-    seed: int = 42
-    val_fraction: float = Field(default=0.15, gt=0, lt=0.5)
-    test_fraction: float = Field(default=0.15, gt=0, lt=0.5)
+    patience: int = Field(default=5, ge=1, le=1000, description="early stopping on validation loss")
+    # numpy and Keras seeds are unsigned 32-bit.
+    seed: int = Field(default=42, ge=0, le=2**32 - 1)
+    val_fraction: float = Field(default=0.15, ge=0.05, le=0.4)
+    test_fraction: float = Field(default=0.15, ge=0.05, le=0.4)
     # Fewest sequences (all splits together) worth training on.
-    min_sequences: int = Field(default=300, ge=30)
+    min_sequences: int = Field(default=300, ge=30, le=10_000_000)
     # Quantile bins of each feature's reference distribution (drift checks).
     reference_bins: int = Field(default=10, ge=2, le=100)
 

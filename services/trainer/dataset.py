@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import numpy as np
 import numpy.typing as npt
 
-from services.trainer.config import TrainConfig
+from services.trainer.config import MIN_SPLIT_SEQUENCES, TrainConfig
 from shared.errors import NotEnoughBars
 from shared.features import FEATURE_NAMES, N_FEATURES, WARMUP_BARS, compute_features
 from shared.model_metadata import CLASSES, ReferenceDistribution
@@ -140,6 +140,12 @@ def build_dataset(bars: OHLCV, base: Timeframe, target: Timeframe, symbol: str, 
     n_test = int(usable * cfg.test_fraction)
     n_val = int(usable * cfg.val_fraction)
     n_train = usable - n_val - n_test
+    if min(n_train, n_val, n_test) < MIN_SPLIT_SEQUENCES:
+        raise NotEnoughBars(
+            f"need at least {MIN_SPLIT_SEQUENCES} sequences per split; {usable} usable sequences of {symbol} "
+            f"{target.value} split {cfg.val_fraction:g} / {cfg.test_fraction:g} give train {n_train}, "
+            f"validation {n_val}, test {n_test}: store more bars or raise val_fraction / test_fraction"
+        )
     train_ends = ends[:n_train]
     val_ends = ends[n_train + gap : n_train + gap + n_val]
     test_ends = ends[n_train + 2 * gap + n_val :]

@@ -2,6 +2,8 @@
 
 Synchronous (Celery tasks and `aicash train --local` call it); it talks to PostgreSQL through one asyncpg
 connection on a private event loop, kept for the whole job because it also holds the job's advisory lock.
+A connection that cannot be opened or that drops (PostgreSQL down or restarted) raises DatabaseUnavailable:
+nothing more can be recorded, the caller retries the delivery later.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from services.trainer import repository as repo
 from services.trainer.artifacts import ArtifactIntegrityError, publish, remove_unregistered, version_string
 from services.trainer.config import TrainConfig
 from services.trainer.dataset import build_dataset
-from services.trainer.errors import JobBusy, RetryLater
+from services.trainer.errors import DatabaseUnavailable, JobBusy, RetryLater
 from services.trainer.schemas import Job, ModelVersion
 from services.trainer.settings import TrainerSettings, get_trainer_settings
 from services.trainer.source import load_bars
@@ -39,19 +41,45 @@ _P_DATASET, _P_FIT_END, _P_EXPORTED = 0.05, 0.90, 0.95
 FAULT_PARAM = "fault"
 
 
+# Errors that mean "PostgreSQL is unreachable or the connection is gone", not "the job is wrong". OSError
+# covers refused/reset connections and TimeoutError (connect and command timeouts).
+DB_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,  # ConnectionDoesNotExistError, ConnectionFailureError, ...
+    asyncpg.InterfaceError,  # "connection is closed"
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
 class SyncDb:
+    """One asyncpg connection on a private event loop; connection failures become DatabaseUnavailable."""
+
     def __init__(self, url: str, application_name: str) -> None:
         self.loop = asyncio.new_event_loop()
-        self.conn: asyncpg.Connection = self.loop.run_until_complete(
-            asyncpg.connect(url, timeout=10, command_timeout=60, server_settings={"application_name": application_name})
-        )
+        try:
+            self.conn: asyncpg.Connection = self.loop.run_until_complete(
+                asyncpg.connect(
+                    url, timeout=10, command_timeout=60, server_settings={"application_name": application_name}
+                )
+            )
+        except DB_CONNECTION_ERRORS as exc:
+            self.loop.close()
+            raise DatabaseUnavailable(f"cannot reach PostgreSQL: {type(exc).__name__}: {exc}") from exc
 
     def run(self, aw: Awaitable[T]) -> T:
-        return self.loop.run_until_complete(aw)
+        try:
+            return self.loop.run_until_complete(aw)
+        except DB_CONNECTION_ERRORS as exc:
+            raise DatabaseUnavailable(f"lost the PostgreSQL connection: {type(exc).__name__}: {exc}") from exc
 
     def close(self) -> None:
         try:
             self.loop.run_until_complete(self.conn.close(timeout=5))
+        except Exception:  # noqa: BLE001 - a dead connection: drop it (the server ends the session and its lock)
+            self.conn.terminate()
         finally:
             self.loop.close()
 
@@ -88,15 +116,21 @@ def run_job(
     settings: Settings | None = None,
     tsettings: TrainerSettings | None = None,
     store: ObjectStore | None = None,
+    retry: bool = True,
 ) -> dict[str, Any]:
     """Run (or finish the bookkeeping of) a training job; safe to call any number of times per job.
 
     Returns the job's result. Raises JobBusy when another process is working on the job, RetryLater when
-    this attempt failed with an error worth retrying (the job is back to queued, attempts counted).
+    this attempt failed with an error worth retrying (the job is back to queued, attempts counted), and
+    DatabaseUnavailable when PostgreSQL cannot be reached or dropped the connection (an attempt that had
+    started stays counted; the job row keeps its last state until a later delivery).
+
+    `retry=False` (in-process runs, no broker to retry through): an error worth retrying fails the job.
     """
     settings = settings or get_settings()
     tsettings = tsettings or get_trainer_settings()
-    db = SyncDb(require_database_url(settings), "aicash-trainer")
+    # Named after the job, so an operator (and a test) can find the connection holding its lock.
+    db = SyncDb(require_database_url(settings), f"aicash-trainer:{job_id}"[:63])
     try:
         if not db.run(repo.try_lock_job(db.conn, job_id)):
             raise JobBusy(f"job {job_id} is being worked on by another process")
@@ -121,24 +155,29 @@ def run_job(
         log.info("job %s: attempt %d of %d", job_id, attempt, tsettings.max_attempts)
         try:
             result = _train(db, job, settings, tsettings, store or open_store(settings))
+        except DatabaseUnavailable:
+            raise  # nothing can be written on this connection; the caller retries the delivery
         except AppError as exc:
             if not isinstance(exc, ArtifactIntegrityError):  # the operator must act: no retry
                 db.run(repo.fail_job(db.conn, job_id, exc.message))
                 return {"status": "failed", "error": exc.message}
             error = f"{type(exc).__name__}: {exc}"
-            return _retry_or_fail(db, job_id, attempt, tsettings, error)
+            return _retry_or_fail(db, job_id, attempt, tsettings, error, retry)
         except Exception as exc:  # noqa: BLE001 - anything else may pass: counted and retried, bounded
             log.exception("job %s: attempt %d failed", job_id, attempt)
-            return _retry_or_fail(db, job_id, attempt, tsettings, f"{type(exc).__name__}: {exc}")
+            return _retry_or_fail(db, job_id, attempt, tsettings, f"{type(exc).__name__}: {exc}", retry)
         db.run(repo.finish_job(db.conn, job_id, result))
         return result
     finally:
         db.close()  # ends the session: the advisory lock goes with it
 
 
-def _retry_or_fail(db: SyncDb, job_id: str, attempt: int, tsettings: TrainerSettings, error: str) -> dict[str, Any]:
-    if attempt >= tsettings.max_attempts:
-        msg = f"failed after {attempt} attempts: {error}"
+def _retry_or_fail(
+    db: SyncDb, job_id: str, attempt: int, tsettings: TrainerSettings, error: str, retry: bool
+) -> dict[str, Any]:
+    if attempt >= tsettings.max_attempts or not retry:
+        # Without a broker (retry=False) nothing would ever pick a requeued job up: fail it now.
+        msg = f"failed after {attempt} attempts: {error}" if retry else f"failed (in-process run, not retried): {error}"
         db.run(repo.fail_job(db.conn, job_id, msg))
         return {"status": "failed", "error": msg}
     db.run(repo.requeue_job(db.conn, job_id, error))
@@ -189,8 +228,7 @@ def _train(db: SyncDb, job: Job, settings: Settings, tsettings: TrainerSettings,
             training_job_id=job.id,
         )
     )
-    # The retrain answered the drift/performance flags raised against the previous model.
-    db.run(repo.clear_flags(db.conn, symbol, timeframe.value))
+    # Flags are cleared by register_version only when this version became production (see there).
     result = version_result(row)
     result["timings"] = {k: round(v, 3) for k, v in trained.timings.items()}
     result["bars"] = ds.bars

@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from services.trainer.metrics import TrainingJobsCollector
 from services.trainer.routes import router
 from services.trainer.settings import TrainerSettings, get_trainer_settings
+from services.trainer.worker import create_celery
 from shared.app import build_app, periodic
 from shared.db import create_pool
 from shared.health import ReadinessChecks
@@ -42,6 +43,8 @@ def create_app(settings: Settings | None = None, trainer_settings: TrainerSettin
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.pool = await create_pool(settings, "aicash-trainer-api")
+        # This process's own publisher (broker from its settings, socket timeouts): connects on first send.
+        app.state.celery = create_celery(settings, tsettings)
         try:
             async with periodic(
                 "training metrics", METRICS_REFRESH_SECONDS, lambda: jobs_metrics.refresh(app.state.pool)
@@ -49,6 +52,7 @@ def create_app(settings: Settings | None = None, trainer_settings: TrainerSettin
                 log.info("trainer API started")
                 yield
         finally:
+            app.state.celery.close()
             await app.state.pool.close()
 
     checks = ReadinessChecks()

@@ -139,8 +139,13 @@ def onnx_predict(onnx_bytes: bytes, x: npt.NDArray[np.float32], batch_size: int 
 
 
 def check_onnx(onnx_bytes: bytes, keras_probs: npt.NDArray[np.float64], x: npt.NDArray[np.float32]) -> float:
-    """Max |ONNX - Keras| on `x`; raises OnnxMismatch above ONNX_TOLERANCE."""
-    diff = float(np.max(np.abs(onnx_predict(onnx_bytes, x) - keras_probs)))
+    """Max |ONNX - Keras| on `x`; raises OnnxMismatch above ONNX_TOLERANCE or when the graph does not run
+    (the same export would fail the same way on a retry)."""
+    try:
+        onnx_probs = onnx_predict(onnx_bytes, x)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types (InvalidGraph, Fail, ...)
+        raise OnnxMismatch(f"the exported ONNX graph does not run in onnxruntime: {type(exc).__name__}: {exc}") from exc
+    diff = float(np.max(np.abs(onnx_probs - keras_probs)))
     if not diff <= ONNX_TOLERANCE:  # also catches NaN
         raise OnnxMismatch(f"ONNX and Keras disagree by {diff:.3g} on the validation set (limit {ONNX_TOLERANCE})")
     return diff

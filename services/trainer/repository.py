@@ -15,6 +15,8 @@ _JOB_COLUMNS = (
     "id, kind, symbol, timeframe, params, status, progress, history, result, error, attempts, created_at, "
     "started_at, finished_at"
 )
+# Partial unique index of migration 0002: one queued or running job per series.
+ONE_ACTIVE_JOB_INDEX = "training_jobs_one_active"
 _VERSION_COLUMNS = "id, symbol, timeframe, version, status, metrics, artifact_uri, sha256, created_at, training_job_id"
 
 
@@ -139,6 +141,35 @@ async def fail_job(conn: Conn, job_id: str, error: str) -> None:
     )
 
 
+async def claim_orphans(conn: Conn, stale_after_s: float, limit: int = 100) -> list[str]:
+    """Queued or running train jobs whose row has not moved for `stale_after_s` seconds and whose job lock
+    nobody holds (no process works on them): their message was lost. Their updated_at is touched, so a
+    job is claimed again only after another `stale_after_s` (and concurrent sweepers never claim one twice).
+    """
+    rows = await conn.fetch(
+        """
+        UPDATE training_jobs SET updated_at = now()
+         WHERE id IN (
+            SELECT j.id FROM training_jobs j
+             WHERE j.kind = 'train' AND j.status IN ('queued', 'running')
+               AND j.updated_at < now() - make_interval(secs => $1)
+               AND NOT EXISTS (
+                   -- the job's session advisory lock (try_lock_job): 64-bit key = classid << 32 | objid
+                   SELECT 1 FROM pg_locks l
+                    WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
+                      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                      AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended('job:' || j.id, 0))
+             ORDER BY j.created_at
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED)
+        RETURNING id
+        """,
+        stale_after_s,
+        limit,
+    )
+    return [str(r["id"]) for r in rows]
+
+
 async def requeue_job(conn: Conn, job_id: str, error: str) -> None:
     """An attempt failed with an error worth retrying: back to queued, the error kept for the operator."""
     await conn.execute(
@@ -170,7 +201,8 @@ async def register_version(
 ) -> ModelVersion:
     """Insert the registry row, production if the series has no production model yet, else candidate.
 
-    Idempotent per training job: a second call for the same job returns the row written first.
+    A production row clears the series' model flags in the same transaction. Idempotent per training job:
+    a second call for the same job returns the row written first (and clears nothing).
     """
     async with conn.transaction():
         # Serialise registrations of one series so "is there a production model?" cannot race.
@@ -197,6 +229,10 @@ async def register_version(
             sha256,
             training_job_id,
         )
+        if row is not None and row["status"] == "production":
+            # The new model replaced the one the drift/performance flags were raised against. A candidate
+            # leaves them: they still describe the model that serves.
+            await clear_flags(conn, symbol, timeframe)
     if row is None:
         assert training_job_id is not None
         existing = await version_for_job(conn, training_job_id)
@@ -222,6 +258,15 @@ async def list_versions(
 
 async def production_versions(conn: Conn) -> list[ModelVersion]:
     return await list_versions(conn, status="production", limit=10_000)
+
+
+async def newest_live_versions(conn: Conn) -> dict[tuple[str, str], ModelVersion]:
+    """Per series, the newest registered version that did not fail (a candidate awaiting promotion counts)."""
+    rows = await conn.fetch(
+        f"SELECT DISTINCT ON (symbol, timeframe) {_VERSION_COLUMNS} FROM model_versions "  # noqa: S608
+        "WHERE status <> 'failed' ORDER BY symbol, timeframe, created_at DESC, id DESC"
+    )
+    return {(r["symbol"], r["timeframe"]): _version(r) for r in rows}
 
 
 # --- flags and retrain decisions -----------------------------------------------------------------------------
@@ -294,16 +339,14 @@ async def list_decisions(conn: Conn, limit: int = 100) -> list[dict[str, Any]]:
     return [{**dict(r), "reasons": _json(r["reasons"]), "detail": _json(r["detail"])} for r in rows]
 
 
-async def active_job_for(conn: Conn, symbol: str, timeframe: str, stale_after_s: float) -> str | None:
-    """A queued or running train job of the series that moved in the last `stale_after_s` seconds
-    (auto-retrain does not pile up duplicates, and a job stuck by a lost message does not block it forever)."""
+async def active_job_for(conn: Conn, symbol: str, timeframe: str) -> str | None:
+    """The queued or running job of the series, if any (at most one: index training_jobs_one_active).
+    A job whose message was lost is not abandoned: the sweeper re-sends it."""
     value = await conn.fetchval(
-        "SELECT id FROM training_jobs WHERE kind = 'train' AND symbol = $1 AND timeframe = $2 "
-        "AND status IN ('queued', 'running') AND updated_at > now() - make_interval(secs => $3) "
-        "ORDER BY created_at DESC LIMIT 1",
+        "SELECT id FROM training_jobs WHERE symbol = $1 AND timeframe = $2 "
+        "AND status IN ('queued', 'running') ORDER BY created_at DESC LIMIT 1",
         symbol,
         timeframe,
-        stale_after_s,
     )
     return str(value) if value is not None else None
 

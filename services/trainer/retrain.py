@@ -1,24 +1,35 @@
-"""Scheduled retraining: which series to retrain, and a recorded reason for every decision."""
+"""Scheduled retraining: which series to retrain, and a recorded reason for every decision.
+
+Age and new bars are measured from the series' newest registered version that did not fail, so a retrain
+whose candidate awaits the promotion gate counts as recent: the schedule does not queue the same retrain
+again every run. Drift/performance flags describe the production model; while a newer candidate awaits
+promotion they are kept (the model that serves is still flagged) but do not queue yet another retrain.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
 from services.trainer import repository as repo
+from services.trainer.errors import JobInProgress
 from services.trainer.jobs import FAULT_PARAM
 from services.trainer.schemas import ModelVersion
 from services.trainer.service import create_train_job, send_train
 from services.trainer.settings import TrainerSettings, get_trainer_settings
 from shared.db import require_database_url
+from shared.errors import AppError
 from shared.settings import Settings, get_settings
 from shared.timeframes import Timeframe
 
 log = logging.getLogger("trainer.retrain")
+
+Send = Callable[[str], None]
 
 
 async def _params_of(conn: asyncpg.Connection, v: ModelVersion, tsettings: TrainerSettings) -> dict[str, Any]:
@@ -43,24 +54,64 @@ async def _new_bars(conn: asyncpg.Connection, v: ModelVersion) -> int | None:
     return n_base * base.seconds // target.seconds
 
 
-async def decide_and_queue(
-    conn: asyncpg.Connection, tsettings: TrainerSettings, source_id: str, *, full: bool, now: datetime | None = None
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """Decide for every series with a production model; returns (decisions, job ids to send).
+async def _queue(
+    conn: asyncpg.Connection, v: ModelVersion, tsettings: TrainerSettings, send: Send, detail: dict[str, Any]
+) -> tuple[str | None, str]:
+    """Create the job (committed on its own) and send its message at once.
 
-    Each decision (retrain or not, and why) is written to retrain_decisions.
+    Returns (job id, "") or (None, why not: "job_in_progress" | "cannot_queue").
+    """
+    params = await _params_of(conn, v, tsettings)
+    try:
+        job_id = await create_train_job(conn, v.symbol, Timeframe(v.timeframe), params, tsettings)
+    except JobInProgress as exc:  # a concurrent run (or a request) queued one between our check and insert
+        detail["active_job_id"] = exc.job_id
+        return None, "job_in_progress"
+    except AppError as exc:  # e.g. the bars are gone, or old params no longer pass today's bounds
+        detail["error"] = exc.message
+        return None, "cannot_queue"
+    try:
+        await asyncio.to_thread(send, job_id)
+    except Exception as exc:  # noqa: BLE001 - the committed job is re-sent by the sweeper
+        log.warning("job %s queued but not sent (%s: %s); the sweeper will send it", job_id, type(exc).__name__, exc)
+        detail["send_error"] = f"{type(exc).__name__}: {exc}; the sweeper re-sends the job"
+    return job_id, ""
+
+
+async def decide_and_queue(
+    conn: asyncpg.Connection,
+    tsettings: TrainerSettings,
+    source_id: str,
+    *,
+    full: bool,
+    send: Send,
+    now: datetime | None = None,
+) -> list[dict[str, Any]]:
+    """Decide for every series with a production model and queue the retrains; returns the decisions.
+
+    Each job is sent right after its row is committed (a crash between two series leaves no job unsent
+    that the sweeper would not find), and each decision (retrain or not, and why) is written to
+    retrain_decisions.
     """
     now = now or datetime.now(UTC)
     decisions: list[dict[str, Any]] = []
-    to_send: list[str] = []
-    stale_after_s = float(tsettings.visibility_timeout_seconds)
+    newest = await repo.newest_live_versions(conn)
     for v in await repo.production_versions(conn):
+        basis = newest.get((v.symbol, v.timeframe), v)
+        awaiting_promotion = basis.id != v.id and basis.status == "candidate"
         reasons: list[str] = []
-        age_h = (now - v.created_at).total_seconds() / 3600.0
-        new_bars = await _new_bars(conn, v)
+        age_h = (now - basis.created_at).total_seconds() / 3600.0
+        new_bars = await _new_bars(conn, basis)
         flags = await repo.get_flags(conn, v.symbol, v.timeframe)
+        flag_reasons = []
+        if flags and flags.drift:
+            flag_reasons.append("drift_flag")
+        if flags and flags.performance:
+            flag_reasons.append("performance_flag")
         detail: dict[str, Any] = {
             "model_version": v.version,
+            "basis_version": basis.version,
+            "basis_status": basis.status,
             "model_age_hours": round(age_h, 3),
             "max_model_age_hours": tsettings.max_model_age_hours,
             "new_bars": new_bars,
@@ -74,23 +125,26 @@ async def decide_and_queue(
                 reasons.append("model_age")
             if new_bars is not None and new_bars >= tsettings.min_new_bars:
                 reasons.append("new_bars")
-            if flags and flags.drift:
-                reasons.append("drift_flag")
-            if flags and flags.performance:
-                reasons.append("performance_flag")
-        active = await repo.active_job_for(conn, v.symbol, v.timeframe, stale_after_s)
+            if awaiting_promotion and flag_reasons:
+                # The candidate is the retrain that answers these flags; the promotion gate decides.
+                detail["flags_pending_promotion"] = flag_reasons
+            else:
+                reasons.extend(flag_reasons)
         job_id: str | None = None
-        if reasons and active:
-            detail["would_retrain_for"] = reasons
-            detail["active_job_id"] = active
-            retrain, reasons = False, ["job_in_progress"]
-        elif reasons:
-            params = await _params_of(conn, v, tsettings)
-            job_id = await create_train_job(conn, v.symbol, Timeframe(v.timeframe), params, tsettings)
-            to_send.append(job_id)
-            retrain = True
+        if reasons:
+            active = await repo.active_job_for(conn, v.symbol, v.timeframe)
+            if active is None:
+                job_id, why_not = await _queue(conn, v, tsettings, send, detail)
+            else:
+                detail["active_job_id"], why_not = active, "job_in_progress"
+            if job_id is None:
+                detail["would_retrain_for"] = reasons
+                reasons = [why_not]
+        elif awaiting_promotion:
+            reasons = ["recently_retrained"]
         else:
-            retrain, reasons = False, ["up_to_date"]
+            reasons = ["up_to_date"]
+        retrain = job_id is not None
         await repo.record_decision(
             conn,
             v.symbol,
@@ -111,35 +165,42 @@ async def decide_and_queue(
             }
         )
         log.info("%s %s/%s: retrain=%s reasons=%s", "full" if full else "auto", v.symbol, v.timeframe, retrain, reasons)
-    return decisions, to_send
+    return decisions
 
 
-def _run(source_id: str, full: bool, settings: Settings | None, tsettings: TrainerSettings | None) -> dict[str, Any]:
+def _run(
+    source_id: str, full: bool, settings: Settings | None, tsettings: TrainerSettings | None, send: Send | None
+) -> dict[str, Any]:
     settings = settings or get_settings()
     tsettings = tsettings or get_trainer_settings()
+    queue = tsettings.queue
+    sender: Send = send or (lambda job_id: send_train(job_id, queue))
 
-    async def go() -> tuple[list[dict[str, Any]], list[str]]:
+    async def go() -> list[dict[str, Any]]:
         conn = await asyncpg.connect(
             require_database_url(settings), timeout=10, server_settings={"application_name": "aicash-trainer-beat"}
         )
         try:
-            return await decide_and_queue(conn, tsettings, source_id, full=full)
+            return await decide_and_queue(conn, tsettings, source_id, full=full, send=sender)
         finally:
             await conn.close()
 
-    decisions, to_send = asyncio.run(go())
-    for job_id in to_send:  # after the job rows are committed
-        send_train(job_id, tsettings.queue)
-    return {"decisions": decisions}
+    return {"decisions": asyncio.run(go())}
 
 
 def run_auto_retrain(
-    source_id: str, settings: Settings | None = None, tsettings: TrainerSettings | None = None
+    source_id: str,
+    settings: Settings | None = None,
+    tsettings: TrainerSettings | None = None,
+    send: Send | None = None,
 ) -> dict[str, Any]:
-    return _run(source_id, False, settings, tsettings)
+    return _run(source_id, False, settings, tsettings, send)
 
 
 def run_full_retrain(
-    source_id: str, settings: Settings | None = None, tsettings: TrainerSettings | None = None
+    source_id: str,
+    settings: Settings | None = None,
+    tsettings: TrainerSettings | None = None,
+    send: Send | None = None,
 ) -> dict[str, Any]:
-    return _run(source_id, True, settings, tsettings)
+    return _run(source_id, True, settings, tsettings, send)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+from celery import Celery
 from fastapi import APIRouter, Depends, Query, Request
 
 from services.trainer import repository as repo
@@ -23,7 +24,12 @@ def get_tsettings(request: Request) -> TrainerSettings:
     return request.app.state.trainer_settings  # type: ignore[no-any-return]
 
 
+def get_publisher(request: Request) -> Celery:
+    return request.app.state.celery  # type: ignore[no-any-return]
+
+
 TrainerSettingsDep = Annotated[TrainerSettings, Depends(get_tsettings)]
+PublisherDep = Annotated[Celery, Depends(get_publisher)]
 
 
 @router.post(
@@ -31,13 +37,21 @@ TrainerSettingsDep = Annotated[TrainerSettings, Depends(get_tsettings)]
     tags=["jobs"],
     status_code=202,
     response_model=JobCreated,
-    responses=error_responses(401, 403, 404, 422, 503),
+    responses=error_responses(401, 403, 404, 409, 422, 503),
 )
-async def post_job(body: JobIn, pool: PoolDep, tsettings: TrainerSettingsDep, _: AdminKey) -> JobCreated:
-    """Queue a training job (role admin). 404 when no bars are stored for the symbol on the timeframe or on a
-    lower timeframe it can be resampled from; nothing is queued then. `params` override hyperparameters
-    (`epochs`, `lstm_units`, `horizon`, `dead_band_atr`, ...); an unknown or invalid one is a 422."""
-    job_id = await service.enqueue_train(pool, body.symbol, body.timeframe, body.params, tsettings)
+async def post_job(
+    body: JobIn, pool: PoolDep, tsettings: TrainerSettingsDep, publisher: PublisherDep, _: AdminKey
+) -> JobCreated:
+    """Queue a training job (role admin).
+
+    - 404 when no bars are stored for the symbol on the timeframe or on a lower timeframe it can be
+      resampled from; nothing is queued then.
+    - 409 `job_in_progress` when the series already has a queued or running job (the detail names it).
+    - 422 when `params` (hyperparameter overrides: `epochs`, `lstm_units`, `horizon`, `dead_band_atr`, ...)
+      hold an unknown key or a value out of bounds (e.g. `lstm_units` elements 1..1024, at most 4 layers).
+    - 503 when the broker does not take the message within TRAINER_PUBLISH_TIMEOUT_SECONDS; the job is then
+      marked failed (submit it again later)."""
+    job_id = await service.enqueue_train(pool, body.symbol, body.timeframe, body.params, tsettings, publisher)
     return JobCreated(job_id=job_id)
 
 

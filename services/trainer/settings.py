@@ -17,6 +17,24 @@ class TrainerSettings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1)
     # Seconds before a retry after an ordinary exception (a crash of the worker is redelivered by the broker).
     retry_delay_seconds: float = Field(default=30.0, ge=0)
+    # PostgreSQL unreachable or dropped (no attempt can be recorded): Celery retries of that delivery, with
+    # exponential backoff base * 2**n capped at the max delay (5, 10, 20, ... 300 s: about 20 min in all).
+    # After the last one the delivery gives up and the sweeper re-sends the job once PostgreSQL is back.
+    db_retry_max: int = Field(default=8, ge=0, le=100)
+    db_retry_base_seconds: float = Field(default=5.0, ge=0)
+    db_retry_max_delay_seconds: float = Field(default=300.0, ge=0)
+    # Sweeper (beat): every N seconds, re-send queued/running jobs whose job lock is free and whose row has
+    # not moved for `sweep_stale_after_seconds` (a lost message, a delivery that gave up). A running job
+    # holds its lock, so the threshold only has to exceed the time a queued message may wait for a worker
+    # before a duplicate is sent (duplicates are harmless no-ops, just wasted deliveries).
+    sweep_interval_seconds: float = Field(default=300.0, gt=0)
+    sweep_stale_after_seconds: float = Field(default=1800.0, gt=0)
+    # Broker client: connect and read/write timeouts of every socket (Redis and AMQP). Without them a broker
+    # that accepts connections and never answers blocks a publish forever.
+    broker_timeout_seconds: float = Field(default=3.0, gt=0, le=60)
+    # Hard bound on one publish by the API/CLI (socket timeouts plus kombu's publish retries); past it the
+    # request answers 503 and the job is marked failed.
+    publish_timeout_seconds: float = Field(default=8.0, gt=0, le=120)
     # Redis broker: a message unacknowledged this long is handed out again. Must exceed the longest job
     # (the design budget for a full retrain is 2 h); the PostgreSQL job lock covers the rest.
     visibility_timeout_seconds: int = Field(default=4 * 3600, ge=1)

@@ -7,8 +7,8 @@ from typing import Any
 
 from celery import Task
 
-from services.trainer.errors import JobBusy, RetryLater
-from services.trainer.settings import get_trainer_settings
+from services.trainer.errors import DatabaseUnavailable, JobBusy, RetryLater
+from services.trainer.settings import TrainerSettings, get_trainer_settings
 from services.trainer.worker import celery_app
 
 log = logging.getLogger("trainer.tasks")
@@ -17,25 +17,51 @@ log = logging.getLogger("trainer.tasks")
 BUSY_RETRY_SECONDS = 30.0
 
 
+def db_retry_delay(failures: int, t: TrainerSettings) -> float | None:
+    """Seconds before the next try of a delivery that found PostgreSQL unreachable `failures` times in a row
+    (exponential backoff, capped); None once TRAINER_DB_RETRY_MAX tries are spent."""
+    if failures >= t.db_retry_max:
+        return None
+    return float(min(t.db_retry_base_seconds * 2**failures, t.db_retry_max_delay_seconds))
+
+
 @celery_app.task(name="trainer.train_model", bind=True, max_retries=None)  # type: ignore[untyped-decorator]
-def train_model(self: Task, job_id: str) -> dict[str, Any]:
-    """Train one model for a queued job (attempts bounded by TRAINER_MAX_ATTEMPTS in PostgreSQL)."""
+def train_model(self: Task, job_id: str, db_failures: int = 0) -> dict[str, Any]:
+    """Train one model for a queued job (attempts bounded by TRAINER_MAX_ATTEMPTS in PostgreSQL).
+
+    `db_failures` counts the consecutive deliveries of this message that could not reach PostgreSQL; it is
+    separate from the job's attempts (which PostgreSQL counts, and which an unreachable database cannot).
+    """
     from services.trainer.jobs import run_job
 
+    t = get_trainer_settings()
     try:
         return run_job(job_id)
     except JobBusy as exc:
         log.info("%s; retrying in %.0f s", exc, BUSY_RETRY_SECONDS)
-        raise self.retry(countdown=BUSY_RETRY_SECONDS) from None
+        raise self.retry(countdown=BUSY_RETRY_SECONDS, kwargs={}) from None
     except RetryLater as exc:
-        delay = get_trainer_settings().retry_delay_seconds
-        log.warning("job %s: %s; retrying in %.0f s", job_id, exc, delay)
-        raise self.retry(countdown=delay) from None
+        log.warning("job %s: %s; retrying in %.0f s", job_id, exc, t.retry_delay_seconds)
+        raise self.retry(countdown=t.retry_delay_seconds, kwargs={}) from None
+    except DatabaseUnavailable as exc:
+        delay = db_retry_delay(db_failures, t)
+        if delay is None:
+            # Acknowledged without a result: the job row still says queued/running, and the sweeper re-sends
+            # it once PostgreSQL answers again (its lock is free and its row stale).
+            log.error(
+                "job %s: %s; gave up this delivery after %d retries, the sweeper will re-send the job",
+                job_id,
+                exc,
+                db_failures,
+            )
+            return {"status": "database_unavailable", "job_id": job_id, "error": str(exc)}
+        log.warning("job %s: %s; retry %d of %d in %g s", job_id, exc, db_failures + 1, t.db_retry_max, delay)
+        raise self.retry(countdown=delay, kwargs={"db_failures": db_failures + 1}) from None
 
 
 @celery_app.task(name="trainer.auto_retrain", bind=True)  # type: ignore[untyped-decorator]
 def auto_retrain(self: Task) -> dict[str, Any]:
-    """Retrain each series whose production model is too old, has enough new bars, or is flagged."""
+    """Retrain each series whose newest model is too old, has enough new bars, or is flagged."""
     from services.trainer.retrain import run_auto_retrain
 
     return run_auto_retrain(source_id=str(self.request.id or "manual"))
@@ -47,3 +73,13 @@ def full_retrain(self: Task) -> dict[str, Any]:
     from services.trainer.retrain import run_full_retrain
 
     return run_full_retrain(source_id=str(self.request.id or "manual"))
+
+
+@celery_app.task(name="trainer.sweep_jobs", bind=True)  # type: ignore[untyped-decorator]
+def sweep_jobs(self: Task) -> dict[str, Any]:
+    """Re-send queued/running jobs that nobody works on and whose row went stale (lost messages)."""
+    from services.trainer.service import send_train
+    from services.trainer.sweeper import run_sweep
+
+    queue = get_trainer_settings().queue
+    return run_sweep(send=lambda job_id: send_train(job_id, queue, celery_app))

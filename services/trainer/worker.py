@@ -4,28 +4,63 @@ Guarantees (see docs/TRAINER.md): a job's message is acknowledged only after the
 (acks_late), is handed back when the worker process dies (task_reject_on_worker_lost), and a worker holds
 one message at a time (prefetch 1). A redelivered job is a no-op or a clean rerun: the job row and its
 advisory lock in PostgreSQL, and the unique training_job_id of model_versions, make one version per job.
+A message lost anyway (PostgreSQL down through every retry, a publish that failed) is re-sent by the
+sweeper (`trainer.sweep_jobs`, beat).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 from celery.schedules import crontab
 
-from services.trainer.settings import get_trainer_settings
-from shared.settings import get_settings
+from services.trainer.settings import TrainerSettings, get_trainer_settings
+from shared.settings import Settings, get_settings
 
 
-def broker_url() -> str:
-    s = get_settings()
+def broker_url(settings: Settings | None = None) -> str:
+    s = settings or get_settings()
     return s.celery_broker_url or s.redis_url or "redis://127.0.0.1:6379/0"
 
 
-def _create() -> Celery:
-    t = get_trainer_settings()
-    app = Celery("aicash-trainer")
+def is_amqp(url: str) -> bool:
+    return url.split("://", 1)[0].lower() in ("amqp", "amqps", "pyamqp")
+
+
+def transport_options(url: str, t: TrainerSettings) -> dict[str, Any]:
+    """Per broker: socket timeouts on every connection (a silent broker must not block a publish forever)."""
+    if is_amqp(url):
+        # py-amqp: connect_timeout comes from broker_connection_timeout; these bound every frame read/write.
+        # (RabbitMQ has no visibility timeout: set the server's consumer_timeout above the longest job.)
+        return {"read_timeout": t.broker_timeout_seconds, "write_timeout": t.broker_timeout_seconds}
+    return {
+        # An unacknowledged message is handed out again after visibility_timeout; it must exceed the longest
+        # job. unacked_restore_* make a dead worker's message come back promptly once due.
+        "visibility_timeout": t.visibility_timeout_seconds,
+        "unacked_restore_interval": t.unacked_restore_interval_seconds,
+        "unacked_restore_throttle": 1,
+        "socket_timeout": t.broker_timeout_seconds,
+        "socket_connect_timeout": t.broker_timeout_seconds,
+        "socket_keepalive": True,
+    }
+
+
+def create_celery(
+    settings: Settings | None = None, tsettings: TrainerSettings | None = None, *, current: bool = False
+) -> Celery:
+    """A configured Celery app (connects lazily, on the first publish or when a worker starts).
+
+    The worker's app (`celery_app`) is the current app; publishers (the API) build their own from their
+    settings and close it in their lifespan.
+    """
+    t = tsettings or get_trainer_settings()
+    url = broker_url(settings)
+    app = Celery("aicash-trainer", set_as_current=current)
     app.conf.update(
-        broker_url=broker_url(),
+        broker_url=url,
         broker_connection_retry_on_startup=True,
+        broker_connection_timeout=t.broker_timeout_seconds,
         # JSON only: a pickle message is code execution for whoever can write to the broker.
         task_serializer="json",
         result_serializer="json",
@@ -38,14 +73,11 @@ def _create() -> Celery:
         task_default_queue=t.queue,
         task_routes={"trainer.*": {"queue": t.queue}},
         task_track_started=False,
-        # Redis broker: an unacknowledged message is handed out again after visibility_timeout; it must
-        # exceed the longest job. unacked_restore_* make a dead worker's message come back promptly once due.
-        # (RabbitMQ ignores these: there set consumer_timeout above the longest job.)
-        broker_transport_options={
-            "visibility_timeout": t.visibility_timeout_seconds,
-            "unacked_restore_interval": t.unacked_restore_interval_seconds,
-            "unacked_restore_throttle": 1,
-        },
+        # A publish that cannot reach the broker is retried once, quickly; the caller bounds the whole send
+        # (service.publish_train) and the sweeper recovers a job whose message was never sent.
+        task_publish_retry=True,
+        task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5},
+        broker_transport_options=transport_options(url, t),
         worker_hijack_root_logger=False,
         timezone="UTC",
         enable_utc=True,
@@ -62,12 +94,18 @@ def _create() -> Celery:
                     day_of_week=t.full_retrain_day_of_week,
                 ),
             },
+            "trainer-sweep-jobs": {
+                "task": "trainer.sweep_jobs",
+                "schedule": t.sweep_interval_seconds,
+                # Sweeps queued behind a long job are dropped rather than run back to back later.
+                "options": {"expires": t.sweep_interval_seconds},
+            },
         },
     )
     return app
 
 
-celery_app = _create()
+celery_app = create_celery(current=True)
 
 # Registers the tasks on celery_app (tasks imports celery_app from this module, hence at the bottom).
 from services.trainer import tasks  # noqa: E402,F401

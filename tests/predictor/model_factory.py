@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 import numpy as np
+import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
@@ -54,7 +55,7 @@ def linear_softmax_onnx(sequence_length: int, n_features: int, seed: int, bias: 
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="aicash-tests")
     model.ir_version = 8
     onnx.checker.check_model(model)
-    return model.SerializeToString()
+    return bytes(model.SerializeToString())
 
 
 def write_model(
@@ -135,6 +136,6 @@ async def register(
         await conn.close()
 
 
-def feature_scaler(values: np.ndarray) -> tuple[list[float], list[float]]:
+def feature_scaler(values: npt.NDArray[np.float64]) -> tuple[list[float], list[float]]:
     """Mean and standard deviation per feature column, as the trainer fits them."""
     return values.mean(axis=0).tolist(), np.where(values.std(axis=0) > 0, values.std(axis=0), 1.0).tolist()

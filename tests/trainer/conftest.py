@@ -4,6 +4,7 @@ Celery worker process on a Redis queue of this run's own."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import secrets
@@ -12,12 +13,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import numpy as np
@@ -203,18 +206,106 @@ class Worker:
                 pass
 
 
+class TcpProxy:
+    """A loopback TCP forwarder in front of PostgreSQL that a test can take down and bring back.
+
+    `down()` cuts every forwarded connection (as a PostgreSQL restart or a network drop does: the server
+    session ends, its advisory locks go with it) and turns new connections away until `up()`.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.server = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.port = self.server.getsockname()[1]
+        self.available = threading.Event()
+        self.available.set()
+        self.lock = threading.Lock()
+        self.open: list[socket.socket] = []
+        self.closed = False
+        threading.Thread(target=self._accept, name="pg-proxy", daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if not self.available.is_set():
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self.lock:
+                self.open += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+    def down(self) -> None:
+        self.available.clear()
+        with self.lock:
+            socks, self.open = self.open, []
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def up(self) -> None:
+        self.available.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.down()
+        self.server.close()
+
+
 @pytest.fixture(scope="session")
-def worker_env(trainer_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def pg_proxy(database_url: str) -> Iterator[TcpProxy]:
+    u = urlsplit(database_url)
+    proxy = TcpProxy(u.hostname or "127.0.0.1", u.port or 5432)
+    yield proxy
+    proxy.close()
+
+
+def via_proxy(database_url: str, proxy: TcpProxy) -> str:
+    u = urlsplit(database_url)
+    netloc = (u.netloc.rsplit("@", 1)[0] + "@" if "@" in u.netloc else "") + f"127.0.0.1:{proxy.port}"
+    return urlunsplit(u._replace(netloc=netloc))
+
+
+@pytest.fixture(scope="session")
+def worker_env(
+    trainer_settings: Settings, tmp_path_factory: pytest.TempPathFactory, pg_proxy: TcpProxy
+) -> dict[str, str]:
     assert trainer_settings.database_url and trainer_settings.redis_url and trainer_settings.s3_endpoint_url
     return {
         **os.environ,
-        "DATABASE_URL": trainer_settings.database_url,
+        # The worker reaches PostgreSQL through a proxy the tests can cut (the API and the tests do not).
+        "DATABASE_URL": via_proxy(trainer_settings.database_url, pg_proxy),
         "CELERY_BROKER_URL": trainer_settings.redis_url,
         "MODEL_STORE_URL": trainer_settings.model_store_url,
         "S3_ENDPOINT_URL": trainer_settings.s3_endpoint_url,
         "TRAINER_QUEUE": f"trainer-test-{os.getpid()}-{secrets.token_hex(3)}",
         "TRAINER_FAULT_INJECTION": "true",
         "TRAINER_RETRY_DELAY_SECONDS": "1",
+        # PostgreSQL unreachable: retry the delivery every second or so, for as long as a test keeps it down.
+        "TRAINER_DB_RETRY_BASE_SECONDS": "0.5",
+        "TRAINER_DB_RETRY_MAX_DELAY_SECONDS": "1",
+        "TRAINER_DB_RETRY_MAX": "100",
         # Redelivery of a dead worker's message within seconds (production: hours, above the longest job).
         "TRAINER_VISIBILITY_TIMEOUT_SECONDS": "15",
         "TRAINER_UNACKED_RESTORE_INTERVAL_SECONDS": "2",

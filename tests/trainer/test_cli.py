@@ -58,3 +58,42 @@ def test_train_unknown_series_exits_with_the_reason(cli: typer.Typer) -> None:
     r = CliRunner().invoke(cli, ["train", "--symbol", "NOSUCH", "--timeframe", "H1", "--local"])
     assert r.exit_code == 2
     assert "not_found" in r.output and "NOSUCH" in r.output
+
+
+def test_train_local_never_leaves_a_retryable_failure_queued(
+    cli: typer.Typer, spx_bars: str, monkeypatch: pytest.MonkeyPatch, database_url: str
+) -> None:
+    import asyncio
+    import re
+
+    import asyncpg
+
+    from services.trainer import repository as repo
+    from services.trainer.settings import get_trainer_settings
+
+    # An error worth retrying (an ordinary exception); in-process there is no broker to retry through.
+    monkeypatch.setenv("TRAINER_FAULT_INJECTION", "true")
+    get_trainer_settings.cache_clear()
+    try:
+        params = json.dumps({"lstm_units": [8], "fault": "raise"})
+        r = CliRunner().invoke(
+            cli, ["train", "--symbol", spx_bars, "--timeframe", "D1", "--epochs", "1", "--params", params, "--local"]
+        )
+    finally:
+        monkeypatch.delenv("TRAINER_FAULT_INJECTION")
+        get_trainer_settings.cache_clear()
+    assert r.exit_code == 1, r.output
+    found = re.search(r"job ([0-9a-f]{32})", r.output)
+    assert found, r.output
+
+    async def read() -> object:
+        conn = await asyncpg.connect(database_url)
+        try:
+            return await repo.get_job(conn, found.group(1))
+        finally:
+            await conn.close()
+
+    job = asyncio.run(read())
+    assert job is not None and job.status == "failed" and job.attempts == 1  # type: ignore[attr-defined]
+    assert job.error == "failed (in-process run, not retried): RuntimeError: injected fault"  # type: ignore[attr-defined]
+    assert "injected fault" in " ".join(r.output.split())

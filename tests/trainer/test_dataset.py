@@ -86,6 +86,22 @@ def test_too_few_bars_is_a_clear_error(bars: OHLCV) -> None:
         build_dataset(bars.tail(700), Timeframe.H1, Timeframe.H1, "SYN", CFG)
 
 
+def test_a_split_too_small_to_use_is_a_clear_error_not_a_crash(bars: OHLCV) -> None:
+    # min_sequences is met, but 5% of ~150 usable sequences leaves 6 for validation and test.
+    cfg = TrainConfig(min_sequences=30, val_fraction=0.05, test_fraction=0.05)
+    with pytest.raises(NotEnoughBars, match=r"need at least 10 sequences per split; .* validation 6, test 6"):
+        build_dataset(bars.tail(700), Timeframe.H1, Timeframe.H1, "SYN", cfg)
+
+
+def test_hyperparameters_are_bounded_per_element() -> None:
+    from pydantic import ValidationError
+
+    assert TrainConfig(lstm_units=(1, 1024, 1024, 1)).lstm_units == (1, 1024, 1024, 1)
+    for bad in ({"lstm_units": (0,)}, {"lstm_units": (1025,)}, {"lstm_units": (8,) * 5}, {"seed": -1}):
+        with pytest.raises(ValidationError):
+            TrainConfig.model_validate(bad)
+
+
 def test_class_weights_balance_the_classes() -> None:
     y = np.array([0] * 10 + [1] * 30 + [2] * 20)
     w = class_weights(y)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -16,7 +17,8 @@ from services.trainer.jobs import run_job
 from shared.model_metadata import CLASSES, ModelMetadata, artifact_prefix
 from shared.settings import Settings
 from shared.storage import ObjectStore, sha256_hex
-from tests.trainer.conftest import TINY, new_job
+from shared.timeframes import Timeframe
+from tests.trainer.conftest import TINY, ingest, new_job
 
 
 async def test_training_registers_a_production_model_with_consistent_artifacts(
@@ -38,7 +40,7 @@ async def test_training_registers_a_production_model_with_consistent_artifacts(
     v = versions[0]
     assert v.status == "production"  # the first model of a series serves
     assert v.training_job_id == trained["job_id"]
-    assert v.version.endswith("-" + trained["job_id"][:6])
+    assert v.version.endswith("-" + trained["job_id"])  # the whole job id: one job per version folder
     prefix = artifact_prefix("SPXTRAIN", "D1", v.version)
     assert v.artifact_uri == s3_store.uri(prefix)
     assert sorted(s3_store.list(prefix)) == [prefix + n for n in ("metadata.json", "model.keras", "model.onnx")]
@@ -128,3 +130,81 @@ async def test_too_few_bars_fails_clearly_and_registers_nothing(
         await conn.close()
     assert job is not None and job.status == "failed" and job.error == result["error"]
     assert n == 0
+
+
+async def test_job_whose_splits_would_be_too_small_fails_at_once_with_the_reason(
+    database_url: str, trainer_settings: Settings, sp500: Any
+) -> None:
+    # Enough bars for min_sequences, but a 5% validation split of ~140 sequences holds 6 of them.
+    await ingest(database_url, "SPLITTRAIN", Timeframe.D1, sp500.tail(700))
+    params = {**TINY, "min_sequences": 30, "val_fraction": 0.05, "test_fraction": 0.05}
+    job_id = await new_job(database_url, "SPLITTRAIN", "D1", params)
+    result = await asyncio.to_thread(run_job, job_id, settings=trainer_settings)
+    assert result["status"] == "failed"
+    assert "need at least 10 sequences per split" in result["error"] and "validation 6" in result["error"]
+    conn = await asyncpg.connect(database_url)
+    try:
+        job = await repo.get_job(conn, job_id)
+    finally:
+        await conn.close()
+    assert job is not None and job.status == "failed" and job.attempts == 1  # an operator error: not retried
+
+
+async def test_onnx_that_disagrees_with_keras_is_refused_and_nothing_is_registered(
+    database_url: str, trainer_settings: Settings, s3_store: ObjectStore, sp500: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    from services.trainer import model as m
+
+    real_export = m.export_onnx
+
+    def perturbed_export(net: Any, cfg: Any) -> bytes:
+        # The real export, then the output layer's weights for SELL nudged: a converter bug in miniature.
+        proto = onnx.load_from_string(real_export(net, cfg))
+        weights = [
+            i for i in proto.graph.initializer if i.dims and i.dims[-1] == 3 and i.data_type == onnx.TensorProto.FLOAT
+        ]
+        assert weights, "no float initializer of the 3-class output layer in the exported graph"
+        for init in weights:
+            arr = numpy_helper.to_array(init).copy()
+            arr[..., 0] += np.float32(0.05)  # one class only: a shift of all three would cancel in the softmax
+            init.CopyFrom(numpy_helper.from_array(arr, init.name))
+        return bytes(proto.SerializeToString())
+
+    monkeypatch.setattr(m, "export_onnx", perturbed_export)
+    await ingest(database_url, "ONNXTRAIN", Timeframe.D1, sp500.tail(1200))
+    job_id = await new_job(database_url, "ONNXTRAIN", "D1", TINY)
+    result = await asyncio.to_thread(run_job, job_id, settings=trainer_settings)
+
+    assert result["status"] == "failed"
+    assert result["error"].startswith("ONNX and Keras disagree by ") and "limit 1e-05" in result["error"]
+    conn = await asyncpg.connect(database_url)
+    try:
+        job = await repo.get_job(conn, job_id)
+        n = await conn.fetchval("SELECT count(*) FROM model_versions WHERE symbol = 'ONNXTRAIN'")
+    finally:
+        await conn.close()
+    assert job is not None and job.status == "failed" and job.attempts == 1  # OnnxMismatch is not retried
+    assert n == 0
+    assert s3_store.list("ONNXTRAIN/") == []  # refused before anything was uploaded
+
+
+def test_cleanup_of_an_interrupted_attempt_touches_only_its_own_job(s3_store: ObjectStore) -> None:
+    from services.trainer.artifacts import remove_unregistered, version_string
+
+    # Two live jobs whose ids share their first 6 (and more) characters.
+    mine, theirs = "abcdef0123" + "0" * 22, "abcdef0123" + "1" * 22
+    at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    my_left, my_registered = version_string(mine, at), version_string(mine, at.replace(minute=9))
+    their_partial = version_string(theirs, at)
+    for version in (my_left, my_registered, their_partial):
+        for name in ("model.keras", "model.onnx"):
+            s3_store.put(artifact_prefix("CLEANUP", "H1", version) + name, b"x")
+
+    removed = remove_unregistered(s3_store, "CLEANUP", "H1", mine, {my_registered})
+
+    assert sorted(removed) == [artifact_prefix("CLEANUP", "H1", my_left) + n for n in ("model.keras", "model.onnx")]
+    left = {k.split("/")[2] for k in s3_store.list("CLEANUP/H1/")}
+    assert left == {my_registered, their_partial}

@@ -1,5 +1,5 @@
 """A real Celery worker process on a Redis queue of this run: jobs through the API, killed workers,
-crashing jobs."""
+crashing jobs, PostgreSQL going away under the worker, lost messages recovered by the sweeper."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from services.trainer.settings import TrainerSettings
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.conftest import asgi_client
-from tests.trainer.conftest import TINY, Worker
+from tests.trainer.conftest import TINY, TcpProxy, Worker, new_job
 
 pytestmark = pytest.mark.slow
 
@@ -113,9 +113,104 @@ async def test_sigkilled_worker_job_completes_exactly_once(
         await conn.close()
     assert len(rows) == 1
     assert job.result is not None and job.result["version"] == rows[0]["version"]
-    versions = {k.split("/")[2] for k in s3_store.list("SPXTRAIN/D1/") if k.split("/")[2].endswith(job_id[:6])}
+    versions = {k.split("/")[2] for k in s3_store.list("SPXTRAIN/D1/") if k.split("/")[2].endswith("-" + job_id)}
     assert versions == {rows[0]["version"]}
 
     r = await api.get("/v1/models", params={"symbol": "SPXTRAIN", "timeframe": "D1"})
     assert r.status_code == 200
     assert rows[0]["version"] in [m["version"] for m in r.json()]
+
+
+async def _versions_of(database_url: str, job_id: str) -> list[str]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch("SELECT version FROM model_versions WHERE training_job_id = $1", job_id)
+    finally:
+        await conn.close()
+    return [r["version"] for r in rows]
+
+
+async def test_database_down_when_the_worker_picks_the_job_is_retried_not_lost(
+    api: httpx.AsyncClient, database_url: str, pg_proxy: TcpProxy, spx_bars: str
+) -> None:
+    pg_proxy.down()  # the worker cannot reach PostgreSQL (the API can)
+    try:
+        job_id = await _submit(api, TINY)
+        await asyncio.sleep(4)  # several deliveries fail to connect and are retried with backoff
+        job = await _job(database_url, job_id)
+        assert job.status == "queued" and job.attempts == 0
+    finally:
+        pg_proxy.up()
+    job = await _wait(database_url, job_id, _done)
+    assert job.status == "succeeded", job.error
+    assert job.attempts == 1  # deliveries that could not reach PostgreSQL started no attempt
+    assert len(await _versions_of(database_url, job_id)) == 1
+
+
+async def test_database_lost_during_training_is_retried_and_the_job_completes_once(
+    api: httpx.AsyncClient, database_url: str, pg_proxy: TcpProxy, s3_store: ObjectStore, spx_bars: str
+) -> None:
+    job_id = await _submit(api, {**TINY, "epochs": 10, "patience": 10})
+    await _wait(database_url, job_id, lambda j: j.status == "running" and len(j.history) >= 1)
+    pg_proxy.down()  # drops the worker's connection mid-training: the next epoch's progress write fails
+    try:
+        await asyncio.sleep(4)
+        job = await _job(database_url, job_id)
+        assert job.status == "running" and job.attempts == 1  # nobody could record anything meanwhile
+    finally:
+        pg_proxy.up()
+    job = await _wait(database_url, job_id, _done)
+    assert job.status == "succeeded", job.error
+    assert job.attempts == 2  # the interrupted attempt counts, once
+    assert [h.epoch for h in job.history][0] == 1
+    versions = await _versions_of(database_url, job_id)
+    assert len(versions) == 1
+    folders = {k.split("/")[2] for k in s3_store.list("SPXTRAIN/D1/") if k.split("/")[2].endswith("-" + job_id)}
+    assert folders == set(versions)
+
+
+async def test_sweeper_resends_an_orphaned_job_which_completes_exactly_once(
+    trainer_settings: Settings, database_url: str, worker_env: dict[str, str], worker: Worker, spx_bars: str
+) -> None:
+    from services.trainer.service import send_train
+    from services.trainer.sweeper import run_sweep
+    from services.trainer.worker import create_celery
+
+    tsettings = TrainerSettings(queue=worker_env["TRAINER_QUEUE"], sweep_stale_after_seconds=600)
+    publisher = create_celery(trainer_settings, tsettings)
+    sent: list[str] = []
+
+    def send(job_id: str) -> None:
+        sent.append(job_id)
+        send_train(job_id, tsettings.queue, publisher)
+
+    # A job row whose message was lost (never sent), untouched for an hour; and a "running" job as old
+    # whose lock a live process holds (slow, not lost): only the first is re-sent.
+    orphan = await new_job(database_url, "SPXTRAIN", "D1", TINY)
+    busy = await new_job(database_url, "SPXTRAIN", "M1", {})
+    conn = await asyncpg.connect(database_url)
+    holder = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "UPDATE training_jobs SET updated_at = now() - interval '1 hour' WHERE id = ANY($1::text[])", [orphan, busy]
+        )
+        await conn.execute("UPDATE training_jobs SET status = 'running' WHERE id = $1", busy)
+        assert await repo.try_lock_job(holder, busy)
+
+        first = await asyncio.to_thread(run_sweep, send, trainer_settings, tsettings)
+        assert first["resent"] == [orphan] and sent == [orphan]
+        again = await asyncio.to_thread(run_sweep, send, trainer_settings, tsettings)
+        assert again["resent"] == []  # claimed rows wait another stale period before a second send
+
+        job = await _wait(database_url, orphan, _done)
+        assert job.status == "succeeded", job.error
+        assert job.attempts == 1
+        assert len(await _versions_of(database_url, orphan)) == 1
+        await conn.execute("UPDATE training_jobs SET updated_at = now() - interval '1 hour' WHERE id = $1", orphan)
+        assert (await asyncio.to_thread(run_sweep, send, trainer_settings, tsettings))["resent"] == []
+        assert sent == [orphan]
+    finally:
+        await repo.fail_job(conn, busy, "test: done")
+        await holder.close()
+        await conn.close()
+        publisher.close()
