@@ -50,7 +50,8 @@ async def read_body(request: Request, max_bytes: int = MAX_BODY_BYTES) -> bytes:
     return b"".join(chunks)
 
 
-def get_pool(request: Request) -> asyncpg.Pool:
+async def get_pool(request: Request) -> asyncpg.Pool:
+    # async on purpose: FastAPI runs a plain `def` dependency in its thread pool, a hop per request.
     return request.app.state.pool  # type: ignore[no-any-return]
 
 

@@ -31,7 +31,7 @@ from shared.timeframes import SYMBOL_RE, Timeframe, check_symbol, parse_timefram
 router = APIRouter()
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 

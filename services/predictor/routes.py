@@ -16,14 +16,13 @@ from services.predictor import repository
 from services.predictor.metrics import PREDICTION_DURATION, PREDICTION_REQUESTS
 from services.predictor.schemas import ModelOut, PredictionIn, PredictionOut, PredictionRecord, WeightsOut
 from services.predictor.service import PredictionRequest, Predictor
-from shared.app import json_body
+from shared.app import json_body, read_body
 from shared.auth import Authenticator, Principal, ReadKey, Role
 from shared.bars import parse_json
 from shared.errors import (
     AppError,
     Forbidden,
     NotFoundError,
-    PayloadTooLarge,
     ServiceUnavailable,
     ValidationFailed,
     error_responses,
@@ -88,20 +87,6 @@ async def get_predictor(request: Request) -> Predictor:
 
 
 PredictorDep = Annotated[Predictor, Depends(get_predictor)]
-
-
-async def _read_body(request: Request) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise PayloadTooLarge(f"body of {declared} bytes; the limit is {MAX_BODY_BYTES}")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise PayloadTooLarge(f"body over {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _targets(base: Timeframe, raw: object) -> list[Timeframe]:
@@ -202,7 +187,7 @@ async def post_prediction(request: Request, _: ReadKey) -> JSONBytes:
     state: dict[str, object] = {}
 
     async def run() -> dict[str, Any]:
-        raw = parse_json(await _read_body(request))
+        raw = parse_json(await read_body(request, MAX_BODY_BYTES))
         if isinstance(raw, dict):
             state["symbol"] = raw.get("symbol")
         req = parse_request(raw, use_cache=not _no_cache(request))

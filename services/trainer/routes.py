@@ -20,11 +20,11 @@ from shared.timeframes import Timeframe
 router = APIRouter()
 
 
-def get_tsettings(request: Request) -> TrainerSettings:
+async def get_tsettings(request: Request) -> TrainerSettings:
     return request.app.state.trainer_settings  # type: ignore[no-any-return]
 
 
-def get_publisher(request: Request) -> Celery:
+async def get_publisher(request: Request) -> Celery:
     return request.app.state.celery  # type: ignore[no-any-return]
 
 
