@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from services.indicators.metrics import StalenessCollector
 from services.indicators.routes import router
 from services.indicators.schemas import IndicatorsIn
-from shared.app import build_app, periodic
+from shared.app import add_routes, build_app, periodic
 from shared.bars import BarsIn
 from shared.db import create_pool
 from shared.health import ReadinessChecks
@@ -69,7 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         extra_schemas=[BarsIn, IndicatorsIn],
     )
     app.state.staleness = staleness
-    app.include_router(router)
+    add_routes(app, router)
     return app
 
 

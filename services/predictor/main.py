@@ -23,7 +23,7 @@ from services.predictor.series import SeriesStamps
 from services.predictor.service import Predictor
 from services.predictor.settings import PredictorSettings, get_predictor_settings
 from services.predictor.signals import WeightsBook
-from shared.app import build_app
+from shared.app import add_routes, build_app
 from shared.cache import create_redis
 from shared.db import create_pool, require_database_url
 from shared.health import ReadinessChecks
@@ -144,8 +144,7 @@ def create_app(settings: PredictorSettings | None = None) -> FastAPI:
         checks=checks,
         extra_schemas=[PredictionIn],
     )
-    app.include_router(lean)
-    app.include_router(router)
+    add_routes(app, lean, router)
     return app
 
 

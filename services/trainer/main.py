@@ -16,7 +16,7 @@ from services.trainer.metrics import TrainingJobsCollector
 from services.trainer.routes import router
 from services.trainer.settings import TrainerSettings, get_trainer_settings
 from services.trainer.worker import create_celery
-from shared.app import build_app, periodic
+from shared.app import add_routes, build_app, periodic
 from shared.db import create_pool
 from shared.health import ReadinessChecks
 from shared.logging import configure_logging
@@ -68,7 +68,7 @@ def create_app(settings: Settings | None = None, trainer_settings: TrainerSettin
     )
     app.state.jobs_metrics = jobs_metrics
     app.state.trainer_settings = tsettings
-    app.include_router(router)
+    add_routes(app, router)
     return app
 
 
