@@ -48,7 +48,10 @@ fmt: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# wrk (Debian) generates the load of the predictor benchmark.
 bench: install
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk >/dev/null; } || \
+	  { echo "make bench needs wrk: apt-get install wrk" >&2; exit 1; }
 	$(PY) -m benchmarks.run
 
 clean:
