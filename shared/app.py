@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import itertools
 import logging
 import re
+import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Annotated, Any
 
@@ -17,6 +18,7 @@ import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request
 from prometheus_client.registry import Collector
 from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.auth import Authenticator
@@ -41,14 +43,20 @@ async def read_body(request: Request, max_bytes: int = MAX_BODY_BYTES) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLarge(f"body of {declared} bytes; the limit is {max_bytes}")
+    # The ASGI messages read directly: Request.stream()'s async generator costs more than a small body.
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > max_bytes:
             raise PayloadTooLarge(f"body over {max_bytes} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 async def get_pool(request: Request) -> asyncpg.Pool:
@@ -84,6 +92,16 @@ async def periodic(what: str, interval_s: float, fn: Callable[[], Awaitable[None
             await task
 
 
+_RID_PREFIX = secrets.token_hex(10)
+_rid_counter = itertools.count(1)
+
+
+def _next_request_id() -> str:
+    # Unique per process start (random prefix) and request (counter): a uuid4 per request is a system call
+    # for randomness that request ids do not need.
+    return f"{_RID_PREFIX}{next(_rid_counter):012x}"
+
+
 class RequestIdMiddleware:
     """Takes `X-Request-ID` (or makes one), puts it in the log context and returns it in the response; logs
     one JSON line per request; turns an unexpected exception into a JSON 500 that carries the request id
@@ -106,7 +124,7 @@ class RequestIdMiddleware:
                 if _REQUEST_ID_RE.match(candidate):
                     rid = candidate
                 break
-        rid = rid or uuid.uuid4().hex
+        rid = rid or _next_request_id()
         token = request_id_var.set(rid)
         raw = rid.encode()
         status = 0

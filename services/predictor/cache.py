@@ -70,7 +70,8 @@ class PredictionCache:
 
     async def store(self, key: str, entry: Entry, ttl_s: int) -> None:
         self._l1_put(key, entry)
-        await self.set(key, orjson.dumps(entry), ttl_s)
+        # Keys starting with "_" are in-process additions (a pre-rendered response): not for Redis.
+        await self.set(key, orjson.dumps({k: v for k, v in entry.items() if not k.startswith("_")}), ttl_s)
 
     def _l1_put(self, key: str, entry: Entry) -> None:
         if self.l1_entries <= 0:

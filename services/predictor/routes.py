@@ -139,9 +139,7 @@ def _label(predictor: Predictor, symbol: object) -> str:
     return "unknown"
 
 
-async def _measured(
-    predictor: Predictor, symbol: Callable[[], object], fn: Callable[[], Awaitable[dict[str, Any]]]
-) -> JSONBytes:
+async def _measured(predictor: Predictor, symbol: Callable[[], object], fn: Callable[[], Awaitable[bytes]]) -> Response:
     start = time.perf_counter()
     try:
         body = await fn()
@@ -162,7 +160,7 @@ async def _measured(
         raise
     PREDICTION_REQUESTS.labels(_label(predictor, symbol()), "ok").inc()
     PREDICTION_DURATION.observe(time.perf_counter() - start)
-    return JSONBytes(body)
+    return Response(body, media_type="application/json")
 
 
 @lean.post(
@@ -172,7 +170,7 @@ async def _measured(
     responses=error_responses(401, 403, 404, 413, 422, 503),
     openapi_extra=json_body(PredictionIn, {"symbol": "EURUSD", "timeframe": "H1", "timeframes": ["H1", "H4"]}),
 )
-async def post_prediction(request: Request, _: ReadKey) -> JSONBytes:
+async def post_prediction(request: Request, _: ReadKey) -> Response:
     """A signal with calibrated confidence, per-timeframe signals and their consensus, the indicator score
     and risk limits (role read).
 
@@ -186,7 +184,7 @@ async def post_prediction(request: Request, _: ReadKey) -> JSONBytes:
     predictor: Predictor = request.app.state.predictor
     state: dict[str, object] = {}
 
-    async def run() -> dict[str, Any]:
+    async def run() -> bytes:
         raw = parse_json(await read_body(request, MAX_BODY_BYTES))
         if isinstance(raw, dict):
             state["symbol"] = raw.get("symbol")
@@ -202,14 +200,14 @@ async def post_prediction(request: Request, _: ReadKey) -> JSONBytes:
     response_model=PredictionOut,
     responses=error_responses(401, 403, 404, 422, 503),
 )
-async def get_signal(symbol: str, timeframe: str, request: Request, _: ReadKey) -> JSONBytes:
+async def get_signal(symbol: str, timeframe: str, request: Request, _: ReadKey) -> Response:
     """The latest signal of a series from its stored bars; from the cache while fresh (role read).
 
     The same computation and response as `POST /v1/predictions` without bars, on one timeframe.
     """
     predictor: Predictor = request.app.state.predictor
 
-    async def run() -> dict[str, Any]:
+    async def run() -> bytes:
         check_symbol(symbol)
         tf = parse_timeframe(timeframe)
         req = PredictionRequest(symbol, tf, [tf], None, None, not _no_cache(request))
