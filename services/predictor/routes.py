@@ -139,6 +139,20 @@ def _label(predictor: Predictor, symbol: object) -> str:
     return "unknown"
 
 
+_ok_counters: dict[str, Any] = {}
+
+
+def _count_ok(predictor: Predictor, symbol: object) -> None:
+    # The labelled child of a served symbol is looked up once, not on every request.
+    child = _ok_counters.get(symbol) if isinstance(symbol, str) else None
+    if child is None:
+        label = _label(predictor, symbol)
+        child = PREDICTION_REQUESTS.labels(label, "ok")
+        if label != "unknown":
+            _ok_counters[label] = child
+    child.inc()
+
+
 async def _measured(predictor: Predictor, symbol: Callable[[], object], fn: Callable[[], Awaitable[bytes]]) -> Response:
     start = time.perf_counter()
     try:
@@ -158,7 +172,7 @@ async def _measured(predictor: Predictor, symbol: Callable[[], object], fn: Call
     except Exception:
         PREDICTION_REQUESTS.labels(_label(predictor, symbol()), "error").inc()
         raise
-    PREDICTION_REQUESTS.labels(_label(predictor, symbol()), "ok").inc()
+    _count_ok(predictor, symbol())
     PREDICTION_DURATION.observe(time.perf_counter() - start)
     return Response(body, media_type="application/json")
 
