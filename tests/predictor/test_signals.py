@@ -92,3 +92,18 @@ def test_cache_ttl_ends_when_the_bar_closes() -> None:
     assert ttl_seconds(Timeframe.H1, 60, now=h1_open + 3600 - 10) == 10
     assert ttl_seconds(Timeframe.H1, 60, now=h1_open + 5) == 60
     assert ttl_seconds(Timeframe.M1, 60, now=h1_open + 30.5) == 30
+
+
+def test_prediction_ids_are_version_7_uuids_in_time_order() -> None:
+    import time
+    import uuid
+
+    from services.predictor.service import uuid7
+
+    before = time.time_ns() // 1_000_000
+    ids = [uuid7() for _ in range(1000)]
+    after = time.time_ns() // 1_000_000
+    assert all(i.version == 7 and i.variant == uuid.RFC_4122 for i in ids)
+    assert all(before <= i.int >> 80 <= after for i in ids)
+    assert [i.int >> 80 for i in ids] == sorted(i.int >> 80 for i in ids)
+    assert len(set(ids)) == 1000
