@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 
 import asyncpg
@@ -44,3 +45,46 @@ async def with_retry[T](fn: Callable[[], Awaitable[T]]) -> T:
         return await fn()
     except (asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError, ConnectionError):
         return await fn()
+
+
+class PgListener:
+    """A dedicated connection that LISTENs on one channel, for caches that PostgreSQL NOTIFYs invalidate.
+
+    `connect()` (re)opens it; `on_lost` runs when the server drops it, so the owner can reconnect and
+    re-read whatever changed while nobody listened. The owner keeps its own polling fallback.
+    """
+
+    def __init__(
+        self,
+        database_url: str,
+        channel: str,
+        application_name: str,
+        on_notify: Callable[[str], None],
+        on_lost: Callable[[], None],
+    ) -> None:
+        self.database_url = database_url
+        self.channel = channel
+        self.application_name = application_name
+        self.on_notify = on_notify
+        self.on_lost = on_lost
+        self._conn: asyncpg.Connection | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.is_closed()
+
+    async def connect(self) -> None:
+        """Open the connection and LISTEN; raises when PostgreSQL cannot be reached."""
+        await self.close()
+        conn = await asyncpg.connect(
+            self.database_url, timeout=5, server_settings={"application_name": self.application_name}
+        )
+        await conn.add_listener(self.channel, lambda _c, _pid, _ch, payload: self.on_notify(payload))
+        conn.add_termination_listener(lambda _c: self.on_lost())
+        self._conn = conn
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            with contextlib.suppress(Exception):
+                await conn.close(timeout=2)

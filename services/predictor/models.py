@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from services.predictor import repository
 from services.predictor.metrics import ACTIVE_MODELS, MODEL_LOAD_FAILURES
 from services.predictor.repository import RegistryRow
+from shared.db import PgListener
 from shared.model_metadata import CLASSES, ModelMetadata, artifact_prefix
 from shared.storage import ObjectStore, sha256_hex
 
@@ -160,7 +161,13 @@ class ModelManager:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._listen_conn: asyncpg.Connection | None = None
+        self._listener = PgListener(
+            database_url,
+            "model_registry",
+            "aicash-predictor-listen",
+            on_notify=lambda _payload: self._wake.set(),
+            on_lost=self._wake.set,
+        )
         # Something else to refresh on every registry change or poll (the indicator weights).
         self.on_refresh: list[Any] = []
 
@@ -231,32 +238,18 @@ class ModelManager:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self._close_listener()
-
-    def _notified(self, *_: object) -> None:
-        self._wake.set()
-
-    async def _close_listener(self) -> None:
-        conn, self._listen_conn = self._listen_conn, None
-        if conn is not None and not conn.is_closed():
-            with contextlib.suppress(Exception):
-                await conn.close(timeout=2)
+        await self._listener.close()
 
     async def _ensure_listener(self) -> None:
-        if self._listen_conn is not None and not self._listen_conn.is_closed():
+        if self._listener.connected:
             return
-        await self._close_listener()
         try:
-            conn = await asyncpg.connect(
-                self.database_url, timeout=5, server_settings={"application_name": "aicash-predictor-listen"}
-            )
-            await conn.add_listener("model_registry", self._notified)
-            conn.add_termination_listener(lambda _c: self._wake.set())
-            self._listen_conn = conn
-            # Changes made while no one listened are picked up by the refresh this wake-up triggers.
-            self._wake.set()
+            await self._listener.connect()
         except Exception as exc:  # noqa: BLE001 - polling covers the gap; try again next round
             log.warning("cannot LISTEN on model_registry; polling only", extra={"error": str(exc)})
+            return
+        # Changes made while no one listened are picked up by the refresh this wake-up triggers.
+        self._wake.set()
 
     async def _run(self) -> None:
         while True:

@@ -20,6 +20,7 @@ import orjson
 
 from services.predictor import repository
 from services.predictor.repository import SeriesStamp
+from shared.db import PgListener
 from shared.market_repository import SERIES_CHANNEL
 
 log = logging.getLogger("predictor.series")
@@ -35,14 +36,24 @@ class SeriesStamps:
         self._stamps: dict[SeriesKey, SeriesStamp] = {}
         # Bumped by every invalidation: a read that started before one must not store its (older) result.
         self._epoch = 0
-        self._listen_conn: asyncpg.Connection | None = None
+        self._listener = (
+            PgListener(
+                database_url,
+                SERIES_CHANNEL,
+                "aicash-predictor-series",
+                on_notify=self._notified,
+                on_lost=lambda: self._lost.set(),
+            )
+            if database_url is not None
+            else None
+        )
         self._task: asyncio.Task[None] | None = None
         self._lost = asyncio.Event()
         self.notifications = 0  # processed; tests wait on it
 
     @property
     def listening(self) -> bool:
-        return self._listen_conn is not None and not self._listen_conn.is_closed()
+        return self._listener is not None and self._listener.connected
 
     async def get(self, symbol: str, timeframe: str) -> SeriesStamp | None:
         key = (symbol, timeframe)
@@ -72,7 +83,7 @@ class SeriesStamps:
         else:
             self._stamps.pop(key, None)
 
-    def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+    def _notified(self, payload: str) -> None:
         try:
             body = orjson.loads(payload)
             key: SeriesKey | None = (str(body["symbol"]), str(body["timeframe"]))
@@ -82,27 +93,19 @@ class SeriesStamps:
         self.notifications += 1
 
     async def _close_listener(self) -> None:
-        conn, self._listen_conn = self._listen_conn, None
-        if conn is not None and not conn.is_closed():
-            with contextlib.suppress(Exception):
-                await conn.close(timeout=2)
+        if self._listener is not None:
+            await self._listener.close()
 
     async def _ensure_listener(self) -> None:
-        if self.listening or self.database_url is None:
+        if self.listening or self._listener is None:
             return
-        await self._close_listener()
         try:
-            conn = await asyncpg.connect(
-                self.database_url, timeout=5, server_settings={"application_name": "aicash-predictor-series"}
-            )
-            await conn.add_listener(SERIES_CHANNEL, self._notified)
-            conn.add_termination_listener(lambda _c: self._lost.set())
+            await self._listener.connect()
         except Exception as exc:  # noqa: BLE001 - stamps are read per request meanwhile; retry next round
             log.warning("cannot LISTEN on %s; reading stamps per request", SERIES_CHANNEL, extra={"error": str(exc)})
             return
         # Changes made while no one listened: forget every stamp held from before.
         self.invalidate()
-        self._listen_conn = conn
 
     async def poll(self) -> None:
         """Re-read the stamps held; a changed (or vanished) one is replaced (dropped)."""
