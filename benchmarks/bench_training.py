@@ -8,7 +8,7 @@ Data: `tests.data.generate_bars` (seeded geometric random walk, H1, realistic ho
 volume), so the model has nothing real to learn: the quality numbers only show the baseline comparison
 works. The run is in-process on arrays: dataset build (the 17 shared features, labels, purged splits,
 scaler) + fit + calibration + evaluation + ONNX export and check + writing the artifacts to a local
-FileStore. Reading bars from PostgreSQL is not included (about 0.2 s for 60,000 rows).
+FileStore. Reading bars from PostgreSQL is not included (not measured here).
 Prints a Markdown section to stdout.
 """
 

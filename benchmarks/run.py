@@ -17,7 +17,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ["bench_foundation", "bench_indicators", "bench_training", "bench_predictor"]
+ORDER = ["bench_foundation", "bench_stack", "bench_indicators", "bench_training", "bench_predictor"]
 
 
 def machine() -> str:

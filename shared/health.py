@@ -33,6 +33,11 @@ class Readiness(BaseModel):
 CheckFn = Callable[[Request], Awaitable[None]]
 
 
+async def check_database(request: Request) -> None:
+    """The readiness check every service runs on its asyncpg pool (`app.state.pool`)."""
+    await request.app.state.pool.fetchval("SELECT 1")
+
+
 class ReadinessChecks:
     def __init__(self) -> None:
         self.checks: dict[str, tuple[CheckFn, bool]] = {}

@@ -10,7 +10,7 @@ import logging
 from collections.abc import AsyncIterator
 
 import asyncpg
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 from services.indicators.metrics import StalenessCollector
 from services.indicators.routes import router
@@ -18,7 +18,7 @@ from services.indicators.schemas import IndicatorsIn
 from shared.app import add_routes, build_app, periodic
 from shared.bars import BarsIn
 from shared.db import create_pool
-from shared.health import ReadinessChecks
+from shared.health import ReadinessChecks, check_database
 from shared.logging import configure_logging
 from shared.market_repository import list_series
 from shared.settings import Settings, get_settings
@@ -27,10 +27,6 @@ log = logging.getLogger("indicators")
 
 # How often each worker refreshes its snapshot of the series table for the staleness gauge.
 STALENESS_REFRESH_SECONDS = 15.0
-
-
-async def _check_db(request: Request) -> None:
-    await request.app.state.pool.fetchval("SELECT 1")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -57,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await app.state.pool.close()
 
     checks = ReadinessChecks()
-    checks.add("database", _check_db, critical=True)
+    checks.add("database", check_database, critical=True)
     app = build_app(
         title="AI Cash Evolution — indicators",
         description="Market bars in, 17 scale-free technical indicator features out, on any timeframe, "

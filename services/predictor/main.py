@@ -26,7 +26,7 @@ from services.predictor.signals import WeightsBook
 from shared.app import add_routes, build_app
 from shared.cache import create_redis
 from shared.db import create_pool, require_database_url
-from shared.health import ReadinessChecks
+from shared.health import ReadinessChecks, check_database
 from shared.logging import configure_logging
 from shared.storage import open_store
 
@@ -35,10 +35,6 @@ log = logging.getLogger("predictor")
 
 def _predictor(request: Request) -> Predictor:
     return request.app.state.predictor  # type: ignore[no-any-return]
-
-
-async def _check_db(request: Request) -> None:
-    await _predictor(request).pool.fetchval("SELECT 1")
 
 
 async def _check_cache(request: Request) -> None:
@@ -79,7 +75,7 @@ def create_app(settings: PredictorSettings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = await create_pool(settings, "aicash-predictor")
+        pool = app.state.pool = await create_pool(settings, "aicash-predictor")
         store = open_store(settings)
         redis = create_redis(settings, "aicash-predictor")
         features = IndicatorsClient(settings)
@@ -128,7 +124,7 @@ def create_app(settings: PredictorSettings | None = None) -> FastAPI:
             await pool.close()
 
     checks = ReadinessChecks()
-    checks.add("database", _check_db, critical=True)
+    checks.add("database", check_database, critical=True)
     checks.add("indicators", _check_indicators, critical=True)
     checks.add("models_loaded", _check_models_loaded, critical=True)
     checks.add("production_models", _check_production_models, critical=False)

@@ -10,7 +10,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 from services.trainer.metrics import TrainingJobsCollector
 from services.trainer.routes import router
@@ -18,7 +18,7 @@ from services.trainer.settings import TrainerSettings, get_trainer_settings
 from services.trainer.worker import create_celery
 from shared.app import add_routes, build_app, periodic
 from shared.db import create_pool
-from shared.health import ReadinessChecks
+from shared.health import ReadinessChecks, check_database
 from shared.logging import configure_logging
 from shared.settings import Settings, get_settings
 
@@ -27,10 +27,6 @@ log = logging.getLogger("trainer")
 
 # How often the API re-reads the jobs table for ml_training_jobs_total / ml_training_duration_seconds.
 METRICS_REFRESH_SECONDS = 15.0
-
-
-async def _check_db(request: Request) -> None:
-    await request.app.state.pool.fetchval("SELECT 1")
 
 
 def create_app(settings: Settings | None = None, trainer_settings: TrainerSettings | None = None) -> FastAPI:
@@ -56,7 +52,7 @@ def create_app(settings: Settings | None = None, trainer_settings: TrainerSettin
             await app.state.pool.close()
 
     checks = ReadinessChecks()
-    checks.add("database", _check_db, critical=True)
+    checks.add("database", check_database, critical=True)
     app = build_app(
         title="AI Cash Evolution — trainer",
         description="Queue LSTM training jobs, follow their progress, list the versioned model registry. "

@@ -1,0 +1,184 @@
+"""Per-request cost of the shared service stack, in-process (the ASGI app called directly, no server).
+
+Backs the choices in shared/app.py, shared/metrics.py, shared/bars.py and the indicators' `format=columns`: the
+instrumentator's default metric set against the two metrics kept, routers included against routes added flat,
+the access log on and off, bulk bars checked with numpy against pydantic, and the two response formats.
+`python -m benchmarks.bench_stack [--quick]` prints a Markdown section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from typing import Any
+
+from fastapi import APIRouter, FastAPI
+from prometheus_client import CollectorRegistry
+from prometheus_fastapi_instrumentator import Instrumentator
+from prometheus_fastapi_instrumentator import metrics as instrumentator_metrics
+
+from shared.metrics import LATENCY_BUCKETS
+from shared.responses import JSON
+
+
+def _app(routes: int, include: bool) -> tuple[FastAPI, str]:
+    app = FastAPI()
+    router = APIRouter()
+    for i in range(routes - 1):
+
+        async def other(x: str) -> JSON:
+            return JSON({"x": x})
+
+        router.add_api_route(f"/r{i}/{{x}}", other, methods=["GET"])
+
+    async def target() -> JSON:
+        return JSON({"ok": True})
+
+    router.add_api_route("/x", target, methods=["GET"])  # the last route: matched after all the others
+    if include:
+        app.include_router(router)
+    else:
+        app.router.routes.extend(router.routes)
+    return app, "/x"
+
+
+def _instrument(app: FastAPI, lean: bool) -> None:
+    registry = CollectorRegistry()  # each variant its own, so names never collide
+    inst = Instrumentator(should_group_status_codes=False, registry=registry)
+    if lean:  # what shared.metrics.install_metrics does
+        inst.add(instrumentator_metrics.requests(registry=registry))
+        inst.add(
+            instrumentator_metrics.latency(should_include_status=False, buckets=LATENCY_BUCKETS, registry=registry)
+        )
+    else:
+        inst.add(instrumentator_metrics.default(registry=registry))
+    inst.instrument(app)
+
+
+async def per_request_us(app: Any, path: str, n: int) -> float:
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [(b"host", b"t")],
+        "http_version": "1.1",
+        "scheme": "http",
+        "server": ("t", 80),
+        "client": ("c", 1),
+        "root_path": "",
+        "app": app,
+    }
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        return None
+
+    for _ in range(500):
+        await app(dict(scope), receive, send)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(n):
+            await app(dict(scope), receive, send)
+        best = min(best, (time.perf_counter() - t) / n * 1e6)
+    return best
+
+
+async def main_async(n: int) -> list[str]:
+    rows = ["| app | µs per request | vs bare |", "| --- | ---: | ---: |"]
+    bare, path = _app(13, include=False)
+    base = await per_request_us(bare, path, n)
+    rows.append(f"| bare FastAPI, 13 routes added flat | {base:.1f} | |")
+    cases: list[tuple[str, bool, bool | None]] = [
+        ("13 routes through `include_router`", True, None),
+        ("flat + instrumentator, its default metric set", False, False),
+        ("flat + instrumentator, the two metrics kept (`shared.metrics`)", False, True),
+        ("`include_router` + instrumentator default set", True, False),
+    ]
+    for label, include, lean in cases:
+        app, path = _app(13, include)
+        if lean is not None:
+            _instrument(app, lean)
+        us = await per_request_us(app, path, n)
+        rows.append(f"| {label} | {us:.1f} | +{us - base:.1f} |")
+
+    # One JSON access line per request (shared.app.RequestIdMiddleware), on and off.
+    import io
+    import logging
+
+    from shared.app import RequestIdMiddleware
+    from shared.logging import JsonFormatter
+
+    handler = logging.StreamHandler(io.StringIO())
+    handler.setFormatter(JsonFormatter("bench"))
+    access = logging.getLogger("aicash.access")
+    access.addHandler(handler)
+    access.propagate = False
+    for level, label in ((logging.WARNING, "off"), (logging.INFO, "on")):
+        access.setLevel(level)
+        app, path = _app(13, include=False)
+        app.add_middleware(RequestIdMiddleware)
+        us = await per_request_us(app, path, n)
+        rows.append(f"| flat + request-id middleware, access log {label} | {us:.1f} | +{us - base:.1f} |")
+    access.removeHandler(handler)
+
+    return rows
+
+
+def payload_rows(quick: bool) -> list[str]:
+    """Bulk bars validation and the indicators response formats."""
+    import orjson
+
+    from benchmarks.common import best_of
+    from services.indicators.service import render_rows
+    from shared.bars import BarsIn, bars_from_payload, bars_to_rows, parse_json
+    from shared.features import FeatureRows, feature_rows
+    from shared.timeframes import Timeframe
+    from tests.data import generate_bars
+
+    body = orjson.dumps({"bars": bars_to_rows(generate_bars("H1", 50_000, seed=5))})
+    ours = best_of(lambda: bars_from_payload(parse_json(body), Timeframe.H1, 50_000), 3, 1 if quick else 3)
+    pyd = best_of(lambda: BarsIn.model_validate_json(body), 3, 1 if quick else 3)
+    full = feature_rows(generate_bars("H1", 600, seed=6))
+    last = FeatureRows(full.ts[-20:], full.values[-20:])  # the window a prediction asks for
+    n = 2000 if quick else 10000
+    lines = [
+        "",
+        "| payload work | time |",
+        "| --- | ---: |",
+        f"| check 50,000 bars: `shared.bars` (orjson + numpy, every ingest rule) | {ours * 1e3:.1f} ms |",
+        f"| check 50,000 bars: pydantic `BarsIn.model_validate_json` (types and signs only) | {pyd * 1e3:.1f} ms |",
+    ]
+    for fmt in ("rows", "columns"):
+        blob = orjson.dumps(render_rows(last, fmt), option=orjson.OPT_SERIALIZE_NUMPY)
+        render = best_of(lambda fmt=fmt: orjson.dumps(render_rows(last, fmt), option=orjson.OPT_SERIALIZE_NUMPY), 3, n)
+        parse = best_of(lambda blob=blob: orjson.loads(blob), 3, n)
+        lines.append(
+            f"| 20 indicator rows as `{fmt}`: render {render * 1e6:.0f} µs, parse {parse * 1e6:.0f} µs, "
+            f"{len(blob):,} bytes | |"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    lines = [
+        "## Shared service stack, per request (in-process)",
+        "",
+        "The ASGI app called directly (no server, no network), best of 3 rounds:",
+        "",
+    ]
+    lines += asyncio.run(main_async(3000 if args.quick else 20000))
+    lines += payload_rows(args.quick)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
