@@ -192,7 +192,7 @@ def add_routes(app: FastAPI, *routers: APIRouter) -> None:
 
     FastAPI >= 0.116 keeps an included router as one nested route, so every request is matched through an
     extra level, and the Prometheus instrumentator flattens the nesting again on every request to name the
-    handler. With 13 routes that costs 27 us a request (benchmarks/bench_stack.py). OpenAPI is the same.
+    handler. With 13 routes that costs 28 us a request (benchmarks/bench_stack.py). OpenAPI is the same.
     The service's routes go first, in the order given (hot routes first): the docs, health and metrics
     routes that FastAPI and build_app add are rarely called. No two paths overlap, so order changes nothing
     but the cost of matching.

@@ -11,7 +11,7 @@ from shared.settings import Settings
 
 class PredictorSettings(Settings):
     # Off by default here: every prediction is already recorded, with its request id, in the prediction log,
-    # and a JSON line per request costs about 23 us (benchmarks/bench_stack.py).
+    # and a JSON line per request costs about 20 us (benchmarks/bench_stack.py).
     access_log: bool = False
     # The read key the predictor presents to the indicators service (`X-API-Key`).
     indicators_api_key: SecretStr = SecretStr("")
