@@ -34,8 +34,8 @@ def main() -> None:
 
     from services.trainer import pipeline
     from services.trainer.artifacts import publish, version_string
-    from services.trainer.config import TrainConfig
     from services.trainer.dataset import build_dataset
+    from services.trainer.hyperparameters import TrainConfig
     from shared.model_metadata import artifact_prefix
     from shared.storage import FileStore
     from shared.timeframes import Timeframe

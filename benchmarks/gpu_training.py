@@ -48,8 +48,8 @@ def main() -> None:
 
     import keras
 
-    from services.trainer.config import TrainConfig
     from services.trainer.dataset import build_dataset
+    from services.trainer.hyperparameters import TrainConfig
     from services.trainer.model import build_model
     from shared.timeframes import Timeframe
     from tests.data import generate_bars

@@ -113,9 +113,10 @@ def import_bars(
                     if r.headers.get("content-type", "").startswith("application/json")
                     else r.text
                 )
+                done = f"lines 2 to {start + 1} were imported, the rest was not" if start else "nothing was imported"
                 console.print(
-                    f"[red]chunk from CSV line {start + 2}: {r.status_code} {detail}; lines 2 to {start + 1} were "
-                    "imported, the rest was not (importing again is safe: it is an upsert)[/red]"
+                    f"[red]chunk from CSV line {start + 2}: {r.status_code} {detail}; {done} "
+                    "(importing again is safe: it is an upsert)[/red]"
                 )
                 raise typer.Exit(1)
             body = r.json()
@@ -146,11 +147,18 @@ def _register_service_commands() -> None:
 
 
 @app.command("up")
-def up() -> None:
-    """Run the whole system locally (what `make up` runs)."""
+def up(
+    smoke: Annotated[bool, typer.Option("--smoke", help="start, check one request, stop (for tests)")] = False,
+    no_train: Annotated[bool, typer.Option("--no-train", help="do not train the first model")] = False,
+    epochs: Annotated[int | None, typer.Option(min=1, help="maximum epochs of the first model")] = None,
+    verdict_timeout: Annotated[float, typer.Option(help="seconds to wait for the first model's validation")] = 900.0,
+) -> None:
+    """Run the whole system locally: what `make up` runs, with the same options."""
     from shared.devstack import main
 
-    main()
+    argv = [*(["--smoke"] if smoke else []), *(["--no-train"] if no_train else [])]
+    argv += [*(["--epochs", str(epochs)] if epochs else []), "--verdict-timeout", str(verdict_timeout)]
+    main(argv)
 
 
 _register_service_commands()

@@ -6,7 +6,9 @@
 - MODEL_STORE_URL unset: var/models on disk.
 - API_KEYS unset: one local admin key, made once and kept in var/local-api-key.
 Then: migrations, the services (uvicorn / celery subprocesses), the S&P 500 sample imported through the
-indicators API, the first model trained if none exists, and a curl to paste. Ctrl-C stops everything.
+indicators API, the first model trained if none exists, its walk-forward validation and SHAP weights (queued
+by the worker after training), and a curl to paste next to the promotion gate's verdict. Ctrl-C stops
+everything.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 from rich.console import Console
@@ -88,6 +91,46 @@ def _has_production_model(database_url: str) -> bool:
     return asyncio.run(query())
 
 
+def _verdict(database_url: str, timeout_s: float) -> dict[str, Any] | None:
+    """Wait for the serving model's gate verdict and its weights (queued by the worker after training)."""
+    import asyncio
+    import json
+
+    import asyncpg
+
+    async def query() -> dict[str, Any] | None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            row = await conn.fetchrow(
+                "SELECT v.id, v.version, v.quality, EXISTS (SELECT 1 FROM indicator_weights w "
+                "WHERE w.model_version_id = v.id) AS weighted FROM model_versions v "
+                "WHERE v.symbol = $1 AND v.timeframe = $2 AND v.status = 'production'",
+                SAMPLE_SYMBOL,
+                SAMPLE_TF,
+            )
+            busy = await conn.fetchval(
+                "SELECT count(*) FROM training_jobs WHERE symbol = $1 AND timeframe = $2 "
+                "AND status IN ('queued', 'running')",
+                SAMPLE_SYMBOL,
+                SAMPLE_TF,
+            )
+        finally:
+            await conn.close()
+        if row is None:
+            return None
+        quality = json.loads(row["quality"]) if isinstance(row["quality"], str) else row["quality"]
+        done = quality["gate"] != "not_validated" and (row["weighted"] or not busy)
+        return {"id": row["id"], "version": row["version"], **quality} if done else None
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = asyncio.run(query())
+        if got is not None:
+            return got
+        time.sleep(1.0)
+    return None
+
+
 def _first_prediction(port: int, key: str, timeout_s: float = 60.0) -> dict[str, object]:
     """The prediction the printed curl makes, once the predictor has loaded the new model."""
     deadline = time.monotonic() + timeout_s
@@ -109,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="start, check one request, stop (for tests)")
     parser.add_argument("--no-train", action="store_true", help="do not train the first model")
     parser.add_argument("--epochs", type=int, default=None, help="maximum epochs of the first model")
+    parser.add_argument(
+        "--verdict-timeout", type=float, default=900.0, help="seconds to wait for the first model's validation"
+    )
     args = parser.parse_args(argv)
 
     env = dict(os.environ)
@@ -117,10 +163,17 @@ def main(argv: list[str] | None = None) -> None:
     logs = VAR / "logs"
     logs.mkdir(parents=True, exist_ok=True)
 
+    log_files: list[Any] = []
+
     def start(name: str, cmd: list[str]) -> None:
         log = (logs / f"{name}.log").open("ab")
+        log_files.append(log)  # closed on the way out
         procs.append((name, subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)))
         console.print(f"[dim]started {name}: {' '.join(cmd)} (log: var/logs/{name}.log)[/dim]")
+
+    def proc_of(name: str) -> subprocess.Popen[bytes]:
+        # A service that crashes at start fails the wait at once, naming its log, instead of after 60 s.
+        return next(p for n, p in procs if n == name)
 
     try:
         if not env.get("DATABASE_URL"):
@@ -154,21 +207,22 @@ def main(argv: list[str] | None = None) -> None:
             "indicators",
             [*uvicorn, "services.indicators.main:app", "--port", str(PORTS["indicators"]), "--workers", "2"],
         )
-        wait_http(f"http://127.0.0.1:{PORTS['indicators']}/health")
-        has_trainer = _has("services.trainer.main") and _has("services.trainer.worker")
+        wait_http(f"http://127.0.0.1:{PORTS['indicators']}/health", proc=proc_of("indicators"))
+        has_trainer = _has("services.trainer.main") and _has("services.trainer.celery_app")
         has_predictor = _has("services.predictor.main")
         if has_trainer:
             start("trainer-api", [*uvicorn, "services.trainer.main:app", "--port", str(PORTS["trainer"])])
             celery = str(BIN / "celery")
             start(
-                "trainer-worker", [celery, "-A", "services.trainer.worker", "worker", "-c", "1", "--loglevel", "INFO"]
+                "trainer-worker",
+                [celery, "-A", "services.trainer.celery_app", "worker", "-c", "1", "--loglevel", "INFO"],
             )
             start(
                 "trainer-beat",
                 [
                     celery,
                     "-A",
-                    "services.trainer.worker",
+                    "services.trainer.celery_app",
                     "beat",
                     "--loglevel",
                     "INFO",
@@ -200,14 +254,18 @@ def main(argv: list[str] | None = None) -> None:
             check=True,
         )
         if has_trainer:
-            wait_http(f"http://127.0.0.1:{PORTS['trainer']}/health")
+            wait_http(f"http://127.0.0.1:{PORTS['trainer']}/health", proc=proc_of("trainer-api"))
             if not args.no_train and not _has_production_model(env["DATABASE_URL"]):
                 console.print(f"training the first model for {SAMPLE_SYMBOL} {SAMPLE_TF} on the Celery worker")
                 epochs = ["--epochs", str(args.epochs)] if args.epochs else []
                 train = [str(BIN / "aicash"), "train", "--symbol", SAMPLE_SYMBOL, "--timeframe", SAMPLE_TF, "--wait"]
                 subprocess.run([*train, *epochs], env=env, cwd=ROOT, check=True)
+        verdict = None
+        if has_trainer and not args.no_train:
+            console.print("waiting for the walk-forward validation and the SHAP weights of the serving model")
+            verdict = _verdict(env["DATABASE_URL"], args.verdict_timeout)
         if has_predictor:
-            wait_http(f"http://127.0.0.1:{PORTS['predictor']}/health")
+            wait_http(f"http://127.0.0.1:{PORTS['predictor']}/health", proc=proc_of("predictor"))
 
         hdr = f" -H 'X-API-Key: {key}'" if key else ""
         console.print("\n[bold green]AI Cash Evolution is up.[/bold green]")
@@ -220,6 +278,18 @@ def main(argv: list[str] | None = None) -> None:
                 f'-d \'{{"symbol": "{SAMPLE_SYMBOL}", "timeframe": "{SAMPLE_TF}"}}\' '
                 f"http://127.0.0.1:{PORTS['predictor']}/v1/predictions"
             )
+        if verdict is not None:
+            colour = "green" if verdict["gate"] == "passed" else "red"
+            console.print(
+                f"model:       {verdict['version']} (id {verdict['id']}): gate [{colour}]{verdict['gate']}[/]"
+            )
+            for reason in verdict.get("reasons") or []:
+                console.print(f"             - {reason}")
+            console.print(
+                f"validation:  curl -s{hdr} http://127.0.0.1:{PORTS['trainer']}/v1/models/{verdict['id']}/validation"
+            )
+        elif has_trainer and not args.no_train:
+            console.print("model:       validation still running; see GET /v1/jobs on the trainer")
         console.print(
             "docs:        "
             + ", ".join(
@@ -257,6 +327,8 @@ def main(argv: list[str] | None = None) -> None:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
+        for f in log_files:
+            f.close()
         for h in handles:
             shutdown = getattr(h, "shutdown", None) or getattr(h, "cleanup", None)
             if shutdown:

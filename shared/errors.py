@@ -40,6 +40,8 @@ class ValidationFailed(AppError):
 class NotEnoughBars(ValidationFailed):
     """Too few bars for the warm-up plus what was asked; the message says how many are needed and present."""
 
+    code = "not_enough_bars"
+
 
 class PayloadTooLarge(AppError):
     status_code = 413

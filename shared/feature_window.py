@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncpg
 
 from shared.errors import NotEnoughBars, NotFoundError, ValidationFailed
-from shared.features import WARMUP_BARS, FeatureRows, feature_rows
+from shared.features import FeatureRows, feature_rows
 from shared.market_repository import all_bars, latest_bars
 from shared.timeframes import OHLCV, Timeframe, can_resample, resample
+from shared.warmup import WARMUP_BARS
 
 
 def bars_needed(rows: int) -> int:

@@ -19,6 +19,7 @@ import numpy.typing as npt
 import talib
 
 from shared.timeframes import OHLCV
+from shared.warmup import WARMUP_BARS
 
 FloatArray = npt.NDArray[np.float64]
 _SMA = talib.MA_Type.SMA  # type: ignore[attr-defined]
@@ -109,12 +110,7 @@ FEATURES: tuple[FeatureSpec, ...] = (
 FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
 N_FEATURES = len(FEATURE_NAMES)
 
-# Exponentially smoothed indicators (RSI, ATR, ADX, MACD) remember their whole history with weights that
-# decay like (1 - 1/14)^n. After WARMUP_BARS bars that memory is below 1e-9 relative: a row computed from
-# a window of WARMUP_BARS + 1 bars equals the same row inside the full S&P 500 history to 1e-9 (tested:
-# tests/shared/test_features.py::test_latest_row_does_not_depend_on_history_length). Rows before it are the
-# warm-up and are never returned.
-WARMUP_BARS = 500
+# The warm-up (rows never returned): see shared/warmup.py.
 
 
 def compute_features(bars: OHLCV) -> FloatArray:
@@ -122,8 +118,7 @@ def compute_features(bars: OHLCV) -> FloatArray:
 
     Row i uses bars[0..i] only: every kernel is causal.
     """
-    o = np.ascontiguousarray(bars.open, dtype=np.float64)
-    del o  # open enters no feature; kept in bars for resampling and storage
+    # bars.open enters no feature; it is kept in bars for resampling and storage.
     h = np.ascontiguousarray(bars.high, dtype=np.float64)
     lo = np.ascontiguousarray(bars.low, dtype=np.float64)
     c = np.ascontiguousarray(bars.close, dtype=np.float64)
@@ -160,36 +155,6 @@ def compute_features(bars: OHLCV) -> FloatArray:
         np.divide(talib.LINEARREG_SLOPE(_obv(c, v), 20), mean_volume, out=out[16])
         out[16][mean_volume == 0] = 0.0  # no volume, no flow
     return out.T
-
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out[:, 0] = talib.RSI(c, 14)
-        macd, signal, hist = talib.MACD(c, 12, 26, 9)
-        out[:, 1] = macd / c
-        out[:, 2] = signal / c
-        out[:, 3] = hist / c
-        upper, middle, lower = talib.BBANDS(c, 20, 2.0, 2.0, _SMA)
-        width = upper - lower
-        percent_b = (c - lower) / width
-        percent_b[width == 0] = 0.5  # flat bands: the close sits in the middle
-        out[:, 4] = percent_b
-        out[:, 5] = width / middle
-        out[:, 6] = c / middle - 1.0
-        out[:, 7] = c / talib.SMA(c, 50) - 1.0
-        out[:, 8] = talib.ATR(h, lo, c, 14) / c
-        slowk, slowd = talib.STOCH(h, lo, c, 14, 3, _SMA, 3, _SMA)
-        out[:, 9] = slowk
-        out[:, 10] = slowd
-        out[:, 11] = talib.ADX(h, lo, c, 14)
-        out[:, 12] = talib.CCI(h, lo, c, 20)
-        out[:, 13] = talib.WILLR(h, lo, c, 14)
-        out[:, 14] = talib.MFI(h, lo, c, v, 14)
-        out[:, 15] = talib.ROC(c, 10)
-        mean_volume = talib.SMA(v, 20)
-        obv_slope = talib.LINEARREG_SLOPE(_obv(c, v), 20)
-        slope = obv_slope / mean_volume
-        slope[mean_volume == 0] = 0.0  # no volume, no flow
-        out[:, 16] = slope
-    return out
 
 
 def _obv(close: FloatArray, volume: FloatArray) -> FloatArray:

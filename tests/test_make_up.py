@@ -28,7 +28,7 @@ def test_make_up_trains_the_first_model_and_serves_predictions(database_url: str
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -40,3 +40,8 @@ def test_make_up_trains_the_first_model_and_serves_predictions(database_url: str
     # the first model was trained through the worker and the predictor serves it
     assert "'model_version':" in proc.stdout
     assert "'signal':" in proc.stdout
+    # validated walk-forward and weighted before the curl is printed; the verdict is whatever the data say
+    out = " ".join(proc.stdout.split())
+    assert "gate passed" in out or "gate failed" in out, proc.stdout[-3000:]
+    assert "/validation" in out
+    assert "'quality': {'gate': '" in proc.stdout

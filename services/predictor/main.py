@@ -14,16 +14,19 @@ from fastapi import FastAPI, Request
 
 from services.predictor import repository
 from services.predictor.cache import PredictionCache
+from services.predictor.deps import predictor_of
+from services.predictor.explanations import Explanations
 from services.predictor.features_client import IndicatorsClient
-from services.predictor.models import ModelManager
+from services.predictor.model_manager import ModelManager
 from services.predictor.prediction_log import PredictionLog
 from services.predictor.routes import lean, router
 from services.predictor.schemas import PredictionIn
 from services.predictor.series import SeriesStamps
 from services.predictor.service import Predictor
-from services.predictor.settings import PredictorSettings, get_predictor_settings
+from services.predictor.settings import PredictorSettings
 from services.predictor.signals import WeightsBook
-from shared.app import add_routes, build_app
+from services.predictor.trainer_client import TrainerClient
+from shared.app import add_routes, build_app, periodic
 from shared.cache import create_redis
 from shared.db import create_pool, require_database_url
 from shared.health import ReadinessChecks, check_database
@@ -33,42 +36,38 @@ from shared.storage import open_store
 log = logging.getLogger("predictor")
 
 
-def _predictor(request: Request) -> Predictor:
-    return request.app.state.predictor  # type: ignore[no-any-return]
-
-
 async def _check_cache(request: Request) -> None:
-    await _predictor(request).cache.ping()
+    await predictor_of(request.app).cache.ping()
 
 
 async def _check_storage(request: Request) -> None:
-    await anyio.to_thread.run_sync(_predictor(request).models.store.ping)
+    await anyio.to_thread.run_sync(predictor_of(request.app).models.store.ping)
 
 
 async def _check_indicators(request: Request) -> None:
-    await _predictor(request).features.health()
+    await predictor_of(request.app).features.health()
 
 
 async def _check_models_loaded(request: Request) -> None:
-    models = _predictor(request).models
+    models = predictor_of(request.app).models
     if not models.loaded_once:
         raise RuntimeError(f"the model registry has not been read yet: {models.last_error or 'starting'}")
 
 
 async def _check_production_models(request: Request) -> None:
-    models = _predictor(request).models
+    models = predictor_of(request.app).models
     if not models.models:
         raise RuntimeError("no production model loaded: every prediction answers 404")
 
 
 async def _check_prediction_log(request: Request) -> None:
-    plog = _predictor(request).log
+    plog = predictor_of(request.app).log
     if plog.last_error:
         raise RuntimeError(f"{len(plog.buffer)} records buffered; last write failed: {plog.last_error}")
 
 
-def create_app(settings: PredictorSettings | None = None) -> FastAPI:
-    settings = settings or get_predictor_settings()
+def create_app(settings: PredictorSettings) -> FastAPI:
+    """The predictor app; `settings` are read once per process (below, for uvicorn) and passed down."""
     configure_logging("predictor", settings.log_level)
     # httpx logs every request at INFO: one line per features call is noise and costs throughput.
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -79,6 +78,7 @@ def create_app(settings: PredictorSettings | None = None) -> FastAPI:
         store = open_store(settings)
         redis = create_redis(settings, "aicash-predictor")
         features = IndicatorsClient(settings)
+        trainer = TrainerClient(settings)
         plog = PredictionLog(
             pool,
             flush_seconds=settings.prediction_log_flush_seconds,
@@ -93,10 +93,8 @@ def create_app(settings: PredictorSettings | None = None) -> FastAPI:
         models = ModelManager(store, pool, require_database_url(settings), settings.model_poll_seconds)
 
         async def refresh_weights() -> None:
-            rows = await repository.latest_weights(pool)
-            weights.replace([(r.symbol, r.timeframe, r.version, r.weights) for r in rows])
+            weights.replace(await repository.latest_weights(pool))
 
-        models.on_refresh.append(refresh_weights)
         app.state.predictor = Predictor(
             settings,
             pool,
@@ -107,17 +105,25 @@ def create_app(settings: PredictorSettings | None = None) -> FastAPI:
             weights,
             series,
         )
+        app.state.explanations = Explanations(pool, plog, trainer)
         plog.start()
         await series.start()
         await models.start()
+        try:
+            await refresh_weights()
+        except Exception as exc:  # noqa: BLE001 - the periodic refresh below retries; defaults serve meanwhile
+            log.warning("cannot read indicator weights; equal weights serve meanwhile", extra={"error": str(exc)})
         log.info("predictor started", extra={"models": len(models.models)})
         try:
-            yield
+            # Weights rows send no notification: a new row is used within MODEL_POLL_SECONDS.
+            async with periodic("indicator weights", settings.model_poll_seconds, refresh_weights):
+                yield
         finally:
             await models.stop()
             await series.stop()
             await plog.stop()
             await features.aclose()
+            await trainer.aclose()
             if redis is not None:
                 with contextlib.suppress(Exception):
                     await redis.aclose()
@@ -144,4 +150,4 @@ def create_app(settings: PredictorSettings | None = None) -> FastAPI:
     return app
 
 
-app = create_app()
+app = create_app(PredictorSettings())

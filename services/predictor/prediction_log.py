@@ -15,9 +15,10 @@ import asyncio
 import base64
 import contextlib
 import logging
+import uuid
 from collections import OrderedDict, deque
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import numpy as np
@@ -27,59 +28,62 @@ from services.predictor.metrics import LOG_DROPPED, LOG_PRUNED, LOG_WRITTEN
 
 log = logging.getLogger("predictor.log")
 
-Record = tuple[Any, ...]
+Row = tuple[Any, ...]
 
 
-def to_row(record: Record) -> Record:
-    """A buffered record (cheap to build on the request path) as a row of `repository.LOG_COLUMNS`."""
-    (
-        pid,
-        created,
-        symbol,
-        tf,
-        bar_ts,
-        version,
-        variant,
-        user_hash,
-        window_hash,
-        _window_b64,
-        _shape,
-        probs,
-        signal,
-        confidence,
-        consensus_signal,
-        cached,
-        request_id,
-    ) = record
+class LogRecord(NamedTuple):
+    """One served prediction as buffered: cheap to build on the request path (no conversions)."""
+
+    prediction_id: uuid.UUID
+    created: float  # Unix time, seconds
+    symbol: str
+    timeframe: str
+    bar_ts: str  # ISO 8601 with "Z", as in the response
+    model_version: str
+    variant: str
+    user_hash: str | None
+    window_hash: str
+    window_b64: str  # the float32 window, row-major
+    window_shape: list[int]
+    probabilities: list[float]  # CLASSES order (SELL, HOLD, BUY)
+    signal: str
+    confidence: float
+    consensus_signal: str
+    cached: bool
+    request_id: str | None
+
+
+def to_row(r: LogRecord) -> Row:
+    """A buffered record as a row of `repository.LOG_COLUMNS`."""
     return (
-        pid,
-        datetime.fromtimestamp(created, UTC),
-        symbol,
-        tf,
-        datetime.fromisoformat(bar_ts.replace("Z", "+00:00")),
-        version,
-        variant,
-        user_hash,
-        window_hash,
-        probs,
-        signal,
-        confidence,
-        consensus_signal,
-        cached,
-        request_id,
+        r.prediction_id,
+        datetime.fromtimestamp(r.created, UTC),
+        r.symbol,
+        r.timeframe,
+        datetime.fromisoformat(r.bar_ts.replace("Z", "+00:00")),
+        r.model_version,
+        r.variant,
+        r.user_hash,
+        r.window_hash,
+        r.probabilities,
+        r.signal,
+        r.confidence,
+        r.consensus_signal,
+        r.cached,
+        r.request_id,
     )
 
 
-def window_row(record: Record) -> Record:
+def window_row(r: LogRecord) -> Row:
     """The record's feature window as a row of `repository.WINDOW_COLUMNS`."""
-    features = np.frombuffer(base64.b64decode(record[9]), dtype=np.float32).tolist()
-    return (record[8], datetime.fromtimestamp(record[1], UTC), features, record[10])
+    features = np.frombuffer(base64.b64decode(r.window_b64), dtype=np.float32).tolist()
+    return (r.window_hash, datetime.fromtimestamp(r.created, UTC), features, r.window_shape)
 
 
-def to_record_row(record: Record) -> Record:
+def to_record_row(r: LogRecord) -> Row:
     """A buffered record as a row of `repository.RECORD_COLUMNS` (GET /v1/predictions/{id})."""
-    window = window_row(record)
-    return (*to_row(record), window[2], window[3])
+    window = window_row(r)
+    return (*to_row(r), window[2], window[3])
 
 
 class PredictionLog:
@@ -100,7 +104,7 @@ class PredictionLog:
         self.buffer_rows = buffer_rows
         self.retention_days = retention_days
         self.prune_interval_seconds = prune_interval_seconds
-        self.buffer: deque[Record] = deque()
+        self.buffer: deque[LogRecord] = deque()
         self.dropped = 0
         self.windows_written = 0  # windows sent to PostgreSQL (after dedupe); tests read it
         self.last_error: str | None = None
@@ -110,10 +114,13 @@ class PredictionLog:
         self._written: OrderedDict[str, None] = OrderedDict()
         self.remember_hashes = remember_hashes
         self._full = asyncio.Event()
+        # One flush at a time: a flush asked for by a request (the explanation route) returns only once
+        # whatever the writer had taken out of the buffer is committed too.
+        self._flush_lock = asyncio.Lock()
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
 
-    def append(self, record: Record) -> None:
+    def append(self, record: LogRecord) -> None:
         if len(self.buffer) >= self.buffer_rows:
             self.buffer.popleft()
             self.dropped += 1
@@ -122,22 +129,31 @@ class PredictionLog:
         if len(self.buffer) >= self.batch_rows:
             self._full.set()
 
-    def pending(self, prediction_id: str) -> Record | None:
+    def find(self, prediction_id: uuid.UUID) -> LogRecord | None:
         """A record not yet written (so GET /v1/predictions/{id} finds it right after the POST)."""
         for record in reversed(self.buffer):
-            if str(record[0]) == prediction_id:
-                return to_record_row(record)
+            if record.prediction_id == prediction_id:
+                return record
         return None
+
+    def pending(self, prediction_id: str) -> Row | None:
+        """A record not yet written, as a row of `repository.RECORD_COLUMNS`."""
+        record = self.find(uuid.UUID(prediction_id))
+        return to_record_row(record) if record is not None else None
 
     async def flush(self) -> int:
         """Write everything buffered, batch by batch. Returns rows written; raises if the database fails."""
+        async with self._flush_lock:
+            return await self._flush()
+
+    async def _flush(self) -> int:
         written = 0
         while self.buffer:
             # Take the batch out first: appends (and drops) may happen while COPY awaits.
             batch = [self.buffer.popleft() for _ in range(min(self.batch_rows, len(self.buffer)))]
-            windows: dict[str, Record] = {}
+            windows: dict[str, Row] = {}
             for r in batch:
-                h = r[8]
+                h = r.window_hash
                 if h not in windows and h not in self._written:
                     windows[h] = window_row(r)
             try:
@@ -154,7 +170,7 @@ class PredictionLog:
             LOG_WRITTEN.inc(len(batch))
         return written
 
-    def _requeue(self, batch: list[Record]) -> None:
+    def _requeue(self, batch: list[LogRecord]) -> None:
         """Put a failed batch back in front; what no longer fits is the oldest and is dropped."""
         room = self.buffer_rows - len(self.buffer)
         keep = batch[-room:] if room > 0 else []

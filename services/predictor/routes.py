@@ -5,21 +5,40 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Annotated, Any
+from typing import Any
 
 import orjson
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 
 from services.predictor import repository
+from services.predictor.deps import (
+    ExplanationsDep,
+    PredictorDep,
+    ReadKey,
+    SymbolQuery,
+    TimeframeQuery,
+    predictor_of,
+)
+from services.predictor.explanations import RETRY_AFTER_SECONDS
 from services.predictor.metrics import PREDICTION_DURATION, PREDICTION_REQUESTS
-from services.predictor.schemas import ModelOut, PredictionIn, PredictionOut, PredictionRecord, WeightsOut
+from services.predictor.schemas import (
+    ExplanationOut,
+    ExplanationPending,
+    ModelOut,
+    PredictionIn,
+    PredictionOut,
+    PredictionRecord,
+    WeightsOut,
+)
 from services.predictor.service import PredictionRequest, Predictor
+from services.predictor.signals import Weights
 from shared.app import json_body, read_body
-from shared.auth import Authenticator, Principal, ReadKey, Role
+from shared.auth import Authenticator, Principal, Role
 from shared.bars import parse_json
 from shared.errors import (
+    ERROR_SCHEMA,
     AppError,
     Forbidden,
     NotFoundError,
@@ -35,7 +54,7 @@ router = APIRouter()
 
 
 class JSONBytes(Response):
-    """orjson-rendered JSON (FastAPI 0.165 deprecates JSONBytes; this is the same thing, without a warning)."""
+    """orjson-rendered JSON (FastAPI 0.165 deprecates ORJSONResponse; this is the same thing, without a warning)."""
 
     media_type = "application/json"
 
@@ -78,15 +97,6 @@ lean = APIRouter(route_class=LeanRoute)
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_TIMEFRAMES = 8
-
-
-async def get_predictor(request: Request) -> Predictor:
-    # async: FastAPI runs a plain `def` dependency in its thread pool, a hop that cost more than the whole
-    # cached prediction.
-    return request.app.state.predictor  # type: ignore[no-any-return]
-
-
-PredictorDep = Annotated[Predictor, Depends(get_predictor)]
 
 
 def _targets(base: Timeframe, raw: object) -> list[Timeframe]:
@@ -195,7 +205,7 @@ async def post_prediction(request: Request, _: ReadKey) -> Response:
     are needed); 503 when the indicators service is down or slow.
     """
     # Not a dependency: on the hottest route each one costs FastAPI's dependency machinery a few µs.
-    predictor: Predictor = request.app.state.predictor
+    predictor = predictor_of(request.app)
     state: dict[str, object] = {}
 
     async def run() -> bytes:
@@ -219,7 +229,7 @@ async def get_signal(symbol: str, timeframe: str, request: Request, _: ReadKey) 
 
     The same computation and response as `POST /v1/predictions` without bars, on one timeframe.
     """
-    predictor: Predictor = request.app.state.predictor
+    predictor = predictor_of(request.app)
 
     async def run() -> bytes:
         check_symbol(symbol)
@@ -238,10 +248,7 @@ async def get_signal(symbol: str, timeframe: str, request: Request, _: ReadKey) 
 )
 async def get_prediction(prediction_id: str, predictor: PredictorDep, _: ReadKey) -> JSONBytes:
     """A served prediction as recorded in the prediction log, with its feature window (role read)."""
-    try:
-        pid = str(uuid.UUID(prediction_id))
-    except ValueError:
-        raise NotFoundError(f"no prediction {prediction_id!r}: prediction ids are UUIDs") from None
+    pid = str(_prediction_uuid(prediction_id))
     row = predictor.log.pending(pid)
     if row is None:
         try:
@@ -252,6 +259,41 @@ async def get_prediction(prediction_id: str, predictor: PredictorDep, _: ReadKey
             raise NotFoundError(f"no prediction {pid}")
         row = tuple(record[c] for c in repository.RECORD_COLUMNS)
     return JSONBytes(_render_record(predictor, dict(zip(repository.RECORD_COLUMNS, row, strict=True))))
+
+
+def _prediction_uuid(prediction_id: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(prediction_id)
+    except ValueError:
+        raise NotFoundError(
+            f"no prediction {prediction_id!r}: prediction ids are UUIDs, as in the prediction_id of a response"
+        ) from None
+
+
+@router.get(
+    "/v1/predictions/{prediction_id}/explanation",
+    tags=["predictions"],
+    response_model=ExplanationOut,
+    responses={
+        202: {
+            "model": ExplanationPending,
+            "description": f"Being computed by the trainer: ask again after Retry-After ({RETRY_AFTER_SECONDS} s)",
+        },
+        409: {"description": "The explanation failed; the detail carries the trainer's error", **ERROR_SCHEMA},
+        **error_responses(401, 403, 404, 503),
+    },
+)
+async def get_explanation(prediction_id: str, explanations: ExplanationsDep, _: ReadKey) -> JSONBytes:
+    """Which features, at which bars of the input window, pushed a served prediction to its signal (role read).
+
+    Computed by the trainer (SHAP on the model version that served) the first time it is asked for: that
+    request and the ones while it runs answer 202 with `Retry-After`; then 200 with the contributions,
+    largest first. 404 for an unknown prediction id, 409 `explanation_failed` when the trainer could not
+    explain it (the detail says why), 503 when the trainer or the database cannot be reached.
+    """
+    answer = await explanations.get(_prediction_uuid(prediction_id))
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if answer.status_code == 202 else None
+    return JSONBytes(answer.body, status_code=answer.status_code, headers=headers)
 
 
 def _render_record(predictor: Predictor, r: dict[str, Any]) -> dict[str, Any]:
@@ -279,41 +321,62 @@ def _render_record(predictor: Predictor, r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _weights(predictor: Predictor, symbol: str | None, timeframe: str | None) -> dict[str, Any]:
-    w = predictor.weights.lookup(symbol, timeframe)
+def _weights(w: Weights, symbol: str | None, timeframe: str | None) -> dict[str, Any]:
+    row = w.row
+    inputs = dict(row.inputs) if row is not None else {}
+    importances = inputs.pop("importances", None)
+    correlation = inputs.pop("correlation", None)
+    feature_names = inputs.pop("feature_names", None)
     return {
         "symbol": symbol,
         "timeframe": timeframe,
         "weights_version": w.version,
         "source": w.source,
         "weights": w.weights,
+        "id": row.id if row is not None else None,
+        "method": row.method if row is not None else "default",
+        "model_version_id": row.model_version_id if row is not None else None,
+        "data_start": row.data_start if row is not None else None,
+        "data_end": row.data_end if row is not None else None,
+        "created_at": row.created_at if row is not None else None,
+        "importances": importances if isinstance(importances, dict) else None,
+        "correlation": correlation if isinstance(correlation, list) else None,
+        "feature_names": feature_names if isinstance(feature_names, list) else None,
+        "inputs": inputs,
+        "detail": None
+        if row is not None
+        else "no indicator_weights row covers this scope: built-in equal weights (every voting indicator 1.0)",
     }
 
 
 @router.get("/weights", tags=["weights"], response_model=WeightsOut, responses=error_responses(401, 403))
 async def get_default_weights(predictor: PredictorDep, _: ReadKey) -> JSONBytes:
-    """The default indicator weights used by `indicator_score` (role read; deploy smoke tests call it)."""
-    return JSONBytes(_weights(predictor, None, None))
+    """The default-scope (`*`/`*`) indicator weights used by `indicator_score`, with how they were computed
+    (role read; deploy smoke tests call it)."""
+    return JSONBytes(_weights(predictor.weights.lookup(None, None), None, None))
 
 
 @router.get("/v1/weights", tags=["weights"], response_model=WeightsOut, responses=error_responses(401, 403, 422))
 async def get_weights(
     predictor: PredictorDep,
     _: ReadKey,
-    symbol: Annotated[str | None, Query(description="series symbol; omit for the default weights")] = None,
-    timeframe: Annotated[str | None, Query(description="series timeframe")] = None,
+    symbol: SymbolQuery = None,
+    timeframe: TimeframeQuery = None,
 ) -> JSONBytes:
-    """The indicator weights that `indicator_score` uses for a series (role read)."""
+    """The indicator weights that `indicator_score` uses for a series, with the data range, importances and
+    correlation matrix they were computed from (role read). The most specific stored scope wins:
+    (symbol, timeframe), (symbol, `*`), (`*`, `*`); with none, the built-in equal weights (`source: default`)."""
     if symbol is not None:
         check_symbol(symbol)
     if timeframe is not None:
         parse_timeframe(timeframe)
-    return JSONBytes(_weights(predictor, symbol, timeframe))
+    return JSONBytes(_weights(predictor.weights.lookup(symbol, timeframe), symbol, timeframe))
 
 
 @router.get("/v1/models", tags=["models"], response_model=list[ModelOut], responses=error_responses(401, 403))
 async def get_models(predictor: PredictorDep, _: ReadKey) -> JSONBytes:
-    """The production models this process has loaded and serves (role read)."""
+    """The production models this process has loaded and serves, with the promotion gate's current verdict
+    on each (role read)."""
     return JSONBytes(
         [
             {
@@ -324,6 +387,7 @@ async def get_models(predictor: PredictorDep, _: ReadKey) -> JSONBytes:
                 "sequence_length": m.sequence_length,
                 "feature_names": m.feature_names,
                 "temperature": m.temperature,
+                "quality": m.quality.model_dump(mode="json"),
             }
             for m in sorted(predictor.models.models.values(), key=lambda m: (m.symbol, m.timeframe))
         ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -11,6 +11,34 @@ from shared.bars import Bar
 from shared.timeframes import Timeframe
 
 Signal = Literal["BUY", "SELL", "HOLD"]
+GateVerdict = Literal["passed", "failed", "not_validated"]
+
+
+class ModelQuality(BaseModel):
+    """The promotion gate's verdict on a model version (`model_versions.quality`, written by the trainer)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "gate": "failed",
+                "reasons": ["log loss 1.0712 does not beat gradient boosting's 1.0655 out of sample"],
+                "validation_id": 12,
+            }
+        }
+    )
+
+    gate: GateVerdict = Field(
+        description="passed: beat the baselines out of sample in walk-forward validation; failed: did not; "
+        "not_validated: no validation has judged this version yet. Only 'passed' is a vetted model."
+    )
+    reasons: list[str] = Field(default_factory=list, description="why the gate decided so")
+    validation_id: int | None = Field(default=None, description="the validation report behind the verdict")
+
+
+QUALITY_DESCRIPTION = (
+    "the promotion gate's verdict on the model version that served this answer, as it is now (a cached "
+    "prediction carries the current verdict, not the one at computation time)"
+)
 
 
 class PredictionIn(BaseModel):
@@ -87,6 +115,7 @@ class PredictionOut(BaseModel):
     risk: Risk
     bar_ts: datetime = Field(description="open time of the newest bar of the input window")
     generated_at: datetime = Field(description="when the prediction was computed (earlier when cached)")
+    quality: ModelQuality = Field(description=QUALITY_DESCRIPTION)
 
 
 class PredictionRecord(BaseModel):
@@ -112,11 +141,31 @@ class PredictionRecord(BaseModel):
 
 
 class WeightsOut(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
     symbol: str | None
     timeframe: str | None
     weights_version: str
-    source: str = Field(description="'default' (equal weights) or the scope of the stored row")
-    weights: dict[str, float]
+    source: str = Field(
+        description="'default' (built-in equal weights: no indicator_weights row covers this scope) or the scope "
+        "of the stored row used: 'SYMBOL/TF', 'SYMBOL/*' or '*/*'"
+    )
+    weights: dict[str, float] = Field(description="the weight of each voting indicator in `indicator_score`")
+    id: int | None = Field(description="indicator_weights row id; null for the built-in default")
+    method: str = Field(description="how the weights were computed ('default', 'manual', 'shap', ...)")
+    model_version_id: int | None = Field(description="the model version the weights were derived from")
+    data_start: datetime | None = Field(description="first bar of the data the weights were computed on")
+    data_end: datetime | None = Field(description="last bar of the data the weights were computed on")
+    created_at: datetime | None
+    importances: dict[str, float] | None = Field(description="feature importances behind the weights")
+    correlation: list[list[float]] | None = Field(
+        description="correlation matrix of the features, rows and columns in `feature_names` order"
+    )
+    feature_names: list[str] | None = Field(description="order of the correlation matrix's rows and columns")
+    inputs: dict[str, Any] = Field(
+        description="the rest of what the weights were computed from (hit rates, sample sizes, ...)"
+    )
+    detail: str | None = Field(description="why the built-in default is used, when it is")
 
 
 class ModelOut(BaseModel):
@@ -129,3 +178,33 @@ class ModelOut(BaseModel):
     sequence_length: int
     feature_names: list[str]
     temperature: float
+    quality: ModelQuality = Field(description="the promotion gate's current verdict on this version")
+
+
+class Contribution(BaseModel):
+    feature: str
+    step: int = Field(description="bar of the input window; 0 is the newest")
+    value: float = Field(description="the raw feature value")
+    contribution: float = Field(description="its contribution to the explained class's output")
+
+
+class ExplanationOut(BaseModel):
+    """A finished explanation; `detail` keys of the trainer's row (base value, ...) are added as they are."""
+
+    model_config = ConfigDict(protected_namespaces=(), extra="allow", populate_by_name=True)
+
+    prediction_id: str
+    status: Literal["succeeded"]
+    model_version: str | None
+    class_: str | None = Field(alias="class", description="the class explained (the prediction's signal)")
+    method: str | None = Field(description="how contributions were computed (e.g. SHAP's explainer)")
+    contributions: list[Contribution] = Field(description="largest |contribution| first")
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class ExplanationPending(BaseModel):
+    """The explanation is being computed: ask again after `Retry-After` seconds."""
+
+    prediction_id: str
+    status: Literal["queued", "running"]

@@ -10,62 +10,55 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import asyncpg
 import numpy as np
 import numpy.typing as npt
 import orjson
 
-from services.predictor.cache import PredictionCache, ttl_seconds
+from services.predictor.cache import CacheEntry, PredictionCache, TimeframeResult, ttl_seconds
 from services.predictor.features_client import IndicatorsClient, Rows, have_bars
-from services.predictor.models import LoadedModel, ModelManager
-from services.predictor.prediction_log import PredictionLog
+from services.predictor.model_manager import LoadedModel, ModelManager
+from services.predictor.prediction_log import LogRecord, PredictionLog
 from services.predictor.series import SeriesStamps
 from services.predictor.settings import PredictorSettings
-from services.predictor.signals import RiskLimits, WeightsBook, consensus, decide, indicator_score, risk
+from services.predictor.signals import (
+    RiskLimits,
+    Weights,
+    WeightsBook,
+    consensus,
+    decide,
+    indicator_score,
+    risk,
+)
 from shared.bars import bars_from_items
-from shared.errors import AppError, NotFoundError, PayloadTooLarge, ServiceUnavailable, ValidationFailed
+from shared.errors import (
+    AppError,
+    NotEnoughBars,
+    NotFoundError,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    ValidationFailed,
+)
 from shared.model_metadata import CLASSES
 from shared.timeframes import Timeframe
+from shared.warmup import WARMUP_BARS
 
-# Rows the indicators service withholds at the start of any series (shared.features.WARMUP_BARS; that module
-# imports TA-Lib, which the predictor does not load). tests/predictor checks the two agree.
-WARMUP_BARS = 500
 # Bump when the cached entry's shape changes, so a deploy never reads entries it does not understand.
 CACHE_SCHEMA = "v2"
 VARIANT_PRODUCTION = "production"
-
-
-# Response fields that come from the cache entry as they are (prediction_id, variant, cached are per request).
-_RESPONSE_FIELDS = (
-    "symbol",
-    "timeframe",
-    "signal",
-    "confidence",
-    "probabilities",
-    "model_version",
-    "timeframes",
-    "consensus",
-    "indicator_score",
-    "weights_version",
-    "risk",
-    "bar_ts",
-    "generated_at",
-)
-# Where an entry keeps its rendered response fields (in process only; never written to Redis).
-_RENDERED = "_rendered_response"
-
-
-class NotEnoughBars(ValidationFailed):
-    code = "not_enough_bars"
 
 
 class NoModel(NotFoundError):
     code = "no_model"
 
 
-@dataclass(frozen=True)
+# The code the predictor has always answered for too few bars (clients switch on it).
+NOT_ENOUGH_BARS = "not_enough_bars"
+
+
+@dataclass(frozen=True, slots=True)
 class PredictionRequest:
     symbol: str
     timeframe: Timeframe
@@ -75,8 +68,14 @@ class PredictionRequest:
     use_cache: bool = True
 
 
-def _iso(epoch_s: int) -> str:
-    return datetime.fromtimestamp(epoch_s, UTC).isoformat().replace("+00:00", "Z")
+class Inference(NamedTuple):
+    """One timeframe's model output on its window."""
+
+    signal: str
+    confidence: float  # unrounded: the decision rules take it as it is
+    probabilities: dict[str, float]  # rounded to 6 places, as served
+    window: npt.NDArray[np.float64]
+    rows: Rows
 
 
 def uuid7() -> uuid.UUID:
@@ -93,6 +92,10 @@ def uuid7() -> uuid.UUID:
 @functools.lru_cache(maxsize=4096)  # the same few keys are asked for again and again
 def _digest(*parts: object) -> str:
     return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()[:32]
+
+
+def _no_signal(status: Literal["no_model", "insufficient_data"], version: str | None, detail: str) -> TimeframeResult:
+    return {"status": status, "signal": None, "confidence": None, "model_version": version, "detail": detail}
 
 
 class Predictor:
@@ -122,8 +125,6 @@ class Predictor:
             settings.risk_stop_atr_multiple,
             settings.risk_take_profit_atr_multiple,
         )
-        # Computations actually run (not cache hits, not joined single flights); tests read it.
-        self.computations = 0
 
     # The one place that picks what serves a request: a later A/B router replaces this method.
     def select_model(self, symbol: str, timeframe: str, user_id: str | None) -> tuple[LoadedModel, str]:
@@ -142,17 +143,15 @@ class Predictor:
         """The JSON response body of one prediction (PredictionOut)."""
         tf = req.timeframe.value
         primary, variant = self.select_model(req.symbol, tf, req.user_id)
-        models = {t.value: self.models.get(req.symbol, t.value) for t in req.targets}
-        models[tf] = primary
+        models = self._models_for(req, primary)
         weights = self.weights.lookup(req.symbol, tf)
-
         versions = ",".join(f"{t}={m.version if m else '-'}" for t, m in models.items())
         for _attempt in range(3):
             epoch = self.series.epoch
             input_id, close = await self._input(req, tf)
             key = (
                 f"pred:{CACHE_SCHEMA}:{req.symbol}:{tf}:{primary.version}:"
-                f"{_digest(versions, variant, weights.version, input_id)}"
+                f"{_digest(versions, variant, weights.cache_token, input_id)}"
             )
             hit = await self.cache.lookup(key) if req.use_cache else None
             if hit is None:
@@ -160,11 +159,16 @@ class Predictor:
             # A series' bars changed while this request looked (a Redis round trip): its stamp may be the old
             # one, and nothing computed on old bars is served once the notification is processed. Look again.
             if req.bars is not None or self.series.epoch == epoch:
-                return self._serve(hit, req, variant, True, request_id)
-        entry, _shared = await self.cache.single_flight(
-            key, lambda: self._compute(req, models, weights.version, weights.weights, close, key)
-        )
-        return self._serve(entry, req, variant, False, request_id)
+                return self._serve(hit, primary, req, variant, True, request_id)
+        entry, _shared = await self.cache.single_flight(key, lambda: self._compute(req, models, weights, close, key))
+        return self._serve(entry, primary, req, variant, False, request_id)
+
+    def _models_for(self, req: PredictionRequest, primary: LoadedModel) -> dict[str, LoadedModel | None]:
+        """The model of each requested timeframe (None where none serves), the request's own first."""
+        models: dict[str, LoadedModel | None] = {req.timeframe.value: primary}
+        for t in req.targets[1:]:
+            models[t.value] = self.models.get(req.symbol, t.value)
+        return models
 
     async def _input(self, req: PredictionRequest, tf: str) -> tuple[str, float]:
         """What identifies the input window (part of the cache key) and the close of its newest bar."""
@@ -193,102 +197,104 @@ class Predictor:
         self,
         req: PredictionRequest,
         models: dict[str, LoadedModel | None],
-        weights_version: str,
-        weights: dict[str, float],
+        weights: Weights,
         close: float,
         key: str,
-    ) -> dict[str, Any]:
-        self.computations += 1
+    ) -> CacheEntry:
+        """Features, inference per timeframe, decision rules; the entry is cached before it is returned."""
         tf = req.timeframe.value
-        wanted = [t for t, m in models.items() if m is not None]
-        limit = max(m.sequence_length for m in models.values() if m is not None)
-        rows = await self._features(req, wanted, limit)
-
-        per_tf: dict[str, dict[str, Any]] = {}
+        served = {t: m for t, m in models.items() if m is not None}
+        rows = await self._features(req, list(served), max(m.sequence_length for m in served.values()))
+        per_tf: dict[str, TimeframeResult] = {}
         signals: dict[str, tuple[str, float]] = {}
-        primary_out: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], Rows] | None = None
+        primary: Inference | None = None
         for t, model in models.items():
             if model is None:
-                per_tf[t] = {
-                    "status": "no_model",
-                    "signal": None,
-                    "confidence": None,
-                    "model_version": None,
-                    "detail": f"no production model for {req.symbol} {t}",
-                }
+                per_tf[t] = _no_signal("no_model", None, f"no production model for {req.symbol} {t}")
                 continue
-            got = rows[t]
-            if isinstance(got, AppError):
+            result, inference = self._run_timeframe(req, t, model, rows[t])
+            per_tf[t] = result
+            if inference is not None:
+                signals[t] = (inference.signal, inference.confidence)
                 if t == tf:
-                    raise self._not_enough(got, req, t, model) if isinstance(got, ValidationFailed) else got
-                per_tf[t] = {
-                    "status": "insufficient_data",
-                    "signal": None,
-                    "confidence": None,
-                    "model_version": model.version,
-                    "detail": got.message,
-                }
-                continue
-            if len(got) < model.sequence_length:
-                err = self._not_enough(None, req, t, model, rows_have=len(got))
-                if t == tf:
-                    raise err
-                per_tf[t] = {
-                    "status": "insufficient_data",
-                    "signal": None,
-                    "confidence": None,
-                    "model_version": model.version,
-                    "detail": err.message,
-                }
-                continue
-            missing = [n for n in model.feature_names if n not in got.names]
-            if missing:
-                raise ServiceUnavailable(
-                    f"model {model.version} needs features the indicators service does not provide: {missing}"
-                )
-            window = got.window(model.feature_names, model.sequence_length)
-            p = model.predict(window)
-            signal, confidence = decide(p.tolist())
-            signals[t] = (signal, confidence)
-            per_tf[t] = {
-                "status": "ok",
-                "signal": signal,
-                "confidence": round(confidence, 6),
-                "model_version": model.version,
-                "probabilities": {c: round(float(p[i]), 6) for i, c in enumerate(CLASSES)},
-                "bar_ts": got.ts[-1],
-            }
-            if t == tf:
-                primary_out = (p, window, got)
-        assert primary_out is not None
-        p, window, got = primary_out
-        signal, confidence = signals[tf]
-        latest = dict(zip(got.names, got.values[-1].tolist(), strict=True))
-        w32 = np.ascontiguousarray(window, dtype=np.float32)
+                    primary = inference
+        # The request's own timeframe either produced a signal or raised in _run_timeframe.
+        assert primary is not None
         ttl_s = ttl_seconds(req.timeframe, self.settings.cache_ttl_seconds)
-        entry = {
-            "symbol": req.symbol,
-            "timeframe": tf,
-            "signal": signal,
-            "confidence": round(confidence, 6),
-            "probabilities": {c: round(float(p[i]), 6) for i, c in enumerate(CLASSES)},
-            "model_version": models[tf].version,  # type: ignore[union-attr]
-            "timeframes": per_tf,
-            "consensus": consensus(signals),
-            "indicator_score": indicator_score(latest, weights),
-            "weights_version": weights_version,
-            "risk": risk(signal, confidence, close, float(latest.get("atr_14_pct", float("nan"))), self.limits),
-            "bar_ts": got.ts[-1],
-            "generated_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-            "window_hash": hashlib.sha256(w32.tobytes() + str(w32.shape).encode()).hexdigest(),
-            "window_shape": list(w32.shape),
-            "window_b64": base64.b64encode(w32.tobytes()).decode(),
-            # Both cache tiers keep the entry until then (the L1 cannot read Redis's TTL back).
-            "expires_at": time.time() + ttl_s,
-        }
+        entry = self._entry(req, served[tf], primary, per_tf, signals, weights, close, time.time() + ttl_s)
         # A no-cache request still refreshes the entry for the requests after it.
         await self.cache.store(key, entry, ttl_s)
         return entry
+
+    def _run_timeframe(
+        self, req: PredictionRequest, t: str, model: LoadedModel, got: Rows | AppError
+    ) -> tuple[TimeframeResult, Inference | None]:
+        """One timeframe's result. The request's own timeframe raises where another reports no signal."""
+        own = t == req.timeframe.value
+        if isinstance(got, AppError):
+            if own:
+                raise self._not_enough(got, req, t, model) if isinstance(got, ValidationFailed) else got
+            return _no_signal("insufficient_data", model.version, got.message), None
+        if len(got) < model.sequence_length:
+            err = self._not_enough(None, req, t, model, rows_have=len(got))
+            if own:
+                raise err
+            return _no_signal("insufficient_data", model.version, err.message), None
+        missing = [n for n in model.feature_names if n not in got.names]
+        if missing:
+            raise ServiceUnavailable(
+                f"model {model.version} needs features the indicators service does not provide: {missing}"
+            )
+        window = got.window(model.feature_names, model.sequence_length)
+        p = model.predict(window)
+        signal, confidence = decide(p.tolist())
+        probabilities = {c: round(float(p[i]), 6) for i, c in enumerate(CLASSES)}
+        result: TimeframeResult = {
+            "status": "ok",
+            "signal": signal,
+            "confidence": round(confidence, 6),
+            "model_version": model.version,
+            "probabilities": probabilities,
+            "bar_ts": got.ts[-1],
+        }
+        return result, Inference(signal, confidence, probabilities, window, got)
+
+    def _entry(
+        self,
+        req: PredictionRequest,
+        model: LoadedModel,
+        primary: Inference,
+        per_tf: dict[str, TimeframeResult],
+        signals: dict[str, tuple[str, float]],
+        weights: Weights,
+        close: float,
+        expires_at: float,
+    ) -> CacheEntry:
+        """The decision rules on the request timeframe's newest feature row, and the window to log."""
+        rows = primary.rows
+        latest = dict(zip(rows.names, rows.values[-1].tolist(), strict=True))
+        w32 = np.ascontiguousarray(primary.window, dtype=np.float32)
+        return CacheEntry(
+            symbol=req.symbol,
+            timeframe=req.timeframe.value,
+            signal=primary.signal,
+            confidence=round(primary.confidence, 6),
+            probabilities=primary.probabilities,
+            model_version=model.version,
+            timeframes=per_tf,
+            consensus=consensus(signals),
+            indicator_score=indicator_score(latest, weights.weights),
+            weights_version=weights.version,
+            risk=risk(
+                primary.signal, primary.confidence, close, float(latest.get("atr_14_pct", float("nan"))), self.limits
+            ),
+            bar_ts=rows.ts[-1],
+            generated_at=datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            window_hash=hashlib.sha256(w32.tobytes() + str(w32.shape).encode()).hexdigest(),
+            window_shape=list(w32.shape),
+            window_b64=base64.b64encode(w32.tobytes()).decode(),
+            expires_at=expires_at,
+        )
 
     def _not_enough(
         self, err: AppError | None, req: PredictionRequest, t: str, model: LoadedModel, rows_have: int | None = None
@@ -302,7 +308,8 @@ class Predictor:
         source = f"{t} bars" if t == req.timeframe.value else f"completed {t} bars (from {req.timeframe.value})"
         return NotEnoughBars(
             f"need at least {need} {source} for {req.symbol} ({WARMUP_BARS} warm-up + {model.sequence_length} "
-            f"for model {model.version}'s input window), have {have}"
+            f"for model {model.version}'s input window), have {have}",
+            code=NOT_ENOUGH_BARS,
         )
 
     async def _features(self, req: PredictionRequest, targets: list[str], limit: int) -> dict[str, Rows | AppError]:
@@ -326,38 +333,38 @@ class Predictor:
         return out
 
     def _serve(
-        self, entry: dict[str, Any], req: PredictionRequest, variant: str, cached: bool, request_id: str | None
+        self,
+        entry: CacheEntry,
+        model: LoadedModel,
+        req: PredictionRequest,
+        variant: str,
+        cached: bool,
+        request_id: str | None,
     ) -> bytes:
+        """Log the prediction and render its response: the entry's rendered fields, shared by every request
+        it serves, with the per-request ones spliced in front. `quality` comes from the model object this
+        request selected, so a changed verdict shows on the next request, cached or not."""
         prediction_id = uuid7()
-        now = time.time()
-        probs = entry["probabilities"]
         self.log.append(
-            (
+            LogRecord(
                 prediction_id,
-                now,
-                entry["symbol"],
-                entry["timeframe"],
-                entry["bar_ts"],
-                entry["model_version"],
+                time.time(),
+                entry.symbol,
+                entry.timeframe,
+                entry.bar_ts,
+                entry.model_version,
                 variant,
                 self.hash_user(req.user_id),
-                entry["window_hash"],
-                entry["window_b64"],
-                entry["window_shape"],
-                [probs[c] for c in CLASSES],
-                entry["signal"],
-                entry["confidence"],
-                entry["consensus"]["signal"],
+                entry.window_hash,
+                entry.window_b64,
+                entry.window_shape,
+                entry.probability_list,
+                entry.signal,
+                entry.confidence,
+                entry.consensus["signal"],
                 cached,
                 request_id,
             )
         )
-        # The response is the entry's fields, the same for every request it serves, plus three per request.
-        # Those fields are rendered once per entry (an L1 hit reuses the rendering) and the three spliced in
-        # front: rendering the whole response each time cost about a tenth of a cached prediction.
-        rendered: bytes | None = entry.get(_RENDERED)
-        if rendered is None:
-            rendered = orjson.dumps({k: entry[k] for k in _RESPONSE_FIELDS})
-            entry[_RENDERED] = rendered
         head = orjson.dumps({"prediction_id": str(prediction_id), "variant": variant, "cached": cached})
-        return head[:-1] + b"," + rendered[1:]
+        return b"".join((head[:-1], b',"quality":', model.quality_json, b",", entry.rendered[1:]))

@@ -1,8 +1,9 @@
-"""Settings of the predictor process: the shared ones plus inference, cache, log and risk knobs."""
+"""Settings of the predictor process: the shared ones plus inference, cache, log, risk and trainer knobs.
+
+Read once per process (`services.predictor.main`) and passed explicitly to whatever needs them.
+"""
 
 from __future__ import annotations
-
-from functools import lru_cache
 
 from pydantic import Field, SecretStr, model_validator
 
@@ -42,6 +43,15 @@ class PredictorSettings(Settings):
     prediction_log_retention_days: int = Field(default=90, ge=0)
     prediction_log_prune_interval_seconds: float = Field(default=3600.0, gt=0)
 
+    # The trainer computes explanations (SHAP needs TensorFlow, which the predictor never loads): the predictor
+    # asks it with POST {TRAINER_URL}/v1/explanations.
+    trainer_url: str = "http://127.0.0.1:8082"
+    # A key of the trainer API (`X-API-Key`) with the role its explanations route asks for; empty sends none
+    # (a trainer with AUTH_DISABLED, local runs).
+    trainer_api_key: SecretStr = SecretStr("")
+    # Whole-request limit for asking the trainer; past it the client gets 503, never a hang.
+    trainer_timeout_seconds: float = Field(default=2.0, gt=0)
+
     # user_id is stored as sha256(salt + user_id); required in production so hashes cannot be reversed by lookup.
     user_id_salt: SecretStr = SecretStr("")
 
@@ -56,8 +66,3 @@ class PredictorSettings(Settings):
         if self.environment == "production" and not self.user_id_salt.get_secret_value():
             raise ValueError("USER_ID_SALT must be set in production (user ids are stored salted and hashed)")
         return self
-
-
-@lru_cache(maxsize=1)
-def get_predictor_settings() -> PredictorSettings:
-    return PredictorSettings()

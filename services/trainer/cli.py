@@ -1,8 +1,10 @@
-"""`aicash train` and `aicash models list`; shared/cli.py calls `register(app)`.
+"""`aicash train`, `validate`, `backtest`, `optimize-weights`, `report` and `models list|show`; shared/cli.py
+calls `register(app)`.
 
-`aicash train` creates the job row and sends the Celery message directly (the same code path as
+The job commands create the job row and send the Celery message directly (the same code path as
 POST /v1/jobs, without the HTTP hop: the CLI runs where DATABASE_URL and the broker are reachable).
-`--local` runs the job in this process instead, without a broker.
+`--local` runs the job in this process instead, without a broker; `backtest` always runs in this process
+(it takes well under a second) and stores its result like the worker would.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import json
 import threading
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import asyncpg
@@ -20,12 +23,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from services.trainer import repository as repo
-from services.trainer.schemas import Job
+from services.trainer.schemas import Job, ModelVersion
 from services.trainer.settings import get_trainer_settings
 from shared.db import require_database_url
 from shared.errors import AppError
 from shared.settings import get_settings
-from shared.timeframes import parse_timeframe
+from shared.timeframes import Timeframe, parse_timeframe
 
 console = Console()
 
@@ -48,6 +51,72 @@ def _get_job(job_id: str) -> Job:
     job = asyncio.run(_with_conn(lambda c: repo.get_job(c, job_id)))
     assert job is not None
     return job  # type: ignore[no-any-return]
+
+
+def _follow_quietly(job_id: str, worker: threading.Thread | None = None, poll_s: float = 0.5) -> Job:
+    """Wait for a job without epochs (validation, weights, backtest), with a progress bar of its progress."""
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TimeElapsedColumn(), console=console, transient=True
+    ) as progress:
+        bar = progress.add_task("queued", total=1.0)
+        while True:
+            job = _get_job(job_id)
+            progress.update(bar, description=f"{job.kind} {job.status}", completed=job.progress)
+            if job.status in ("succeeded", "failed") or (worker is not None and not worker.is_alive()):
+                return _get_job(job_id)
+            time.sleep(poll_s)
+
+
+def _run_here(job_id: str, follow: Any) -> Job:
+    """Run a job in this process (no broker: an error worth retrying fails it) while `follow` watches it."""
+    from services.trainer.jobs import run_job
+
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            run_job(job_id, settings=get_settings(), tsettings=get_trainer_settings(), retry=False)
+        except Exception as exc:  # noqa: BLE001 - reported below (e.g. PostgreSQL unreachable)
+            errors.append(exc)
+
+    thread = threading.Thread(target=work, name=f"job-{job_id[:6]}")
+    thread.start()
+    follow(thread)
+    thread.join()
+    if errors:
+        console.print(f"[red]job {job_id} not finished[/]: {type(errors[0]).__name__}: {errors[0]}")
+        raise typer.Exit(1)
+    return _get_job(job_id)
+
+
+def _submit(kind: str, symbol: str, tf: Timeframe, params: dict[str, Any], *, local: bool) -> str:
+    """Create the job (and send it unless local); a refused job exits 2 with the reason."""
+    from services.trainer.celery_app import create_celery
+    from services.trainer.service import create_job, enqueue_job
+
+    tsettings = get_trainer_settings()
+    try:
+        if local:
+            return str(asyncio.run(_with_conn(lambda c: create_job(c, kind, symbol, tf, params, tsettings))))
+        app = create_celery(get_settings(), tsettings)
+        try:
+            return str(asyncio.run(_with_conn(lambda c: enqueue_job(c, kind, symbol, tf, params, tsettings, app))))
+        finally:
+            app.close()
+    except AppError as exc:
+        console.print(f"[red]{exc.code}[/]: {exc.message}")
+        raise typer.Exit(2) from None
+
+
+def _finish(job_id: str, local: bool) -> Job:
+    if local:
+        job = _run_here(job_id, lambda thread: _follow_quietly(job_id, worker=thread))
+    else:
+        job = _follow_quietly(job_id)
+    if job.status != "succeeded":
+        console.print(f"[red]job {job.id} {job.status}[/]: {job.error or ''}")
+        raise typer.Exit(1)
+    return job
 
 
 def _follow(job_id: str, epochs: int, worker: threading.Thread | None = None, poll_s: float = 0.5) -> Job:
@@ -100,45 +169,18 @@ def train(
     wait: Annotated[bool, typer.Option("--wait", help="follow the job with a progress bar per epoch")] = False,
     local: Annotated[bool, typer.Option("--local", help="train in this process (no broker needed)")] = False,
 ) -> None:
-    """Train an LSTM model for one series and register it."""
-    from services.trainer.config import TrainConfig
-    from services.trainer.service import create_train_job, enqueue_train
+    """Train an LSTM model for one series and register it (then, on the worker, validate it)."""
+    from services.trainer.hyperparameters import TrainConfig
 
     tf = parse_timeframe(timeframe)
     overrides: dict[str, Any] = json.loads(params) if params else {}
     if epochs is not None:
         overrides["epochs"] = epochs
-    tsettings = get_trainer_settings()
     max_epochs = int(overrides.get("epochs", TrainConfig().epochs))
-    try:
-        if local:
-            job_id = asyncio.run(_with_conn(lambda c: create_train_job(c, symbol, tf, overrides, tsettings)))
-        else:
-            job_id = asyncio.run(_with_conn(lambda c: enqueue_train(c, symbol, tf, overrides, tsettings)))
-    except AppError as exc:
-        console.print(f"[red]{exc.code}[/]: {exc.message}")
-        raise typer.Exit(2) from None
+    job_id = _submit("train", symbol, tf, overrides, local=local)
     console.print(f"job {job_id}")
     if local:
-        from services.trainer.jobs import run_job
-
-        errors: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                # No broker to retry through: an error worth retrying fails the job (never left queued).
-                run_job(job_id, retry=False)
-            except Exception as exc:  # noqa: BLE001 - reported below (e.g. PostgreSQL unreachable)
-                errors.append(exc)
-
-        thread = threading.Thread(target=work, name=f"train-{job_id[:6]}")
-        thread.start()
-        job = _follow(job_id, max_epochs, worker=thread)
-        thread.join()
-        if errors:
-            console.print(f"[red]job {job_id} not finished[/]: {type(errors[0]).__name__}: {errors[0]}")
-            raise typer.Exit(1)
-        job = _get_job(job_id)
+        job = _run_here(job_id, lambda thread: _follow(job_id, max_epochs, worker=thread))
     elif wait:
         job = _follow(job_id, max_epochs)
     else:
@@ -160,7 +202,9 @@ def list_models(
         for v in versions:
             console.print_json(v.model_dump_json())
         return
-    table = Table("symbol", "tf", "version", "status", "accuracy", "baseline", "macro-F1", "log-loss", "created")
+    table = Table(
+        "id", "symbol", "tf", "version", "status", "gate", "accuracy", "baseline", "macro-F1", "log-loss", "created"
+    )
     for v in versions:
         m = v.metrics
 
@@ -168,10 +212,12 @@ def list_models(
             return f"{m[key]:.3f}" if isinstance(m.get(key), float) else "-"
 
         table.add_row(
+            str(v.id),
             v.symbol,
             v.timeframe,
             v.version,
             v.status,
+            _gate(v),
             f("accuracy"),
             f("baseline_accuracy"),
             f("macro_f1"),
@@ -181,8 +227,200 @@ def list_models(
     console.print(table)
 
 
+def _gate(v: ModelVersion) -> str:
+    colour = {"passed": "green", "failed": "red"}.get(v.quality.gate, "yellow")
+    return f"[{colour}]{v.quality.gate}[/]"
+
+
+def _find(symbol: str, timeframe: str, version: str | None) -> ModelVersion:
+    async def go(c: asyncpg.Connection) -> ModelVersion | None:
+        if version is None:
+            return await repo.production_version(c, symbol, timeframe) or await repo.newest_version(
+                c, symbol, timeframe
+            )
+        return await repo.find_version(c, symbol, timeframe, version)
+
+    found: ModelVersion | None = asyncio.run(_with_conn(go))
+    if found is None:
+        console.print(
+            f"[red]not_found[/]: no model version {version or ''} for {symbol} {timeframe}".replace("  ", " ")
+        )
+        raise typer.Exit(2)
+    return found
+
+
+def show_model(
+    symbol: Annotated[str, typer.Option(help="symbol")],
+    timeframe: Annotated[str, typer.Option(help="timeframe")],
+    version: Annotated[str | None, typer.Option("--model", help="version (default: production, else newest)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of tables")] = False,
+) -> None:
+    """One version: its gate verdict and reasons, and the design's business targets, pass or fail each."""
+    from services.trainer.report import render_targets
+
+    v = _find(symbol, parse_timeframe(timeframe).value, version)
+    latest = asyncio.run(_with_conn(lambda c: repo.latest_validation(c, v.id)))
+    targets = (latest or {}).get("report", {}).get("business_targets", [])
+    if as_json:
+        console.print_json(json.dumps({"version": v.model_dump(mode="json"), "business_targets": targets}))
+        return
+    console.print(f"{v.symbol}/{v.timeframe}/{v.version} (id {v.id}): {v.status}, gate {_gate(v)}")
+    for reason in v.quality.reasons:
+        console.print(f"  - {reason}")
+    if targets:
+        console.print(render_targets(targets))
+    else:
+        console.print("business targets: not validated yet (aicash validate)")
+
+
+def validate(
+    symbol: Annotated[str, typer.Option(help="symbol with stored bars")],
+    timeframe: Annotated[str, typer.Option(help="M1 ... W1")],
+    folds: Annotated[int, typer.Option(min=2, max=20, help="expanding-window folds")] = 5,
+    model: Annotated[str | None, typer.Option("--model", help="version to validate (default: the newest)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="the whole report as JSON")] = False,
+    local: Annotated[bool, typer.Option("--local", help="run in this process (no broker needed)")] = False,
+) -> None:
+    """Walk-forward validation of a model's recipe against baselines; applies the promotion gate."""
+    from services.trainer.report import render_validation
+
+    tf = parse_timeframe(timeframe)
+    params: dict[str, Any] = {"folds": folds}
+    if model is not None:
+        params["model_version"] = model
+    job_id = _submit("validate", symbol, tf, params, local=local)
+    if not as_json:
+        console.print(f"job {job_id}")
+    job = _finish(job_id, local)
+    assert job.result is not None
+    stored = asyncio.run(_with_conn(lambda c: repo.get_validation(c, int(job.result["validation_id"]))))  # type: ignore[index]
+    assert stored is not None
+    if as_json:
+        typer.echo(json.dumps({"validation_id": stored["id"], **job.result, "report": stored["report"]}, default=str))
+        return
+    console.print(render_validation(stored["report"]))
+    verdict = job.result.get("gate")
+    colour = "green" if verdict == "passed" else "red"
+    console.print(f"gate: [{colour}]{verdict}[/]" + (" (promoted to production)" if job.result.get("promoted") else ""))
+    for reason in job.result.get("reasons", []):
+        console.print(f"  - {reason}")
+
+
+def backtest(
+    symbol: Annotated[str, typer.Option(help="symbol with stored bars")],
+    timeframe: Annotated[str, typer.Option(help="M1 ... W1")],
+    model: Annotated[str | None, typer.Option("--model", help="version whose signals to follow")] = None,
+    signals: Annotated[
+        Path | None, typer.Option("--signals", exists=True, dir_okay=False, help="CSV of ts,signal rows")
+    ] = None,
+    long_only: Annotated[bool, typer.Option("--long-only", help="SELL goes flat instead of short")] = False,
+    cost_bps: Annotated[float, typer.Option(min=0, max=1000, help="total round-trip cost in basis points")] = 0.0,
+    spread_bps: Annotated[float, typer.Option(min=0, max=1000)] = 0.0,
+    commission_bps: Annotated[float, typer.Option(min=0, max=1000)] = 0.0,
+    slippage_bps: Annotated[float, typer.Option(min=0, max=1000)] = 0.0,
+    max_position: Annotated[float | None, typer.Option(help="cap on |position|, fraction of equity (0, 1]")] = None,
+    stop_atr: Annotated[float | None, typer.Option(help="ATR stop-loss multiple")] = None,
+    take_profit_atr: Annotated[float | None, typer.Option(help="ATR take-profit multiple")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", dir_okay=False, help="write the equity curve PNG")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="metrics and the trade list as JSON")] = False,
+) -> None:
+    """Backtest a model's signals (default: production) on bars it never trained on, or signals from a CSV."""
+    from services.trainer.report import render_metrics, stored_equity_png
+
+    if model is not None and signals is not None:
+        console.print("[red]validation_failed[/]: give --model or --signals, not both")
+        raise typer.Exit(2)
+    params: dict[str, Any] = {
+        "long_only": long_only,
+        "cost_bps": cost_bps,
+        "spread_bps": spread_bps,
+        "commission_bps": commission_bps,
+        "slippage_bps": slippage_bps,
+        "stop_atr": stop_atr,
+        "take_profit_atr": take_profit_atr,
+    }
+    if max_position is not None:
+        params["max_position_fraction"] = max_position
+    if model is not None:
+        params["model_version"] = model
+    if signals is not None:
+        params["signals_csv"] = signals.read_text()
+    job = _finish(_submit("backtest", symbol, parse_timeframe(timeframe), params, local=True), True)
+    assert job.result is not None
+    stored = asyncio.run(_with_conn(lambda c: repo.get_backtest(c, int(job.result["backtest_id"]))))  # type: ignore[index]
+    assert stored is not None
+    if plot is not None:
+        plot.write_bytes(stored_equity_png(stored, f"{symbol} {timeframe} backtest"))
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "backtest_id": stored["id"],
+                    "params": stored["params"],
+                    "metrics": stored["metrics"],
+                    "trades": stored["trades"],
+                },
+                default=str,
+            )
+        )
+        return
+    console.print(render_metrics(stored["metrics"], title=f"backtest {stored['id']} of {symbol} {timeframe}"))
+    if plot is not None:
+        console.print(f"equity curve: {plot}")
+
+
+def optimize_weights(
+    symbol: Annotated[str, typer.Option(help="symbol")],
+    timeframe: Annotated[str, typer.Option(help="timeframe")],
+    model: Annotated[str | None, typer.Option("--model", help="version (default: production)")] = None,
+    local: Annotated[bool, typer.Option("--local", help="run in this process (no broker needed)")] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", dir_okay=False, help="write the weights PNG")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="the stored weights as JSON")] = False,
+) -> None:
+    """SHAP indicator weights of a model (17 weights, >= 0, summing to 1); the predictor serves them."""
+    from services.trainer.report import render_weights
+
+    params: dict[str, Any] = {"model_version": model} if model else {}
+    job = _finish(_submit("optimize_weights", symbol, parse_timeframe(timeframe), params, local=local), local)
+    assert job.result is not None
+    stored = asyncio.run(_with_conn(lambda c: repo.get_weights(c, int(job.result["weights_id"]))))  # type: ignore[index]
+    assert stored is not None
+    if plot is not None:
+        from services.trainer.report import plot_stored_weights
+
+        plot.write_bytes(plot_stored_weights(stored))
+    if as_json:
+        typer.echo(json.dumps(stored, default=str))
+        return
+    console.print(render_weights(stored))
+
+
+def report(
+    symbol: Annotated[str, typer.Option(help="symbol")],
+    timeframe: Annotated[str, typer.Option(help="timeframe")],
+    out: Annotated[Path, typer.Option("--out", dir_okay=False, help="Markdown file to write")],
+    model: Annotated[str | None, typer.Option("--model", help="version (default: production, else newest)")] = None,
+) -> None:
+    """Write the model-quality report (walk-forward table, baselines, business targets, equity curve PNG) of a
+    version's latest validation, as Markdown with the PNG beside it."""
+    from services.trainer.report import write_report
+
+    v = _find(symbol, parse_timeframe(timeframe).value, model)
+    latest = asyncio.run(_with_conn(lambda c: repo.latest_validation(c, v.id)))
+    if latest is None:
+        console.print(f"[red]not_found[/]: {v.version} has no validation; run aicash validate first")
+        raise typer.Exit(2)
+    written = write_report(v, latest, out)
+    console.print(f"wrote {', '.join(str(p) for p in written)}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
+    app.command("validate")(validate)
+    app.command("backtest")(backtest)
+    app.command("optimize-weights")(optimize_weights)
+    app.command("report")(report)
     models = typer.Typer(help="The model registry.", no_args_is_help=True)
     models.command("list")(list_models)
+    models.command("show")(show_model)
     app.add_typer(models, name="models")

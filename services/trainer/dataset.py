@@ -11,11 +11,12 @@ from datetime import UTC, datetime
 import numpy as np
 import numpy.typing as npt
 
-from services.trainer.config import MIN_SPLIT_SEQUENCES, TrainConfig
+from services.trainer.hyperparameters import MIN_SPLIT_SEQUENCES, TrainConfig
 from shared.errors import NotEnoughBars
-from shared.features import FEATURE_NAMES, N_FEATURES, WARMUP_BARS, compute_features
+from shared.features import FEATURE_NAMES, N_FEATURES, compute_features
 from shared.model_metadata import CLASSES, ReferenceDistribution
 from shared.timeframes import OHLCV, Timeframe, resample
+from shared.warmup import WARMUP_BARS
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -91,10 +92,17 @@ def labels(close: FloatArray, atr_pct: FloatArray, horizon: int, dead_band_atr: 
 
 
 def class_weights(y: IntArray) -> dict[int, float]:
-    """'Balanced' weights n / (3 * count); a class absent from training gets 1."""
-    counts = np.bincount(y, minlength=3)
-    n = float(len(y))
-    return {c: (n / (3.0 * counts[c]) if counts[c] else 1.0) for c in range(3)}
+    """'Balanced' weights n / (3 * count) (scikit-learn's compute_class_weight); a class absent from training
+    gets 1."""
+    from sklearn.utils.class_weight import compute_class_weight  # 2 s to import: only when training
+
+    present = np.unique(y)
+    weights = dict.fromkeys(range(len(CLASSES)), 1.0)
+    if present.size:
+        balanced = compute_class_weight("balanced", classes=present, y=y)
+        # sklearn balances over the classes present (n / (k * count)); the documented rule divides by all 3.
+        weights.update({int(c): float(w) * present.size / len(CLASSES) for c, w in zip(present, balanced, strict=True)})
+    return weights
 
 
 def reference_distribution(values: FloatArray, bins: int) -> ReferenceDistribution:
@@ -110,28 +118,120 @@ def reference_distribution(values: FloatArray, bins: int) -> ReferenceDistributi
     )
 
 
-def build_dataset(bars: OHLCV, base: Timeframe, target: Timeframe, symbol: str, cfg: TrainConfig) -> Dataset:
-    """Everything training needs from the stored bars of one series (resampled from `base` when needed)."""
+@dataclass(frozen=True)
+class SeriesRows:
+    """A series prepared once for any split of it: the completed bars of the model's timeframe, the finite
+    feature rows after warm-up, the label of every bar and the usable sequence ends.
+
+    `build_dataset` (one chronological split) and walk-forward validation (K folds) both cut their
+    splits from this, so the feature, label and sequence rules have one code path.
+    """
+
+    symbol: str
+    timeframe: Timeframe
+    base_timeframe: Timeframe
+    bars: OHLCV  # completed bars of `timeframe`
+    rows_idx: IntArray  # bar index of each feature row (rows with a non-finite value left out)
+    values: FloatArray  # (rows, 17) raw feature rows
+    y_all: IntArray  # label of bar i (len(bars) - horizon of them)
+    ends: IntArray  # row positions of the last row of each usable sequence, in time order
+    source: str  # "" or " (completed bars resampled from M30)", for error messages
+
+    def bar_of(self, seq: IntArray) -> IntArray:
+        """Bar index of the last bar of the sequences `seq` (positions in `ends`)."""
+        return self.rows_idx[self.ends[seq]]
+
+
+def series_rows(bars: OHLCV, base: Timeframe, target: Timeframe, symbol: str, cfg: TrainConfig) -> SeriesRows:
+    """Resample, compute features and labels, and find every sequence that may enter a split."""
     tbars = resample(bars, base, target)
     n = len(tbars)
-    need = min_bars(cfg)
-    source = "" if base is target else f" (completed bars resampled from {base.value})"
-    if n < need:
-        raise NotEnoughBars(f"need at least {need} bars for {target.value}, have {n}{source} for {symbol}")
-
     feats = compute_features(tbars)
     finite = np.isfinite(feats[WARMUP_BARS:]).all(axis=1)
     rows_idx: IntArray = np.arange(WARMUP_BARS, n, dtype=np.int64)[finite]
-    values = feats[rows_idx]
     y_all = labels(tbars.close, feats[:, ATR_PCT], cfg.horizon, cfg.dead_band_atr)
-
-    length, h, gap = cfg.sequence_length, cfg.horizon, cfg.purge_gap
+    length, h = cfg.sequence_length, cfg.horizon
     r = np.arange(length - 1, len(rows_idx))
     # A sequence needs `length` consecutive bars (no row dropped inside it) and a label `horizon` ahead.
     contiguous = rows_idx[r] - rows_idx[r - length + 1] == length - 1
     labelled = rows_idx[r] + h < n
-    ends = r[contiguous & labelled]
-    usable = len(ends) - 2 * gap
+    return SeriesRows(
+        symbol=symbol,
+        timeframe=target,
+        base_timeframe=base,
+        bars=tbars,
+        rows_idx=rows_idx,
+        values=feats[rows_idx],
+        y_all=y_all,
+        ends=r[contiguous & labelled].astype(np.int64),
+        source="" if base is target else f" (completed bars resampled from {base.value})",
+    )
+
+
+def make_dataset(
+    series: SeriesRows,
+    train_seq: IntArray,
+    val_seq: IntArray,
+    test_seq: IntArray,
+    cfg: TrainConfig,
+    *,
+    train_y: IntArray | None = None,
+    val_y: IntArray | None = None,
+) -> Dataset:
+    """The dataset of three sequence sets (positions in `series.ends`, each in time order, training first).
+
+    Scaler, class weights and reference distributions come from the feature rows the training sequences
+    read, nothing later. `train_y` / `val_y` replace the true labels (the shuffled-label leakage control).
+    """
+    length, h = cfg.sequence_length, cfg.horizon
+    train_ends, val_ends, test_ends = series.ends[train_seq], series.ends[val_seq], series.ends[test_seq]
+    fit_rows = series.values[train_ends[0] - length + 1 : train_ends[-1] + 1]
+    mean = fit_rows.mean(axis=0)
+    std = fit_rows.std(axis=0)
+    scale = np.where(std > 1e-12, std, 1.0)
+    # Only the rows some sequence reads are scaled: a fold of a long series needs a small part of it.
+    lo = int(min(e[0] for e in (train_ends, val_ends, test_ends) if e.size)) - length + 1
+    hi = int(max(e[-1] for e in (train_ends, val_ends, test_ends) if e.size)) + 1
+    scaled = ((series.values[lo:hi] - mean) / scale).astype(np.float32)
+    windows = np.lib.stride_tricks.sliding_window_view(scaled, length, axis=0)  # (rows-length+1, 17, length)
+
+    def split(sel: IntArray, y: IntArray | None) -> Split:
+        x = np.ascontiguousarray(windows[sel - length + 1 - lo].transpose(0, 2, 1))
+        bar = series.rows_idx[sel]
+        return Split(x=x, y=series.y_all[bar] if y is None else y, ts=series.bars.ts[bar].astype(np.int64))
+
+    train, val, test = split(train_ends, train_y), split(val_ends, val_y), split(test_ends, None)
+    assert train.x.shape[1:] == (length, N_FEATURES)
+    return Dataset(
+        symbol=series.symbol,
+        timeframe=series.timeframe,
+        base_timeframe=series.base_timeframe,
+        bars=len(series.bars),
+        train=train,
+        val=val,
+        test=test,
+        scaler_mean=mean,
+        scaler_scale=scale,
+        class_weights=class_weights(train.y),
+        reference={
+            name: reference_distribution(fit_rows[:, i], cfg.reference_bins) for i, name in enumerate(FEATURE_NAMES)
+        },
+        first_ts=int(series.bars.ts[series.rows_idx[train_ends[0] - length + 1]]),
+        last_ts=int(series.bars.ts[series.rows_idx[test_ends[-1]] + h]),
+        purge_gap=cfg.purge_gap,
+    )
+
+
+def build_dataset(bars: OHLCV, base: Timeframe, target: Timeframe, symbol: str, cfg: TrainConfig) -> Dataset:
+    """Everything training needs from the stored bars of one series (resampled from `base` when needed)."""
+    series = series_rows(bars, base, target, symbol, cfg)
+    n = len(series.bars)
+    need = min_bars(cfg)
+    source = series.source
+    if n < need:
+        raise NotEnoughBars(f"need at least {need} bars for {target.value}, have {n}{source} for {symbol}")
+    gap = cfg.purge_gap
+    usable = len(series.ends) - 2 * gap
     if usable < cfg.min_sequences:
         raise NotEnoughBars(
             f"need at least {need} bars for {target.value} with {cfg.min_sequences} usable sequences, "
@@ -146,40 +246,11 @@ def build_dataset(bars: OHLCV, base: Timeframe, target: Timeframe, symbol: str, 
             f"{target.value} split {cfg.val_fraction:g} / {cfg.test_fraction:g} give train {n_train}, "
             f"validation {n_val}, test {n_test}: store more bars or raise val_fraction / test_fraction"
         )
-    train_ends = ends[:n_train]
-    val_ends = ends[n_train + gap : n_train + gap + n_val]
-    test_ends = ends[n_train + 2 * gap + n_val :]
-
-    # Scaler and reference distributions from the feature rows the training sequences read, nothing later.
-    fit_rows = values[train_ends[0] - length + 1 : train_ends[-1] + 1]
-    mean = fit_rows.mean(axis=0)
-    std = fit_rows.std(axis=0)
-    scale = np.where(std > 1e-12, std, 1.0)
-    scaled = ((values - mean) / scale).astype(np.float32)
-    windows = np.lib.stride_tricks.sliding_window_view(scaled, length, axis=0)  # (rows-length+1, 17, length)
-
-    def split(sel: IntArray) -> Split:
-        x = np.ascontiguousarray(windows[sel - length + 1].transpose(0, 2, 1))
-        bar = rows_idx[sel]
-        return Split(x=x, y=y_all[bar], ts=tbars.ts[bar].astype(np.int64))
-
-    train, val, test = split(train_ends), split(val_ends), split(test_ends)
-    assert train.x.shape[1:] == (length, N_FEATURES)
-    return Dataset(
-        symbol=symbol,
-        timeframe=target,
-        base_timeframe=base,
-        bars=n,
-        train=train,
-        val=val,
-        test=test,
-        scaler_mean=mean,
-        scaler_scale=scale,
-        class_weights=class_weights(train.y),
-        reference={
-            name: reference_distribution(fit_rows[:, i], cfg.reference_bins) for i, name in enumerate(FEATURE_NAMES)
-        },
-        first_ts=int(tbars.ts[rows_idx[train_ends[0] - length + 1]]),
-        last_ts=int(tbars.ts[rows_idx[test_ends[-1]] + h]),
-        purge_gap=gap,
+    seq = np.arange(len(series.ends), dtype=np.int64)
+    return make_dataset(
+        series,
+        seq[:n_train],
+        seq[n_train + gap : n_train + gap + n_val],
+        seq[n_train + 2 * gap + n_val :],
+        cfg,
     )

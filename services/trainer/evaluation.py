@@ -1,10 +1,18 @@
-"""Metrics and temperature calibration on numpy arrays (no TensorFlow)."""
+"""Metrics (scikit-learn) and temperature calibration (scipy) on numpy arrays (no TensorFlow)."""
 
 from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
 from scipy.optimize import minimize_scalar
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    brier_score_loss,
+    confusion_matrix,
+    f1_score,
+)
+from sklearn.metrics import log_loss as sk_log_loss
 
 from shared.model_metadata import CLASSES
 
@@ -12,6 +20,9 @@ FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
 _EPS = 1e-12
+# Every metric is computed over all three classes, also those absent from a test set: a class the model
+# never sees still counts (F1 0, not left out) and the probability columns keep their meaning.
+LABELS = list(range(len(CLASSES)))
 
 
 def calibrate(probs: FloatArray, temperature: float) -> FloatArray:
@@ -22,9 +33,22 @@ def calibrate(probs: FloatArray, temperature: float) -> FloatArray:
     return np.asarray(e / e.sum(axis=1, keepdims=True), dtype=np.float64)
 
 
+def _normalised(probs: FloatArray) -> FloatArray:
+    # sklearn refuses rows that do not sum to 1 within its tolerance; float32 model outputs and clipped
+    # priors can miss it by more, so rows are renormalised (a no-op for a proper softmax).
+    p = np.clip(np.asarray(probs, dtype=np.float64), 0.0, None)
+    return np.asarray(p / p.sum(axis=1, keepdims=True), dtype=np.float64)
+
+
 def log_loss(probs: FloatArray, y: IntArray) -> float:
-    p = np.clip(probs[np.arange(len(y)), y], _EPS, 1.0)
-    return float(-np.log(p).mean())
+    """Mean negative log-likelihood of the true class (natural log)."""
+    return float(sk_log_loss(y, _normalised(probs), labels=LABELS))
+
+
+def brier(probs: FloatArray, y: IntArray) -> float:
+    """Multiclass Brier score: mean over samples of the sum over classes of (p - onehot)^2, in [0, 2]."""
+    # scikit-learn >= 1.7 takes (n, n_classes) probabilities; scale_by_half="auto" halves binary scores only.
+    return float(brier_score_loss(y, _normalised(probs), labels=LABELS))
 
 
 def fit_temperature(probs: FloatArray, y: IntArray) -> tuple[float, float, float]:
@@ -44,33 +68,52 @@ def fit_temperature(probs: FloatArray, y: IntArray) -> tuple[float, float, float
 
 
 def macro_f1(y_true: IntArray, y_pred: IntArray) -> float:
-    f1s = []
-    for c in range(len(CLASSES)):
-        tp = int(np.sum((y_pred == c) & (y_true == c)))
-        fp = int(np.sum((y_pred == c) & (y_true != c)))
-        fn = int(np.sum((y_pred != c) & (y_true == c)))
-        denom = 2 * tp + fp + fn
-        f1s.append(2 * tp / denom if denom else 0.0)
-    return float(np.mean(f1s))
+    """Unweighted mean of the per-class F1 over all three classes (a class never predicted nor present: 0)."""
+    return float(f1_score(y_true, y_pred, labels=LABELS, average="macro", zero_division=0.0))
+
+
+def prediction_metrics(probs: FloatArray, y: IntArray) -> dict[str, object]:
+    """Accuracy, balanced accuracy, macro-F1, log-loss, Brier and confusion matrix of probabilities."""
+    pred = probs.argmax(axis=1)
+    return {
+        "accuracy": float(accuracy_score(y, pred)),
+        # mean recall over the classes present in y (sklearn's definition): 1/3 for any guess that ignores x
+        "balanced_accuracy": float(_balanced_accuracy(y, pred)),
+        "macro_f1": macro_f1(y, pred),
+        "log_loss": log_loss(probs, y),
+        "brier": brier(probs, y),
+        # rows true class, columns predicted, CLASSES order
+        "confusion": confusion_matrix(y, pred, labels=LABELS).tolist(),
+    }
+
+
+def _balanced_accuracy(y: IntArray, pred: IntArray) -> float:
+    import warnings
+
+    with warnings.catch_warnings():
+        # "y_pred contains classes not in y_true": expected when a class is absent from a short test block
+        warnings.simplefilter("ignore", UserWarning)
+        return float(balanced_accuracy_score(y, pred))
 
 
 def classification_metrics(probs: FloatArray, y: IntArray, train_y: IntArray) -> dict[str, object]:
     """Test-split metrics of the model next to the baselines it must beat to be worth anything."""
-    pred = probs.argmax(axis=1)
     prior = np.bincount(train_y, minlength=3) / max(len(train_y), 1)
     majority = int(prior.argmax())
     baseline_pred = np.full_like(y, majority)
     prior_probs = np.tile(np.clip(prior, _EPS, 1.0), (len(y), 1))
-    confusion = np.zeros((3, 3), dtype=np.int64)
-    np.add.at(confusion, (y, pred), 1)
+    model = prediction_metrics(probs, y)
     return {
-        "accuracy": float(np.mean(pred == y)),
-        "macro_f1": macro_f1(y, pred),
-        "log_loss": log_loss(probs, y),
+        "accuracy": model["accuracy"],
+        "balanced_accuracy": model["balanced_accuracy"],
+        "macro_f1": model["macro_f1"],
+        "log_loss": model["log_loss"],
+        "brier": model["brier"],
         "baseline_majority_class": CLASSES[majority],
-        "baseline_accuracy": float(np.mean(baseline_pred == y)),
+        "baseline_accuracy": float(accuracy_score(y, baseline_pred)),
         "baseline_macro_f1": macro_f1(y, baseline_pred),
         "baseline_log_loss": log_loss(prior_probs, y),  # training class priors as the forecast
-        "confusion": confusion.tolist(),  # rows true class, columns predicted, CLASSES order
+        "baseline_brier": brier(prior_probs, y),
+        "confusion": model["confusion"],
         "test_sequences": len(y),
     }

@@ -1,4 +1,9 @@
-"""Running one training job exactly once: job lock, bounded attempts, idempotent registration.
+"""Running one trainer job exactly once: job lock, bounded attempts, idempotent results.
+
+Every kind (train, validate, backtest, optimize_weights) goes through `run_job`; the kind picks the handler
+(training here, the quality jobs in services.trainer.quality_jobs). A finished job can queue a follow-up (a
+trained model is validated, a validated production model gets its weights) through the `FollowUp` callback the
+caller passes: the worker sends it to the broker, an in-process run leaves it out.
 
 Synchronous (Celery tasks and `aicash train --local` call it); it talks to PostgreSQL through one asyncpg
 connection on a private event loop, kept for the whole job because it also holds the job's advisory lock.
@@ -11,34 +16,35 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import asyncpg
-from pydantic import ValidationError
 
 from services.trainer import repository as repo
 from services.trainer.artifacts import ArtifactIntegrityError, publish, remove_unregistered, version_string
-from services.trainer.config import TrainConfig
 from services.trainer.dataset import build_dataset
 from services.trainer.errors import DatabaseUnavailable, JobBusy, RetryLater
+from services.trainer.hyperparameters import FAULT_PARAM, parse_params
 from services.trainer.schemas import Job, ModelVersion
-from services.trainer.settings import TrainerSettings, get_trainer_settings
+from services.trainer.settings import TrainerSettings
 from services.trainer.source import load_bars
 from shared.db import require_database_url
-from shared.errors import AppError, ValidationFailed
+from shared.errors import AppError
 from shared.model_metadata import artifact_prefix
-from shared.settings import Settings, get_settings
+from shared.settings import Settings
 from shared.storage import ObjectStore, open_store
 from shared.timeframes import Timeframe
 
 log = logging.getLogger("trainer.jobs")
 T = TypeVar("T")
+# (kind, job id): publish the message of a job that a finished job created.
+FollowUp = Callable[[str, str], None]
 
 # Progress: 5% once the dataset is built, 5-90% over the epochs, 95% once exported, 100% when registered.
 _P_DATASET, _P_FIT_END, _P_EXPORTED = 0.05, 0.90, 0.95
-FAULT_PARAM = "fault"
 
 
 # Errors that mean "PostgreSQL is unreachable or the connection is gone", not "the job is wrong". OSError
@@ -84,19 +90,6 @@ class SyncDb:
             self.loop.close()
 
 
-def parse_params(params: dict[str, Any], *, fault_injection: bool) -> TrainConfig:
-    """Hyperparameter overrides as a TrainConfig; a bad one is a 422 naming the field."""
-    clean = dict(params)
-    fault = clean.pop(FAULT_PARAM, None)
-    if fault is not None and not (fault_injection and fault in ("exit", "raise")):
-        raise ValidationFailed(f"params.{FAULT_PARAM} is only accepted by test deployments (TRAINER_FAULT_INJECTION)")
-    try:
-        return TrainConfig.model_validate(clean)
-    except ValidationError as exc:
-        detail = "; ".join(f"params.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise ValidationFailed(detail) from None
-
-
 def version_result(v: ModelVersion) -> dict[str, Any]:
     return {
         "model_version_id": v.id,
@@ -110,13 +103,27 @@ def version_result(v: ModelVersion) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class JobContext:
+    """What a job handler works with, besides its job and database connection."""
+
+    settings: Settings
+    tsettings: TrainerSettings
+    store: ObjectStore
+    follow_up: FollowUp | None
+
+
+Handler = Callable[[SyncDb, Job, JobContext], dict[str, Any]]
+
+
 def run_job(
     job_id: str,
     *,
-    settings: Settings | None = None,
-    tsettings: TrainerSettings | None = None,
+    settings: Settings,
+    tsettings: TrainerSettings,
     store: ObjectStore | None = None,
     retry: bool = True,
+    follow_up: FollowUp | None = None,
 ) -> dict[str, Any]:
     """Run (or finish the bookkeeping of) a training job; safe to call any number of times per job.
 
@@ -127,8 +134,6 @@ def run_job(
 
     `retry=False` (in-process runs, no broker to retry through): an error worth retrying fails the job.
     """
-    settings = settings or get_settings()
-    tsettings = tsettings or get_trainer_settings()
     # Named after the job, so an operator (and a test) can find the connection holding its lock.
     db = SyncDb(require_database_url(settings), f"aicash-trainer:{job_id}"[:63])
     try:
@@ -141,7 +146,7 @@ def run_job(
         if job.status in ("succeeded", "failed"):
             log.info("job %s already %s; nothing to do (duplicate delivery)", job_id, job.status)
             return job.result or {"status": job.status, "error": job.error}
-        existing = db.run(repo.version_for_job(db.conn, job_id))
+        existing = db.run(repo.version_for_job(db.conn, job_id)) if job.kind == "train" else None
         if existing is not None:  # an earlier attempt registered the model and died before saying so
             result = version_result(existing)
             db.run(repo.finish_job(db.conn, job_id, result))
@@ -154,7 +159,8 @@ def run_job(
         attempt = db.run(repo.start_attempt(db.conn, job_id))
         log.info("job %s: attempt %d of %d", job_id, attempt, tsettings.max_attempts)
         try:
-            result = _train(db, job, settings, tsettings, store or open_store(settings))
+            ctx = JobContext(settings, tsettings, store or open_store(settings), follow_up)
+            result = _handler(job.kind)(db, job, ctx)
         except DatabaseUnavailable:
             raise  # nothing can be written on this connection; the caller retries the delivery
         except AppError as exc:
@@ -184,8 +190,45 @@ def _retry_or_fail(
     raise RetryLater(error)
 
 
-def _train(db: SyncDb, job: Job, settings: Settings, tsettings: TrainerSettings, store: ObjectStore) -> dict[str, Any]:
+def _handler(kind: str) -> Handler:
+    if kind == "train":
+        return _train
+    from services.trainer import quality_jobs
+
+    handlers: dict[str, Handler] = {
+        "validate": quality_jobs.validate,
+        "backtest": quality_jobs.backtest,
+        "optimize_weights": quality_jobs.optimize,
+    }
+    return handlers[kind]
+
+
+def queue_follow_up(db: SyncDb, job: Job, ctx: JobContext, kind: str, params: dict[str, Any]) -> str | None:
+    """Create a job of `kind` for the same series and send it; the id, or None when not possible (in-process
+    runs have no broker; a job of that kind already active for the series will see the newest data anyway)."""
+    if ctx.follow_up is None:
+        return None
+    from services.trainer.errors import JobInProgress
+    from services.trainer.service import create_job
+
+    assert job.symbol is not None
+    assert job.timeframe is not None
+    try:
+        new_id = db.run(create_job(db.conn, kind, job.symbol, Timeframe(job.timeframe), params, ctx.tsettings))
+    except JobInProgress as exc:
+        log.info("job %s: no %s follow-up, job %s is already active", job.id, kind, exc.job_id)
+        return exc.job_id
+    try:
+        ctx.follow_up(kind, new_id)
+    except Exception as exc:  # noqa: BLE001 - the committed job is re-sent by the sweeper
+        log.warning("job %s: follow-up %s %s not sent (%s); the sweeper will send it", job.id, kind, new_id, exc)
+    return new_id
+
+
+def _train(db: SyncDb, job: Job, ctx: JobContext) -> dict[str, Any]:
     from services.trainer import pipeline
+
+    tsettings, store = ctx.tsettings, ctx.store
 
     assert job.symbol is not None
     assert job.timeframe is not None
@@ -232,5 +275,11 @@ def _train(db: SyncDb, job: Job, settings: Settings, tsettings: TrainerSettings,
     result = version_result(row)
     result["timings"] = {k: round(v, 3) for k, v in trained.timings.items()}
     result["bars"] = ds.bars
+    if tsettings.validate_after_train:
+        # The gate's verdict comes from walk-forward validation of this version's recipe; until then it is
+        # served (if it is the series' first model) as not_validated.
+        result["validation_job_id"] = queue_follow_up(
+            db, job, ctx, "validate", {"model_version": row.version, "folds": tsettings.validation_folds}
+        )
     log.info("job %s: registered %s/%s/%s as %s", job.id, symbol, timeframe.value, version, row.status)
     return result

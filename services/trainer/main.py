@@ -1,7 +1,9 @@
-"""Trainer API: queue training jobs, follow their progress, list the model registry.
+"""Trainer API: queue training, validation, backtest and weights jobs, follow them, the model registry with
+each version's gate verdict, validation reports, backtests, explanations.
 
-Run: `uvicorn services.trainer.main:app --port 8082`. Training itself runs in the Celery worker
-(`celery -A services.trainer.worker worker -Q training`); this process never imports TensorFlow.
+Run: `uvicorn services.trainer.main:app --port 8082`. The jobs run in the Celery worker
+(`celery -A services.trainer.celery_app worker -Q training`); this process never imports TensorFlow, the job
+runner or the task module (it sends tasks by name: services.trainer.publisher).
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
+from services.trainer.celery_app import create_celery
 from services.trainer.metrics import TrainingJobsCollector
 from services.trainer.routes import router
 from services.trainer.settings import TrainerSettings, get_trainer_settings
-from services.trainer.worker import create_celery
 from shared.app import add_routes, build_app, periodic
 from shared.db import create_pool
 from shared.health import ReadinessChecks, check_database
@@ -55,8 +57,9 @@ def create_app(settings: Settings | None = None, trainer_settings: TrainerSettin
     checks.add("database", check_database, critical=True)
     app = build_app(
         title="AI Cash Evolution — trainer",
-        description="Queue LSTM training jobs, follow their progress, list the versioned model registry. "
-        "Authenticate with `X-API-Key` (roles read < write < admin; queueing needs admin).",
+        description="Queue LSTM training, walk-forward validation, backtest and indicator-weight jobs, follow "
+        "them, read the versioned model registry with each version's promotion-gate verdict, validation report and "
+        "business targets. Authenticate with `X-API-Key` (roles read < write < admin; queueing jobs needs admin).",
         settings=settings,
         lifespan=lifespan,
         checks=checks,

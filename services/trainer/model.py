@@ -20,9 +20,9 @@ import numpy as np  # noqa: E402
 import numpy.typing as npt  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-from services.trainer.config import TrainConfig  # noqa: E402
 from services.trainer.dataset import Dataset  # noqa: E402
 from services.trainer.errors import OnnxMismatch  # noqa: E402
+from services.trainer.hyperparameters import TrainConfig  # noqa: E402
 from shared.features import N_FEATURES  # noqa: E402
 from shared.model_metadata import CLASSES  # noqa: E402
 

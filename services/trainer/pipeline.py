@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 
 from services.trainer.artifacts import KERAS_FILE, ONNX_FILE
-from services.trainer.config import TrainConfig
 from services.trainer.dataset import LABEL_DESCRIPTION, Dataset
 from services.trainer.evaluation import calibrate, classification_metrics, fit_temperature
+from services.trainer.hyperparameters import TrainConfig
 from shared.features import FEATURE_NAMES
 from shared.model_metadata import Calibration, LabelDefinition, ModelMetadata, Scaler
 from shared.storage import sha256_hex
@@ -106,11 +106,14 @@ def summary_metrics(metadata: ModelMetadata) -> dict[str, Any]:
     """The registry row's `metrics`: the headline numbers, the full set stays in metadata.json."""
     keep = (
         "accuracy",
+        "balanced_accuracy",
         "macro_f1",
         "log_loss",
+        "brier",
         "baseline_accuracy",
         "baseline_macro_f1",
         "baseline_log_loss",
+        "baseline_brier",
         "baseline_majority_class",
         "test_sequences",
         "epochs_run",

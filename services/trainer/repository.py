@@ -1,4 +1,5 @@
-"""All SQL of the trainer: training jobs, the model registry, model flags and retrain decisions."""
+"""All SQL of the trainer: jobs, the model registry and its quality verdicts, validation reports, backtests,
+indicator weights, prediction explanations, model flags and retrain decisions."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 import asyncpg
 
-from services.trainer.schemas import EpochLog, Job, ModelFlags, ModelVersion
+from services.trainer.schemas import EpochLog, Job, ModelFlags, ModelVersion, Quality
 
 type Conn = asyncpg.Connection | asyncpg.Pool
 
@@ -17,7 +18,9 @@ _JOB_COLUMNS = (
 )
 # Partial unique index of migration 0002: one queued or running job per series.
 ONE_ACTIVE_JOB_INDEX = "training_jobs_one_active"
-_VERSION_COLUMNS = "id, symbol, timeframe, version, status, metrics, artifact_uri, sha256, created_at, training_job_id"
+_VERSION_COLUMNS = (
+    "id, symbol, timeframe, version, status, metrics, artifact_uri, sha256, created_at, training_job_id, quality"
+)
 
 
 def _json(value: Any) -> Any:
@@ -55,6 +58,7 @@ def _version(row: asyncpg.Record) -> ModelVersion:
         sha256=row["sha256"],
         created_at=row["created_at"],
         training_job_id=row["training_job_id"],
+        quality=Quality.model_validate(_json(row["quality"])),
     )
 
 
@@ -94,10 +98,6 @@ async def try_lock_job(conn: asyncpg.Connection, job_id: str) -> bool:
     """Session-level advisory lock on the job: held while one process works on it, released when that
     process's connection ends (a SIGKILLed worker's lock goes with its connection)."""
     return bool(await conn.fetchval("SELECT pg_try_advisory_lock(hashtextextended('job:' || $1, 0))", job_id))
-
-
-async def unlock_job(conn: asyncpg.Connection, job_id: str) -> None:
-    await conn.execute("SELECT pg_advisory_unlock(hashtextextended('job:' || $1, 0))", job_id)
 
 
 async def start_attempt(conn: Conn, job_id: str) -> int:
@@ -141,8 +141,8 @@ async def fail_job(conn: Conn, job_id: str, error: str) -> None:
     )
 
 
-async def claim_orphans(conn: Conn, stale_after_s: float, limit: int = 100) -> list[str]:
-    """Queued or running train jobs whose row has not moved for `stale_after_s` seconds and whose job lock
+async def claim_orphans(conn: Conn, stale_after_s: float, limit: int = 100) -> list[tuple[str, str]]:
+    """(id, kind) of queued or running jobs whose row has not moved for `stale_after_s` seconds and whose job lock
     nobody holds (no process works on them): their message was lost. Their updated_at is touched, so a
     job is claimed again only after another `stale_after_s` (and concurrent sweepers never claim one twice).
     """
@@ -151,7 +151,8 @@ async def claim_orphans(conn: Conn, stale_after_s: float, limit: int = 100) -> l
         UPDATE training_jobs SET updated_at = now()
          WHERE id IN (
             SELECT j.id FROM training_jobs j
-             WHERE j.kind = 'train' AND j.status IN ('queued', 'running')
+             WHERE j.kind IN ('train', 'validate', 'backtest', 'optimize_weights')
+               AND j.status IN ('queued', 'running')
                AND j.updated_at < now() - make_interval(secs => $1)
                AND NOT EXISTS (
                    -- the job's session advisory lock (try_lock_job): 64-bit key = classid << 32 | objid
@@ -162,12 +163,12 @@ async def claim_orphans(conn: Conn, stale_after_s: float, limit: int = 100) -> l
              ORDER BY j.created_at
              LIMIT $2
              FOR UPDATE SKIP LOCKED)
-        RETURNING id
+        RETURNING id, kind
         """,
         stale_after_s,
         limit,
     )
-    return [str(r["id"]) for r in rows]
+    return [(str(r["id"]), str(r["kind"])) for r in rows]
 
 
 async def requeue_job(conn: Conn, job_id: str, error: str) -> None:
@@ -339,14 +340,15 @@ async def list_decisions(conn: Conn, limit: int = 100) -> list[dict[str, Any]]:
     return [{**dict(r), "reasons": _json(r["reasons"]), "detail": _json(r["detail"])} for r in rows]
 
 
-async def active_job_for(conn: Conn, symbol: str, timeframe: str) -> str | None:
-    """The queued or running job of the series, if any (at most one: index training_jobs_one_active).
+async def active_job_for(conn: Conn, symbol: str, timeframe: str, kind: str = "train") -> str | None:
+    """The queued or running job of the series and kind, if any (at most one: index training_jobs_one_active).
     A job whose message was lost is not abandoned: the sweeper re-sends it."""
     value = await conn.fetchval(
-        "SELECT id FROM training_jobs WHERE symbol = $1 AND timeframe = $2 "
+        "SELECT id FROM training_jobs WHERE symbol = $1 AND timeframe = $2 AND kind = $3 "
         "AND status IN ('queued', 'running') ORDER BY created_at DESC LIMIT 1",
         symbol,
         timeframe,
+        kind,
     )
     return str(value) if value is not None else None
 
@@ -359,3 +361,304 @@ async def bars_after(conn: Conn, symbol: str, timeframe: str, after_epoch_s: flo
         after_epoch_s,
     )
     return int(n or 0)
+
+
+# --- versions by id or name, promotion, quality ---------------------------------------------------------------
+
+
+async def get_version(conn: Conn, version_id: int) -> ModelVersion | None:
+    row = await conn.fetchrow(f"SELECT {_VERSION_COLUMNS} FROM model_versions WHERE id = $1", version_id)  # noqa: S608
+    return _version(row) if row else None
+
+
+async def find_version(conn: Conn, symbol: str, timeframe: str, version: str) -> ModelVersion | None:
+    row = await conn.fetchrow(
+        f"SELECT {_VERSION_COLUMNS} FROM model_versions WHERE symbol = $1 AND timeframe = $2 AND version = $3",  # noqa: S608
+        symbol,
+        timeframe,
+        version,
+    )
+    return _version(row) if row else None
+
+
+async def production_version(conn: Conn, symbol: str, timeframe: str) -> ModelVersion | None:
+    row = await conn.fetchrow(
+        f"SELECT {_VERSION_COLUMNS} FROM model_versions "  # noqa: S608
+        "WHERE symbol = $1 AND timeframe = $2 AND status = 'production'",
+        symbol,
+        timeframe,
+    )
+    return _version(row) if row else None
+
+
+async def newest_version(conn: Conn, symbol: str, timeframe: str) -> ModelVersion | None:
+    """The newest registered version of the series that did not fail."""
+    row = await conn.fetchrow(
+        f"SELECT {_VERSION_COLUMNS} FROM model_versions "  # noqa: S608
+        "WHERE symbol = $1 AND timeframe = $2 AND status <> 'failed' ORDER BY created_at DESC, id DESC LIMIT 1",
+        symbol,
+        timeframe,
+    )
+    return _version(row) if row else None
+
+
+async def set_quality(conn: Conn, version_id: int, quality: dict[str, Any]) -> None:
+    await conn.execute("UPDATE model_versions SET quality = $2::jsonb WHERE id = $1", version_id, json.dumps(quality))
+
+
+async def promote(conn: asyncpg.Connection, version_id: int) -> ModelVersion:
+    """Make a version its series' production model: the previous one is archived, the flags cleared (they
+    described the model that no longer serves). One transaction, serialised per series."""
+    async with conn.transaction():
+        row = await conn.fetchrow("SELECT symbol, timeframe FROM model_versions WHERE id = $1 FOR UPDATE", version_id)
+        assert row is not None
+        symbol, timeframe = row["symbol"], row["timeframe"]
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('series:' || $1 || '/' || $2, 0))", symbol, timeframe
+        )
+        await conn.execute(
+            "UPDATE model_versions SET status = 'archived' "
+            "WHERE symbol = $1 AND timeframe = $2 AND status = 'production' AND id <> $3",
+            symbol,
+            timeframe,
+            version_id,
+        )
+        await conn.execute("UPDATE model_versions SET status = 'production' WHERE id = $1", version_id)
+        await clear_flags(conn, symbol, timeframe)
+    promoted = await get_version(conn, version_id)
+    assert promoted is not None
+    return promoted
+
+
+# --- validation reports ---------------------------------------------------------------------------------------
+
+
+async def insert_validation(
+    conn: Conn,
+    *,
+    model_version_id: int | None,
+    symbol: str,
+    timeframe: str,
+    job_id: str | None,
+    folds: int,
+    data_start: Any,
+    data_end: Any,
+    report: dict[str, Any],
+) -> int:
+    """Store a report; idempotent per job (a redelivered job finds the report of its first run)."""
+    value = await conn.fetchval(
+        "INSERT INTO validation_reports (model_version_id, symbol, timeframe, job_id, folds, data_start, data_end, "
+        "report) VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb) ON CONFLICT (job_id) DO NOTHING RETURNING id",
+        model_version_id,
+        symbol,
+        timeframe,
+        job_id,
+        folds,
+        data_start,
+        data_end,
+        json.dumps(report, default=str),
+    )
+    if value is None:
+        value = await conn.fetchval("SELECT id FROM validation_reports WHERE job_id = $1", job_id)
+    return int(value)
+
+
+async def validation_for_job(conn: Conn, job_id: str) -> dict[str, Any] | None:
+    row = await conn.fetchrow("SELECT id, model_version_id, report FROM validation_reports WHERE job_id = $1", job_id)
+    return (
+        {"id": row["id"], "model_version_id": row["model_version_id"], "report": _json(row["report"])} if row else None
+    )
+
+
+async def get_validation(conn: Conn, validation_id: int) -> dict[str, Any] | None:
+    row = await conn.fetchrow(
+        "SELECT id, model_version_id, symbol, timeframe, job_id, folds, data_start, data_end, report, created_at "
+        "FROM validation_reports WHERE id = $1",
+        validation_id,
+    )
+    return {**dict(row), "report": _json(row["report"])} if row else None
+
+
+async def latest_validation(conn: Conn, model_version_id: int) -> dict[str, Any] | None:
+    row = await conn.fetchrow(
+        "SELECT id, model_version_id, symbol, timeframe, job_id, folds, data_start, data_end, report, created_at "
+        "FROM validation_reports WHERE model_version_id = $1 ORDER BY created_at DESC, id DESC LIMIT 1",
+        model_version_id,
+    )
+    return {**dict(row), "report": _json(row["report"])} if row else None
+
+
+# --- backtests ------------------------------------------------------------------------------------------------
+
+
+async def insert_backtest(
+    conn: Conn,
+    *,
+    model_version_id: int | None,
+    symbol: str,
+    timeframe: str,
+    job_id: str | None,
+    params: dict[str, Any],
+    result: dict[str, Any],
+    data_start: Any,
+    data_end: Any,
+) -> int:
+    value = await conn.fetchval(
+        "INSERT INTO backtests (model_version_id, symbol, timeframe, job_id, params, metrics, trades, equity, "
+        "data_start, data_end) VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb, $7::jsonb, $8::jsonb, $9, $10) "
+        "ON CONFLICT (job_id) DO NOTHING RETURNING id",
+        model_version_id,
+        symbol,
+        timeframe,
+        job_id,
+        json.dumps(params, default=str),
+        json.dumps(result["metrics"], default=str),
+        json.dumps(result["trades"], default=str),
+        json.dumps(result["equity"], default=str),
+        data_start,
+        data_end,
+    )
+    if value is None:
+        value = await conn.fetchval("SELECT id FROM backtests WHERE job_id = $1", job_id)
+    return int(value)
+
+
+async def get_backtest(conn: Conn, backtest_id: int) -> dict[str, Any] | None:
+    row = await conn.fetchrow(
+        "SELECT id, model_version_id, symbol, timeframe, job_id, params, metrics, trades, equity, data_start, "
+        "data_end, created_at FROM backtests WHERE id = $1",
+        backtest_id,
+    )
+    if row is None:
+        return None
+    return {**dict(row), **{k: _json(row[k]) for k in ("params", "metrics", "trades", "equity")}}
+
+
+# --- indicator weights ----------------------------------------------------------------------------------------
+
+
+async def insert_weights(
+    conn: Conn,
+    *,
+    symbol: str,
+    timeframe: str,
+    version: str,
+    weights: dict[str, float],
+    method: str,
+    model_version_id: int | None,
+    inputs: dict[str, Any],
+    data_start: Any,
+    data_end: Any,
+) -> int:
+    """A new weights version of the series (idempotent per version name: a rerun returns the first row)."""
+    value = await conn.fetchval(
+        "INSERT INTO indicator_weights (symbol, timeframe, version, weights, method, model_version_id, inputs, "
+        "data_start, data_end) VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7::jsonb, $8, $9) "
+        "ON CONFLICT (symbol, timeframe, version) DO NOTHING RETURNING id",
+        symbol,
+        timeframe,
+        version,
+        json.dumps(weights),
+        method,
+        model_version_id,
+        json.dumps(inputs, default=str),
+        data_start,
+        data_end,
+    )
+    if value is None:
+        value = await conn.fetchval(
+            "SELECT id FROM indicator_weights WHERE symbol = $1 AND timeframe = $2 AND version = $3",
+            symbol,
+            timeframe,
+            version,
+        )
+    return int(value)
+
+
+async def get_weights(conn: Conn, weights_id: int) -> dict[str, Any] | None:
+    row = await conn.fetchrow(
+        "SELECT id, symbol, timeframe, version, weights, method, model_version_id, inputs, data_start, data_end, "
+        "created_at FROM indicator_weights WHERE id = $1",
+        weights_id,
+    )
+    return {**dict(row), "weights": _json(row["weights"]), "inputs": _json(row["inputs"])} if row else None
+
+
+async def latest_weights_for_model(conn: Conn, model_version_id: int) -> dict[str, Any] | None:
+    value = await conn.fetchval(
+        "SELECT id FROM indicator_weights WHERE model_version_id = $1 ORDER BY created_at DESC, id DESC LIMIT 1",
+        model_version_id,
+    )
+    return await get_weights(conn, int(value)) if value is not None else None
+
+
+# --- prediction explanations ----------------------------------------------------------------------------------
+
+
+async def get_prediction(conn: Conn, prediction_id: str) -> dict[str, Any] | None:
+    """A logged prediction with its raw feature window (None when the id is unknown)."""
+    row = await conn.fetchrow(
+        "SELECT p.id, p.symbol, p.timeframe, p.bar_ts, p.model_version, p.signal, p.probabilities, "
+        "w.features, w.feature_shape FROM predictions p JOIN prediction_windows w USING (window_hash) "
+        "WHERE p.id = $1::uuid",
+        prediction_id,
+    )
+    return dict(row) if row else None
+
+
+async def create_explanation(conn: Conn, prediction_id: str) -> bool:
+    """A queued explanation row; False when one exists already (queued, running or done)."""
+    value = await conn.fetchval(
+        "INSERT INTO prediction_explanations (prediction_id) VALUES ($1::uuid) ON CONFLICT DO NOTHING "
+        "RETURNING prediction_id",
+        prediction_id,
+    )
+    return value is not None
+
+
+async def get_explanation(conn: Conn, prediction_id: str) -> dict[str, Any] | None:
+    row = await conn.fetchrow(
+        "SELECT prediction_id, status, model_version, contributions, detail, error, attempts, created_at, "
+        "finished_at FROM prediction_explanations WHERE prediction_id = $1::uuid",
+        prediction_id,
+    )
+    if row is None:
+        return None
+    return {
+        **dict(row),
+        "prediction_id": str(row["prediction_id"]),
+        "contributions": _json(row["contributions"]),
+        "detail": _json(row["detail"]) or {},
+    }
+
+
+async def start_explanation(conn: Conn, prediction_id: str) -> int | None:
+    """Mark a queued (or interrupted running) explanation running; its attempt number, None when done."""
+    value = await conn.fetchval(
+        "UPDATE prediction_explanations SET status = 'running', attempts = attempts + 1 "
+        "WHERE prediction_id = $1::uuid AND status IN ('queued', 'running') RETURNING attempts",
+        prediction_id,
+    )
+    return int(value) if value is not None else None
+
+
+async def finish_explanation(
+    conn: Conn, prediction_id: str, model_version: str, contributions: list[dict[str, Any]], detail: dict[str, Any]
+) -> None:
+    await conn.execute(
+        "UPDATE prediction_explanations SET status = 'succeeded', model_version = $2, contributions = $3::jsonb, "
+        "detail = $4::jsonb, error = NULL, finished_at = now() WHERE prediction_id = $1::uuid",
+        prediction_id,
+        model_version,
+        json.dumps(contributions),
+        json.dumps(detail, default=str),
+    )
+
+
+async def fail_explanation(conn: Conn, prediction_id: str, error: str) -> None:
+    await conn.execute(
+        "UPDATE prediction_explanations SET status = 'failed', error = $2, finished_at = now() "
+        "WHERE prediction_id = $1::uuid AND status <> 'succeeded'",
+        prediction_id,
+        error[:4000],
+    )

@@ -18,13 +18,13 @@ import asyncpg
 
 from services.trainer import repository as repo
 from services.trainer.errors import JobInProgress
-from services.trainer.jobs import FAULT_PARAM
+from services.trainer.hyperparameters import FAULT_PARAM
 from services.trainer.schemas import ModelVersion
-from services.trainer.service import create_train_job, send_train
-from services.trainer.settings import TrainerSettings, get_trainer_settings
+from services.trainer.service import create_train_job
+from services.trainer.settings import TrainerSettings
 from shared.db import require_database_url
 from shared.errors import AppError
-from shared.settings import Settings, get_settings
+from shared.settings import Settings
 from shared.timeframes import Timeframe
 
 log = logging.getLogger("trainer.retrain")
@@ -168,13 +168,17 @@ async def decide_and_queue(
     return decisions
 
 
+def _send_train(job_id: str, tsettings: TrainerSettings) -> None:
+    from services.trainer import publisher
+    from services.trainer.celery_app import celery_app  # the worker's (current) app; never the task module
+
+    publisher.send_job(celery_app, "train", job_id, tsettings.queue)
+
+
 def _run(
-    source_id: str, full: bool, settings: Settings | None, tsettings: TrainerSettings | None, send: Send | None
+    source_id: str, full: bool, settings: Settings, tsettings: TrainerSettings, send: Send | None
 ) -> dict[str, Any]:
-    settings = settings or get_settings()
-    tsettings = tsettings or get_trainer_settings()
-    queue = tsettings.queue
-    sender: Send = send or (lambda job_id: send_train(job_id, queue))
+    sender: Send = send or (lambda job_id: _send_train(job_id, tsettings))
 
     async def go() -> list[dict[str, Any]]:
         conn = await asyncpg.connect(
@@ -189,18 +193,12 @@ def _run(
 
 
 def run_auto_retrain(
-    source_id: str,
-    settings: Settings | None = None,
-    tsettings: TrainerSettings | None = None,
-    send: Send | None = None,
+    source_id: str, settings: Settings, tsettings: TrainerSettings, send: Send | None = None
 ) -> dict[str, Any]:
     return _run(source_id, False, settings, tsettings, send)
 
 
 def run_full_retrain(
-    source_id: str,
-    settings: Settings | None = None,
-    tsettings: TrainerSettings | None = None,
-    send: Send | None = None,
+    source_id: str, settings: Settings, tsettings: TrainerSettings, send: Send | None = None
 ) -> dict[str, Any]:
     return _run(source_id, True, settings, tsettings, send)

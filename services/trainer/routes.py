@@ -1,35 +1,35 @@
-"""HTTP routes of the trainer: queue training jobs, follow them, list the model registry."""
+"""HTTP routes of the trainer: queue jobs (train, validate, backtest, optimize_weights), follow them, the model
+registry with each version's gate verdict and validation report, backtests, weights, explanations."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from celery import Celery
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse, Response
 
+from services.trainer import publisher, service
 from services.trainer import repository as repo
-from services.trainer import service
-from services.trainer.schemas import Job, JobCreated, JobIn, ModelStatus, ModelVersion
-from services.trainer.settings import TrainerSettings
-from shared.app import PoolDep
-from shared.auth import AdminKey, ReadKey
+from services.trainer.deps import AdminKey, PoolDep, PublisherDep, ReadKey, TrainerSettingsDep, WriteKey
+from services.trainer.schemas import (
+    BacktestOut,
+    ExplanationIn,
+    ExplanationOut,
+    Job,
+    JobCreated,
+    JobIn,
+    ModelDetail,
+    ModelStatus,
+    ModelVersion,
+    RetrainDecision,
+    TargetResult,
+    ValidationOut,
+)
 from shared.db import with_retry
-from shared.errors import NotFoundError, error_responses
+from shared.errors import NotFoundError, ServiceUnavailable, error_responses
 from shared.timeframes import Timeframe
 
 router = APIRouter()
-
-
-async def get_tsettings(request: Request) -> TrainerSettings:
-    return request.app.state.trainer_settings  # type: ignore[no-any-return]
-
-
-async def get_publisher(request: Request) -> Celery:
-    return request.app.state.celery  # type: ignore[no-any-return]
-
-
-TrainerSettingsDep = Annotated[TrainerSettings, Depends(get_tsettings)]
-PublisherDep = Annotated[Celery, Depends(get_publisher)]
 
 
 @router.post(
@@ -40,34 +40,37 @@ PublisherDep = Annotated[Celery, Depends(get_publisher)]
     responses=error_responses(401, 403, 404, 409, 422, 503),
 )
 async def post_job(
-    body: JobIn, pool: PoolDep, tsettings: TrainerSettingsDep, publisher: PublisherDep, _: AdminKey
+    body: JobIn, pool: PoolDep, tsettings: TrainerSettingsDep, app: PublisherDep, _: AdminKey
 ) -> JobCreated:
-    """Queue a training job (role admin).
+    """Queue a job (role admin): `train` a model, `validate` a version walk-forward against baselines (the
+    promotion gate's evidence), `backtest` a version's or uploaded signals, `optimize_weights` (SHAP weights).
 
     - 404 when no bars are stored for the symbol on the timeframe or on a lower timeframe it can be
       resampled from; nothing is queued then.
-    - 409 `job_in_progress` when the series already has a queued or running job (the detail names it).
-    - 422 when `params` (hyperparameter overrides: `epochs`, `lstm_units`, `horizon`, `dead_band_atr`, ...)
-      hold an unknown key or a value out of bounds (e.g. `lstm_units` elements 1..1024, at most 4 layers).
+    - 409 `job_in_progress` when the series already has a queued or running job of that kind.
+    - 422 when `params` hold an unknown key or a value out of bounds (the detail names the field), e.g. train
+      `lstm_units` elements 1..1024, validate `folds` 2..20, backtest `cost_bps` 0..1000, a malformed
+      `signals_csv` line.
     - 503 when the broker does not take the message within TRAINER_PUBLISH_TIMEOUT_SECONDS; the job is then
       marked failed (submit it again later)."""
-    job_id = await service.enqueue_train(pool, body.symbol, body.timeframe, body.params, tsettings, publisher)
+    job_id = await service.enqueue_job(pool, body.kind, body.symbol, body.timeframe, body.params, tsettings, app)
     return JobCreated(job_id=job_id)
 
 
 @router.get("/v1/jobs", tags=["jobs"], response_model=list[Job], responses=error_responses(401, 403))
 async def get_jobs(pool: PoolDep, _: ReadKey, limit: Annotated[int, Query(ge=1, le=500)] = 50) -> list[Job]:
-    """The newest training jobs, newest first (role read)."""
+    """The newest jobs of every kind, newest first (role read)."""
     return await with_retry(lambda: repo.list_jobs(pool, limit))
 
 
 @router.get("/v1/jobs/{job_id}", tags=["jobs"], response_model=Job, responses=error_responses(401, 403, 404))
 async def get_job(job_id: str, pool: PoolDep, _: ReadKey) -> Job:
     """A job's status (queued, running, succeeded, failed), progress 0..1, per-epoch loss and validation
-    loss, result (the registered model version) or error (role read)."""
+    loss (training), result (the registered version, the validation's verdict, the backtest's metrics...) or
+    error (role read)."""
     job = await with_retry(lambda: repo.get_job(pool, job_id))
     if job is None:
-        raise NotFoundError(f"no training job {job_id!r}")
+        raise NotFoundError(f"no job {job_id!r}")
     return job
 
 
@@ -80,15 +83,180 @@ async def get_models(
     status: ModelStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
 ) -> list[ModelVersion]:
-    """The model registry: every registered version with status, headline metrics, artifact URI and the
-    sha256 of its metadata.json (role read)."""
+    """The model registry: every registered version with status, headline metrics, artifact URI, the sha256
+    of its metadata.json and its `quality` (the promotion gate's verdict: passed, failed or not_validated,
+    with reasons) (role read)."""
     tf = timeframe.value if timeframe else None
     return await with_retry(lambda: repo.list_versions(pool, symbol, tf, status, limit))
 
 
-@router.get("/v1/retrain-decisions", tags=["models"], responses=error_responses(401, 403))
+async def _version_or_404(pool: PoolDep, model_id: int) -> ModelVersion:
+    v = await with_retry(lambda: repo.get_version(pool, model_id))
+    if v is None:
+        raise NotFoundError(f"no model version with id {model_id}")
+    return v
+
+
+def _summary(report: dict[str, Any]) -> dict[str, Any]:
+    keep = ("summary", "folds", "data_start", "data_end", "primary_metric", "pooled", "comparisons", "gate")
+    return {k: report[k] for k in keep if k in report}
+
+
+@router.get(
+    "/v1/models/{model_id}", tags=["models"], response_model=ModelDetail, responses=error_responses(401, 403, 404)
+)
+async def get_model(model_id: int, pool: PoolDep, _: ReadKey) -> ModelDetail:
+    """One version with its gate verdict, a summary of its latest walk-forward validation and the design's
+    business targets (win rate > 55 %, profit factor > 1.2, max drawdown < 15 %, Sharpe > 0.8,
+    accuracy > 65 %), each with its out-of-sample value and pass or fail (role read). Never tuned on test
+    data: the figures are those of the stored report."""
+    v = await _version_or_404(pool, model_id)
+    latest = await with_retry(lambda: repo.latest_validation(pool, model_id))
+    report = latest["report"] if latest else None
+    targets = [TargetResult.model_validate(t) for t in (report or {}).get("business_targets", [])]
+    return ModelDetail(
+        **v.model_dump(),
+        validation={"id": latest["id"], **_summary(report)} if latest and report else None,
+        business_targets=targets,
+    )
+
+
+@router.get(
+    "/v1/models/{model_id}/validation",
+    tags=["models"],
+    response_model=ValidationOut,
+    responses=error_responses(401, 403, 404),
+)
+async def get_model_validation(model_id: int, pool: PoolDep, _: ReadKey) -> ValidationOut:
+    """The latest walk-forward report of a version (role read): folds and their boundaries, per-fold and
+    pooled metrics of the LSTM and of every baseline (majority, prior, logistic regression, gradient
+    boosting), backtest metrics per fold, the paired comparisons with their confidence intervals, the
+    business targets and the gate's decision. 404 when the version is unknown or was never validated."""
+    await _version_or_404(pool, model_id)
+    latest = await with_retry(lambda: repo.latest_validation(pool, model_id))
+    if latest is None:
+        raise NotFoundError(f"model version {model_id} has no validation yet; queue a validate job")
+    return ValidationOut.model_validate(latest)
+
+
+@router.post(
+    "/v1/models/{model_id}/promote",
+    tags=["models"],
+    response_model=ModelVersion,
+    responses=error_responses(401, 403, 404, 409),
+)
+async def promote_model(model_id: int, pool: PoolDep, _: AdminKey) -> ModelVersion:
+    """Make a version its series' production model by an admin's explicit decision, whatever the gate said
+    (role admin). The previous production model is archived. The version keeps its verdict, with a reason
+    added that says an admin promoted it, so clients still see e.g. `gate: failed`."""
+    v = await _version_or_404(pool, model_id)
+    if v.status == "failed":
+        from shared.errors import ConflictError
+
+        raise ConflictError(f"model version {model_id} failed and cannot serve")
+    quality = v.quality.model_dump()
+    note = "promoted to production by an admin"
+    if note not in quality["reasons"]:
+        quality["reasons"] = [*quality["reasons"], note]
+    async with pool.acquire() as conn:
+        await repo.set_quality(conn, model_id, quality)
+        return await repo.promote(conn, model_id)
+
+
+@router.get(
+    "/v1/backtests/{backtest_id}",
+    tags=["backtests"],
+    response_model=BacktestOut,
+    responses=error_responses(401, 403, 404),
+)
+async def get_backtest(backtest_id: int, pool: PoolDep, _: ReadKey) -> BacktestOut:
+    """A stored backtest (role read): its parameters, metrics, trade list and equity curve (at most 2,000
+    points)."""
+    b = await with_retry(lambda: repo.get_backtest(pool, backtest_id))
+    if b is None:
+        raise NotFoundError(f"no backtest with id {backtest_id}")
+    return BacktestOut.model_validate(b)
+
+
+@router.get(
+    "/v1/weights/{weights_id}/plot.png",
+    tags=["weights"],
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}, **error_responses(401, 403, 404)},
+)
+async def get_weights_plot(weights_id: int, pool: PoolDep, _: ReadKey) -> Response:
+    """The weights of a stored weights version and the correlation matrix they were computed with, as a PNG
+    (role read)."""
+    import anyio
+
+    from services.trainer.report import plot_stored_weights
+
+    w = await with_retry(lambda: repo.get_weights(pool, weights_id))
+    if w is None:
+        raise NotFoundError(f"no indicator weights with id {weights_id}")
+    png = await anyio.to_thread.run_sync(plot_stored_weights, w)
+    return Response(png, media_type="image/png")
+
+
+@router.post(
+    "/v1/explanations",
+    tags=["explanations"],
+    status_code=202,
+    response_model=ExplanationOut,
+    responses=error_responses(401, 403, 404, 422, 503),
+)
+async def post_explanation(
+    body: ExplanationIn, pool: PoolDep, tsettings: TrainerSettingsDep, app: PublisherDep, _: WriteKey
+) -> JSONResponse:
+    """Queue the SHAP explanation of a logged prediction (role write; the predictor calls this when a client
+    asks for `GET /v1/predictions/{id}/explanation`). 404 when no such prediction is logged. Idempotent: an
+    explanation that exists is not computed again (its current state is returned)."""
+    pid = str(body.prediction_id)
+    if await with_retry(lambda: repo.get_prediction(pool, pid)) is None:
+        raise NotFoundError(f"no logged prediction {pid}")
+    created = await repo.create_explanation(pool, pid)
+    row = await repo.get_explanation(pool, pid)
+    assert row is not None
+    if created or row["status"] == "queued":
+        try:
+            await publisher.publish(app, publisher.EXPLAIN_TASK, [pid], tsettings)
+        except Exception as exc:
+            await repo.fail_explanation(pool, pid, f"could not queue the explanation: {type(exc).__name__}")
+            raise ServiceUnavailable("the job broker is unavailable; ask for the explanation again later") from exc
+    status = 200 if row["status"] in ("succeeded", "failed") else 202
+    return JSONResponse(ExplanationOut.model_validate(row).model_dump(mode="json"), status_code=status)
+
+
+@router.get(
+    "/v1/explanations/{prediction_id}",
+    tags=["explanations"],
+    response_model=ExplanationOut,
+    responses=error_responses(401, 403, 404),
+)
+async def get_explanation(prediction_id: str, pool: PoolDep, _: ReadKey) -> ExplanationOut:
+    """The state and, once computed, the contributions of a prediction's explanation (role read)."""
+    row = await with_retry(lambda: repo.get_explanation(pool, prediction_id)) if _is_uuid(prediction_id) else None
+    if row is None:
+        raise NotFoundError(f"no explanation for prediction {prediction_id!r}; POST /v1/explanations queues one")
+    return ExplanationOut.model_validate(row)
+
+
+def _is_uuid(value: str) -> bool:
+    import uuid
+
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+@router.get(
+    "/v1/retrain-decisions", tags=["models"], response_model=list[RetrainDecision], responses=error_responses(401, 403)
+)
 async def get_decisions(
     pool: PoolDep, _: ReadKey, limit: Annotated[int, Query(ge=1, le=1000)] = 100
-) -> list[dict[str, object]]:
+) -> list[RetrainDecision]:
     """What the retrain schedules decided for each series, and why (role read)."""
-    return await with_retry(lambda: repo.list_decisions(pool, limit))
+    rows = await with_retry(lambda: repo.list_decisions(pool, limit))
+    return [RetrainDecision.model_validate(r) for r in rows]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 from typing import Any, Literal
 
@@ -10,7 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from shared.timeframes import Timeframe
 
 JobStatus = Literal["queued", "running", "succeeded", "failed"]
-JobKind = Literal["train", "auto_retrain", "full_retrain"]
+JobKind = Literal["train", "auto_retrain", "full_retrain", "validate", "backtest", "optimize_weights"]
+QueueableKind = Literal["train", "validate", "backtest", "optimize_weights"]
+GateVerdict = Literal["passed", "failed", "not_validated"]
 ModelStatus = Literal["candidate", "production", "archived", "failed"]
 
 
@@ -18,15 +21,24 @@ class JobIn(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "example": {"kind": "train", "symbol": "EURUSD", "timeframe": "H1", "params": {"epochs": 20}}
+            "examples": [
+                {"kind": "train", "symbol": "EURUSD", "timeframe": "H1", "params": {"epochs": 20}},
+                {"kind": "validate", "symbol": "EURUSD", "timeframe": "H1", "params": {"folds": 5}},
+                {"kind": "backtest", "symbol": "EURUSD", "timeframe": "H1", "params": {"cost_bps": 2}},
+                {"kind": "optimize_weights", "symbol": "EURUSD", "timeframe": "H1"},
+            ]
         },
     )
 
-    kind: Literal["train"] = "train"
+    kind: QueueableKind = "train"
     symbol: str = Field(pattern=r"^[A-Z0-9._-]{1,20}$")
     timeframe: Timeframe
     params: dict[str, Any] = Field(
-        default_factory=dict, description="hyperparameter overrides (see docs/TRAINER.md, TrainConfig)"
+        default_factory=dict,
+        description="train: hyperparameter overrides (TrainConfig); validate: folds, model_version, "
+        "hyperparameters; backtest: model_version or signals_csv, cost_bps, spread_bps, commission_bps, "
+        "slippage_bps, long_only, max_position_fraction, sizing, stop_atr, take_profit_atr; optimize_weights: "
+        "model_version (docs/TRAINER.md)",
     )
 
 
@@ -61,6 +73,27 @@ class Job(BaseModel):
     finished_at: datetime | None
 
 
+class Quality(BaseModel):
+    """The promotion gate's verdict on a version: what a client must know before trusting its signals."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "gate": "failed",
+                "reasons": ["log loss 1.0712 does not beat gradient boosting's 1.0655 (95% CI of the difference ...)"],
+                "validation_id": 12,
+            }
+        }
+    )
+
+    gate: GateVerdict = Field(
+        description="passed: beat the best baseline (and production) out of sample on walk-forward folds; "
+        "failed: did not; not_validated: no validation has judged it yet"
+    )
+    reasons: list[str] = Field(default_factory=list)
+    validation_id: int | None = None
+
+
 class ModelVersion(BaseModel):
     id: int
     symbol: str
@@ -71,6 +104,84 @@ class ModelVersion(BaseModel):
     artifact_uri: str
     sha256: str
     created_at: datetime
+    training_job_id: str | None
+    quality: Quality
+
+
+class TargetResult(BaseModel):
+    name: str
+    metric: str = Field(description="the report's metric the target reads")
+    value: float | None
+    threshold: float
+    comparison: Literal[">", "<"]
+    passed: bool
+
+
+class ModelDetail(ModelVersion):
+    """A version with its latest validation's verdict and the design's business targets (pass or fail each)."""
+
+    validation: dict[str, Any] | None = Field(
+        description="summary of the latest walk-forward report: folds, data range, pooled metrics, comparisons"
+    )
+    business_targets: list[TargetResult] = Field(
+        description="win rate > 55 %, profit factor > 1.2, max drawdown < 15 %, Sharpe > 0.8, accuracy > 65 %, "
+        "out of sample over the walk-forward folds; empty until validated"
+    )
+
+
+class ValidationOut(BaseModel):
+    id: int
+    model_version_id: int | None
+    symbol: str
+    timeframe: str
+    job_id: str | None
+    folds: int
+    data_start: datetime
+    data_end: datetime
+    created_at: datetime
+    report: dict[str, Any]
+
+
+class BacktestOut(BaseModel):
+    id: int
+    model_version_id: int | None
+    symbol: str
+    timeframe: str
+    job_id: str | None
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+    trades: list[dict[str, Any]]
+    equity: dict[str, Any]
+    data_start: datetime
+    data_end: datetime
+    created_at: datetime
+
+
+class ExplanationIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prediction_id: uuid.UUID = Field(description="id of a logged prediction")
+
+
+class ExplanationOut(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    prediction_id: str
+    status: Literal["queued", "running", "succeeded", "failed"]
+    model_version: str | None = None
+    contributions: list[dict[str, Any]] | None = None
+    detail: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = None
+
+
+class RetrainDecision(BaseModel):
+    symbol: str
+    timeframe: str
+    decided_at: datetime
+    retrain: bool
+    reasons: list[str]
+    detail: dict[str, Any]
+    source_job_id: str | None
     training_job_id: str | None
 
 

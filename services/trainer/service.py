@@ -1,33 +1,102 @@
-"""Creating and queueing training jobs (API, CLI and the retrain schedules share this path).
+"""Creating and queueing trainer jobs (API, CLI and the schedules share this path).
 
 The job row is committed first, then the Celery message is sent: a worker never receives a job id that
-is not in PostgreSQL. At most one job per series is queued or running (a partial unique index): a second
-one is a 409. The API marks a job failed when its message cannot be sent within
+is not in PostgreSQL. At most one job per series and kind is queued or running (a partial unique index): a
+second one is a 409. The API marks a job failed when its message cannot be sent within
 TRAINER_PUBLISH_TIMEOUT_SECONDS (the client gets a 503 and may resubmit); a job left queued without a
 message in any other way is re-sent by the sweeper.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import uuid
 from typing import Any
 
-import anyio
 import asyncpg
 from celery import Celery
 
+from services.trainer import publisher
 from services.trainer import repository as repo
 from services.trainer.errors import JobInProgress
-from services.trainer.jobs import parse_params
-from services.trainer.settings import TrainerSettings, get_trainer_settings
+from services.trainer.folds import min_bars_for_folds
+from services.trainer.hyperparameters import FAULT_PARAM, TrainConfig, parse_params
+from services.trainer.job_params import ValidateParams, parse_job_params
+from services.trainer.schemas import ModelVersion
+from services.trainer.settings import TrainerSettings
 from services.trainer.source import resolve_base
-from shared.errors import ServiceUnavailable
+from shared.errors import NotEnoughBars, NotFoundError, ServiceUnavailable
+from shared.market_repository import count_bars
 from shared.timeframes import Timeframe, check_symbol
 
 log = logging.getLogger("trainer.service")
-TRAIN_TASK = "trainer.train_model"
+
+
+async def create_job(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    kind: str,
+    symbol: str,
+    timeframe: Timeframe,
+    params: dict[str, Any],
+    tsettings: TrainerSettings,
+) -> str:
+    """Validate, check that bars exist (404 otherwise) and insert the queued job; returns its id.
+
+    Raises JobInProgress (409) when the series already has a queued or running job of this kind.
+    """
+    check_symbol(symbol)
+    parsed = parse_job_params(kind, params, fault_injection=tsettings.fault_injection)
+    base = await resolve_base(conn, symbol, timeframe)
+    if isinstance(parsed, ValidateParams):
+        await _check_bars_for_folds(conn, symbol, timeframe, base, parsed)
+    job_id = uuid.uuid4().hex
+    try:
+        await repo.create_job(conn, job_id, kind, symbol, timeframe.value, params)
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name != repo.ONE_ACTIVE_JOB_INDEX:
+            raise
+        active = await repo.active_job_for(conn, symbol, timeframe.value, kind)
+        which = f" (job {active}; follow it with GET /v1/jobs/{active})" if active else ""
+        raise JobInProgress(
+            f"a {kind} job for {symbol} {timeframe.value} is already queued or running{which}; "
+            "queue another once it has finished",
+            active,
+        ) from None
+    return job_id
+
+
+async def recipe_of(conn: asyncpg.Connection | asyncpg.Pool, version: ModelVersion | None) -> TrainConfig:
+    """The hyperparameters a version was trained with (its training job's params); defaults without one."""
+    params: dict[str, Any] = {}
+    if version is not None and version.training_job_id:
+        job = await repo.get_job(conn, version.training_job_id)
+        if job is not None:
+            params = {k: v for k, v in job.params.items() if k != FAULT_PARAM}
+    return parse_params(params, fault_injection=False)
+
+
+async def _check_bars_for_folds(
+    conn: asyncpg.Connection | asyncpg.Pool, symbol: str, target: Timeframe, base: Timeframe, p: ValidateParams
+) -> None:
+    """422 before queueing when the series cannot hold the folds (the worker checks the exact count again:
+    a resampled series may have fewer completed bars than this estimate)."""
+    if p.model_version is not None:
+        version = await repo.find_version(conn, symbol, target.value, p.model_version)
+        if version is None:
+            raise NotFoundError(f"no model version {p.model_version!r} for {symbol} {target.value}")
+    else:
+        version = await repo.newest_version(conn, symbol, target.value)
+    cfg = await recipe_of(conn, version)
+    if p.hyperparameters:
+        cfg = parse_params({**cfg.model_dump(mode="json"), **p.hyperparameters}, fault_injection=False)
+    need = min_bars_for_folds(cfg, p.folds)
+    have = await count_bars(conn, symbol, base) * base.seconds // target.seconds
+    if have < need:
+        source = "" if base is target else f" (about, resampled from {base.value})"
+        raise NotEnoughBars(
+            f"need at least {need} {target.value} bars for {p.folds} walk-forward folds of {symbol} "
+            f"(sequence_length {cfg.sequence_length}, min_sequences {cfg.min_sequences}), have {have}{source}"
+        )
 
 
 async def create_train_job(
@@ -36,64 +105,23 @@ async def create_train_job(
     timeframe: Timeframe,
     params: dict[str, Any],
     tsettings: TrainerSettings,
-    kind: str = "train",
 ) -> str:
-    """Validate, check that bars exist (404 otherwise) and insert the queued job; returns its id.
-
-    Raises JobInProgress (409) when the series already has a queued or running job.
-    """
-    check_symbol(symbol)
-    parse_params(params, fault_injection=tsettings.fault_injection)
-    await resolve_base(conn, symbol, timeframe)
-    job_id = uuid.uuid4().hex
-    try:
-        await repo.create_job(conn, job_id, kind, symbol, timeframe.value, params)
-    except asyncpg.UniqueViolationError as exc:
-        if exc.constraint_name != repo.ONE_ACTIVE_JOB_INDEX:
-            raise
-        active = await repo.active_job_for(conn, symbol, timeframe.value)
-        which = f" (job {active}; follow it with GET /v1/jobs/{active})" if active else ""
-        raise JobInProgress(
-            f"a training job for {symbol} {timeframe.value} is already queued or running{which}; "
-            "queue another once it has finished",
-            active,
-        ) from None
-    return job_id
+    return await create_job(conn, "train", symbol, timeframe, params, tsettings)
 
 
-def send_train(job_id: str, queue: str | None = None, app: Celery | None = None) -> None:
-    """Publish the Celery message (blocking: kombu). Imports the Celery app, never TensorFlow."""
-    if app is None:
-        from services.trainer.worker import celery_app
-
-        app = celery_app
-    assert app is not None
-    app.send_task(TRAIN_TASK, args=[job_id], queue=queue or get_trainer_settings().queue)
-
-
-async def publish_train(job_id: str, tsettings: TrainerSettings, app: Celery | None = None) -> None:
-    """send_train in a thread, bounded by TRAINER_PUBLISH_TIMEOUT_SECONDS (TimeoutError past it).
-
-    The broker sockets time out on their own (TRAINER_BROKER_TIMEOUT_SECONDS); the bound is the backstop
-    that keeps a request from waiting on a broker that accepts connections and never answers. A thread
-    abandoned at the bound ends when its socket times out.
-    """
-    send = functools.partial(send_train, job_id, tsettings.queue, app)
-    with anyio.fail_after(tsettings.publish_timeout_seconds):
-        await anyio.to_thread.run_sync(send, abandon_on_cancel=True)
-
-
-async def enqueue_train(
+async def enqueue_job(
     pool: asyncpg.Pool | asyncpg.Connection,
+    kind: str,
     symbol: str,
     timeframe: Timeframe,
     params: dict[str, Any],
     tsettings: TrainerSettings,
-    app: Celery | None = None,
+    app: Celery,
 ) -> str:
-    job_id = await create_train_job(pool, symbol, timeframe, params, tsettings)
+    """create_job, then publish its message; a publish that fails marks the job failed and is a 503."""
+    job_id = await create_job(pool, kind, symbol, timeframe, params, tsettings)
     try:
-        await publish_train(job_id, tsettings, app)
+        await publisher.publish(app, publisher.JOB_TASKS[kind], [job_id], tsettings)
     except Exception as exc:
         why = (
             f"no answer within {tsettings.publish_timeout_seconds:g} s"
@@ -107,3 +135,14 @@ async def enqueue_train(
             f"the job broker is unavailable ({why}); job {job_id} was marked failed, submit it again later"
         ) from exc
     return job_id
+
+
+async def enqueue_train(
+    pool: asyncpg.Pool | asyncpg.Connection,
+    symbol: str,
+    timeframe: Timeframe,
+    params: dict[str, Any],
+    tsettings: TrainerSettings,
+    app: Celery,
+) -> str:
+    return await enqueue_job(pool, "train", symbol, timeframe, params, tsettings, app)

@@ -50,6 +50,14 @@ class TrainerSettings(BaseSettings):
     min_new_bars: int = Field(default=500, ge=1)
     # Default epochs of scheduled retrains (a job's params override every hyperparameter).
     scheduled_epochs: int | None = Field(default=None, ge=1)
+    # After a model registers, validate it walk-forward (the promotion gate's evidence) with this many folds;
+    # after a validation leaves a production model, compute its SHAP indicator weights. Off in test suites
+    # that count jobs; on in deployments, where nothing should serve without a verdict for long.
+    validate_after_train: bool = True
+    validation_folds: int = Field(default=5, ge=2, le=20)
+    weights_after_validate: bool = True
+    # Background sequences for SHAP explanations of single predictions (drawn from the model's training split).
+    explain_background: int = Field(default=100, ge=10, le=2000)
     # Lets a job's params carry {"fault": "exit" | "raise"} to crash on purpose; test suites only.
     fault_injection: bool = False
 

@@ -19,21 +19,18 @@ from typing import Any
 import asyncpg
 
 from services.trainer import repository as repo
-from services.trainer.settings import TrainerSettings, get_trainer_settings
+from services.trainer.settings import TrainerSettings
 from shared.db import require_database_url
-from shared.settings import Settings, get_settings
+from shared.settings import Settings
 
 log = logging.getLogger("trainer.sweeper")
 
 
-def run_sweep(
-    send: Callable[[str], None], settings: Settings | None = None, tsettings: TrainerSettings | None = None
-) -> dict[str, Any]:
-    """Claim the orphaned jobs (touching their rows) and send one message for each; returns their ids."""
-    settings = settings or get_settings()
-    tsettings = tsettings or get_trainer_settings()
+def run_sweep(send: Callable[[str, str], None], settings: Settings, tsettings: TrainerSettings) -> dict[str, Any]:
+    """Claim the orphaned jobs (touching their rows) and send one message for each (`send(kind, job_id)`);
+    returns their ids."""
 
-    async def claim() -> list[str]:
+    async def claim() -> list[tuple[str, str]]:
         conn = await asyncpg.connect(
             require_database_url(settings), timeout=10, server_settings={"application_name": "aicash-trainer-sweeper"}
         )
@@ -44,9 +41,9 @@ def run_sweep(
 
     resent: list[str] = []
     failed: dict[str, str] = {}
-    for job_id in asyncio.run(claim()):  # claimed rows are committed before their message is sent
+    for job_id, kind in asyncio.run(claim()):  # claimed rows are committed before their message is sent
         try:
-            send(job_id)
+            send(kind, job_id)
         except Exception as exc:  # noqa: BLE001 - claimed again by a sweep once the row is stale again
             log.warning("sweeper: could not re-send job %s: %s: %s", job_id, type(exc).__name__, exc)
             failed[job_id] = f"{type(exc).__name__}: {exc}"

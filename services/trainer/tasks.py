@@ -1,4 +1,8 @@
-"""Celery tasks of the trainer. Each takes ids and primitives and is safe to run twice."""
+"""Celery tasks of the trainer. Each takes ids and primitives and is safe to run twice.
+
+Loaded by the worker only (`include` of services.trainer.celery_app); publishers send these by name
+(services.trainer.publisher). Heavy code (the job runner, TensorFlow) is imported inside the task bodies.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,11 @@ from typing import Any
 
 from celery import Task
 
+from services.trainer import publisher
+from services.trainer.celery_app import celery_app
 from services.trainer.errors import DatabaseUnavailable, JobBusy, RetryLater
 from services.trainer.settings import TrainerSettings, get_trainer_settings
-from services.trainer.worker import celery_app
+from shared.settings import get_settings
 
 log = logging.getLogger("trainer.tasks")
 
@@ -25,9 +31,12 @@ def db_retry_delay(failures: int, t: TrainerSettings) -> float | None:
     return float(min(t.db_retry_base_seconds * 2**failures, t.db_retry_max_delay_seconds))
 
 
-@celery_app.task(name="trainer.train_model", bind=True, max_retries=None)  # type: ignore[untyped-decorator]
-def train_model(self: Task, job_id: str, db_failures: int = 0) -> dict[str, Any]:
-    """Train one model for a queued job (attempts bounded by TRAINER_MAX_ATTEMPTS in PostgreSQL).
+def _send_follow_up(kind: str, job_id: str) -> None:
+    publisher.send_job(celery_app, kind, job_id, get_trainer_settings().queue)
+
+
+def _run(self: Task, job_id: str, db_failures: int) -> dict[str, Any]:
+    """Run one job (attempts bounded by TRAINER_MAX_ATTEMPTS in PostgreSQL), retrying through Celery.
 
     `db_failures` counts the consecutive deliveries of this message that could not reach PostgreSQL; it is
     separate from the job's attempts (which PostgreSQL counts, and which an unreachable database cannot).
@@ -36,7 +45,7 @@ def train_model(self: Task, job_id: str, db_failures: int = 0) -> dict[str, Any]
 
     t = get_trainer_settings()
     try:
-        return run_job(job_id)
+        return run_job(job_id, settings=get_settings(), tsettings=t, follow_up=_send_follow_up)
     except JobBusy as exc:
         log.info("%s; retrying in %.0f s", exc, BUSY_RETRY_SECONDS)
         raise self.retry(countdown=BUSY_RETRY_SECONDS, kwargs={}) from None
@@ -59,12 +68,51 @@ def train_model(self: Task, job_id: str, db_failures: int = 0) -> dict[str, Any]
         raise self.retry(countdown=delay, kwargs={"db_failures": db_failures + 1}) from None
 
 
+@celery_app.task(name="trainer.train_model", bind=True, max_retries=None)  # type: ignore[untyped-decorator]
+def train_model(self: Task, job_id: str, db_failures: int = 0) -> dict[str, Any]:
+    """Train and register one model; then queue its walk-forward validation (TRAINER_VALIDATE_AFTER_TRAIN)."""
+    return _run(self, job_id, db_failures)
+
+
+@celery_app.task(name="trainer.validate_model", bind=True, max_retries=None)  # type: ignore[untyped-decorator]
+def validate_model(self: Task, job_id: str, db_failures: int = 0) -> dict[str, Any]:
+    """Walk-forward validation against baselines; stores the report and applies the promotion gate."""
+    return _run(self, job_id, db_failures)
+
+
+@celery_app.task(name="trainer.backtest", bind=True, max_retries=None)  # type: ignore[untyped-decorator]
+def backtest(self: Task, job_id: str, db_failures: int = 0) -> dict[str, Any]:
+    """Backtest a model version's signals (or uploaded signals) on stored bars; stores the result."""
+    return _run(self, job_id, db_failures)
+
+
+@celery_app.task(name="trainer.optimize_weights", bind=True, max_retries=None)  # type: ignore[untyped-decorator]
+def optimize_weights(self: Task, job_id: str, db_failures: int = 0) -> dict[str, Any]:
+    """SHAP indicator weights of a model version; a new indicator_weights row the predictor picks up."""
+    return _run(self, job_id, db_failures)
+
+
+@celery_app.task(name="trainer.explain_prediction", bind=True, max_retries=3)  # type: ignore[untyped-decorator]
+def explain_prediction(self: Task, prediction_id: str) -> dict[str, Any]:
+    """SHAP contributions of one logged prediction (row in prediction_explanations)."""
+    from services.trainer.quality_jobs import run_explanation
+
+    t = get_trainer_settings()
+    try:
+        return run_explanation(prediction_id, settings=get_settings(), tsettings=t)
+    except DatabaseUnavailable as exc:
+        log.warning("explanation %s: %s; retrying in %.0f s", prediction_id, exc, t.retry_delay_seconds)
+        raise self.retry(countdown=t.retry_delay_seconds) from None
+
+
 @celery_app.task(name="trainer.auto_retrain", bind=True)  # type: ignore[untyped-decorator]
 def auto_retrain(self: Task) -> dict[str, Any]:
     """Retrain each series whose newest model is too old, has enough new bars, or is flagged."""
     from services.trainer.retrain import run_auto_retrain
 
-    return run_auto_retrain(source_id=str(self.request.id or "manual"))
+    return run_auto_retrain(
+        source_id=str(self.request.id or "manual"), settings=get_settings(), tsettings=get_trainer_settings()
+    )
 
 
 @celery_app.task(name="trainer.full_retrain", bind=True)  # type: ignore[untyped-decorator]
@@ -72,14 +120,14 @@ def full_retrain(self: Task) -> dict[str, Any]:
     """Retrain every series that has a production model, unconditionally (weekly)."""
     from services.trainer.retrain import run_full_retrain
 
-    return run_full_retrain(source_id=str(self.request.id or "manual"))
+    return run_full_retrain(
+        source_id=str(self.request.id or "manual"), settings=get_settings(), tsettings=get_trainer_settings()
+    )
 
 
 @celery_app.task(name="trainer.sweep_jobs", bind=True)  # type: ignore[untyped-decorator]
 def sweep_jobs(self: Task) -> dict[str, Any]:
     """Re-send queued/running jobs that nobody works on and whose row went stale (lost messages)."""
-    from services.trainer.service import send_train
     from services.trainer.sweeper import run_sweep
 
-    queue = get_trainer_settings().queue
-    return run_sweep(send=lambda job_id: send_train(job_id, queue, celery_app))
+    return run_sweep(send=_send_follow_up, settings=get_settings(), tsettings=get_trainer_settings())

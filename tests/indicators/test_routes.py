@@ -8,8 +8,9 @@ import httpx
 import numpy as np
 import pytest
 
-from shared.features import FEATURE_NAMES, WARMUP_BARS, compute_features, feature_rows
+from shared.features import FEATURE_NAMES, compute_features, feature_rows
 from shared.timeframes import OHLCV, Timeframe, resample
+from shared.warmup import WARMUP_BARS
 from tests.conftest import READ_KEY, WRITE_KEY, bars_json
 from tests.data import generate_bars
 

@@ -81,7 +81,7 @@ SERVICES: dict[str, Service] = {
         "command": [
             "celery",
             "-A",
-            "services.trainer.worker",
+            "services.trainer.celery_app",
             "worker",
             "-Q",
             "training",
@@ -99,7 +99,7 @@ SERVICES: dict[str, Service] = {
         "command": [
             "celery",
             "-A",
-            "services.trainer.worker",
+            "services.trainer.celery_app",
             "beat",
             "--loglevel",
             "INFO",

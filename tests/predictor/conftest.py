@@ -28,6 +28,7 @@ SYMBOL = "PRED1"  # H1 bars, models on H1 and H4
 SYMBOL2 = "PRED2"  # H1 bars, no model: 404
 SHORT = "PRED3"  # too few bars for the model's window
 N_BARS = 3000
+TRAINER_KEY = "test-trainer-key-0001"
 
 
 def free_port() -> int:
@@ -79,6 +80,18 @@ def indicators_url(database_url: str, tmp_path_factory: pytest.TempPathFactory) 
     log = tmp_path_factory.mktemp("indicators") / "indicators.log"
     proc = start_uvicorn(
         "services.indicators.main:app", port, {"DATABASE_URL": database_url, "API_KEYS": API_KEYS}, log
+    )
+    yield f"http://127.0.0.1:{port}"
+    stop(proc)
+
+
+@pytest.fixture(scope="session")
+def trainer_url(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """tests/predictor/fake_trainer.py: the trainer's explanation request contract, over real HTTP."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("trainer") / "trainer.log"
+    proc = start_uvicorn(
+        "tests.predictor.fake_trainer:app", port, {"DATABASE_URL": database_url, "FAKE_TRAINER_KEY": TRAINER_KEY}, log
     )
     yield f"http://127.0.0.1:{port}"
     stop(proc)
@@ -162,9 +175,11 @@ def predictor_settings(
 
 @pytest.fixture(scope="session")
 def settings(
-    database_url: str, redis_url: str, indicators_url: str, store_url: str, models: dict[str, str]
+    database_url: str, redis_url: str, indicators_url: str, store_url: str, trainer_url: str, models: dict[str, str]
 ) -> PredictorSettings:
-    return predictor_settings(database_url, redis_url, indicators_url, store_url)
+    return predictor_settings(
+        database_url, redis_url, indicators_url, store_url, trainer_url=trainer_url, trainer_api_key=TRAINER_KEY
+    )
 
 
 @pytest.fixture(scope="session")

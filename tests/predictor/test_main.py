@@ -68,9 +68,10 @@ SCRIPT = textwrap.dedent(
     import asyncio, sys
     import httpx
     from services.predictor.main import create_app
+    from services.predictor.settings import PredictorSettings
 
     async def main():
-        app = create_app()
+        app = create_app(PredictorSettings())
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://t",

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from services.predictor import repository
-from services.predictor.prediction_log import PredictionLog
+from services.predictor.prediction_log import LogRecord, PredictionLog
 from tests.predictor.conftest import SYMBOL
 
 
@@ -66,13 +66,13 @@ async def test_get_prediction_returns_the_record(client: httpx.AsyncClient) -> N
     assert (await client.get("/v1/predictions/not-a-uuid")).status_code == 404
 
 
-def _record(created: float, pid: uuid.UUID | None = None, window_hash: str = "h" * 64) -> tuple[object, ...]:
+def _record(created: float, pid: uuid.UUID | None = None, window_hash: str = "h" * 64) -> LogRecord:
     import base64
 
     import numpy as np
 
     window = base64.b64encode(np.zeros((2, 3), dtype=np.float32).tobytes()).decode()
-    return (
+    return LogRecord(
         pid or uuid.uuid4(),
         created,
         "LOGT",
@@ -109,7 +109,7 @@ async def test_database_down_buffers_bounded_and_counts_drops(database_url: str)
     plog.pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
     try:
         assert await plog.flush() == 5
-        ids = [r[0] for r in records]
+        ids = [r.prediction_id for r in records]
         conn = await asyncpg.connect(database_url)
         try:
             kept = await conn.fetchval("SELECT count(*) FROM predictions WHERE id = ANY($1::uuid[])", ids)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from typing import cast
 
 import httpx
 import numpy as np
@@ -11,9 +12,9 @@ import pytest
 from fastapi import FastAPI
 
 from services.predictor.service import WARMUP_BARS, Predictor
-from shared.features import WARMUP_BARS as SHARED_WARMUP
 from shared.model_metadata import CLASSES
 from shared.timeframes import OHLCV
+from shared.warmup import WARMUP_BARS as SHARED_WARMUP
 from tests.conftest import bars_json
 from tests.predictor.conftest import SHORT, SYMBOL, SYMBOL2
 
@@ -178,7 +179,7 @@ async def test_prediction_from_sent_bars(client: httpx.AsyncClient, hourly_bars:
 
 async def test_invalid_bar_is_named(client: httpx.AsyncClient, hourly_bars: OHLCV) -> None:
     bars = bars_json(hourly_bars.tail(600))
-    bars[17]["high"] = bars[17]["close"] * 0.5
+    bars[17]["high"] = cast(float, bars[17]["close"]) * 0.5
     r = await client.post("/v1/predictions", json={"symbol": SYMBOL, "timeframe": "H1", "bars": bars})
     assert r.status_code == 422
     assert "bar 17" in r.json()["detail"] and "high" in r.json()["detail"]
@@ -199,6 +200,7 @@ async def test_too_few_sent_bars_says_how_many(client: httpx.AsyncClient, hourly
     )
     assert r.status_code == 422
     assert "need at least 520" in r.json()["detail"]
+    assert r.json()["error"] == "not_enough_bars"
 
 
 async def test_too_few_stored_bars_says_how_many(client: httpx.AsyncClient) -> None:
@@ -206,6 +208,7 @@ async def test_too_few_stored_bars_says_how_many(client: httpx.AsyncClient) -> N
     assert r.status_code == 422
     detail = r.json()["detail"]
     assert "need at least 520 H1 bars" in detail and "have 510" in detail
+    assert r.json()["error"] == "not_enough_bars"
 
 
 async def test_no_model_is_404(client: httpx.AsyncClient) -> None:
@@ -287,3 +290,16 @@ async def test_metrics_are_exposed(client: httpx.AsyncClient) -> None:
         assert name in text, name
     assert 'ml_prediction_requests_total{result="ok",symbol="PRED1"}' in text
     assert 'ml_prediction_cache_total{result="hit"}' in text
+
+
+async def test_openapi_documents_quality_weights_and_explanations(app: FastAPI) -> None:
+    spec = app.openapi()
+    schemas = spec["components"]["schemas"]
+    quality = schemas["PredictionOut"]["properties"]["quality"]
+    assert "verdict" in quality["description"] and "cached" in quality["description"]
+    assert set(schemas["ModelQuality"]["properties"]["gate"]["enum"]) == {"passed", "failed", "not_validated"}
+    assert {"id", "method", "data_start", "data_end", "importances", "correlation"} <= set(
+        schemas["WeightsOut"]["properties"]
+    )
+    explanation = spec["paths"]["/v1/predictions/{prediction_id}/explanation"]["get"]["responses"]
+    assert {"200", "202", "404", "409", "503"} <= set(explanation)

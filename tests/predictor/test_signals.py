@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from services.predictor.cache import ttl_seconds
-from services.predictor.models import calibrate
+from services.predictor.model_manager import calibrate
 from services.predictor.signals import DEFAULT_WEIGHTS, RiskLimits, consensus, indicator_score, risk
 from shared.timeframes import Timeframe
 

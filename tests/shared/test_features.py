@@ -9,8 +9,9 @@ import pandas_ta as ta
 import pytest
 import talib
 
-from shared.features import FEATURE_NAMES, N_FEATURES, WARMUP_BARS, compute_features, feature_rows
+from shared.features import FEATURE_NAMES, N_FEATURES, compute_features, feature_rows
 from shared.timeframes import OHLCV, Timeframe, resample
+from shared.warmup import WARMUP_BARS
 
 RTOL = 1e-9
 

@@ -28,6 +28,7 @@ import pytest
 
 from services.trainer import repository as repo
 from services.trainer.jobs import run_job
+from services.trainer.settings import TrainerSettings
 from shared.market_repository import upsert_bars
 from shared.settings import Settings
 from shared.storage import ObjectStore, store_from_url
@@ -167,7 +168,7 @@ class Worker:
             [
                 str(Path(sys.executable).parent / "celery"),
                 "-A",
-                "services.trainer.worker",
+                "services.trainer.celery_app",
                 "worker",
                 "-Q",
                 self.env["TRAINER_QUEUE"],
@@ -301,6 +302,8 @@ def worker_env(
         "S3_ENDPOINT_URL": trainer_settings.s3_endpoint_url,
         "TRAINER_QUEUE": f"trainer-test-{os.getpid()}-{secrets.token_hex(3)}",
         "TRAINER_FAULT_INJECTION": "true",
+        # The jobs these tests count are training jobs: no validation follows (tests/trainer/test_quality_jobs.py).
+        "TRAINER_VALIDATE_AFTER_TRAIN": "false",
         "TRAINER_RETRY_DELAY_SECONDS": "1",
         # PostgreSQL unreachable: retry the delivery every second or so, for as long as a test keeps it down.
         "TRAINER_DB_RETRY_BASE_SECONDS": "0.5",
@@ -336,5 +339,5 @@ async def new_job(database_url: str, symbol: str, timeframe: str, params: dict[s
 async def trained(spx_bars: str, trainer_settings: Settings) -> dict[str, Any]:
     assert trainer_settings.database_url
     job_id = await new_job(trainer_settings.database_url, spx_bars, "D1", TINY)
-    result = await asyncio.to_thread(run_job, job_id, settings=trainer_settings)
+    result = await asyncio.to_thread(run_job, job_id, settings=trainer_settings, tsettings=TrainerSettings())
     return {"job_id": job_id, "result": result}

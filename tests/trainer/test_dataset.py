@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.trainer.config import TrainConfig
 from services.trainer.dataset import BUY, HOLD, SELL, build_dataset, class_weights, labels, min_bars
-from services.trainer.evaluation import calibrate, fit_temperature, macro_f1
+from services.trainer.evaluation import calibrate, classification_metrics, fit_temperature, macro_f1
+from services.trainer.hyperparameters import TrainConfig
 from shared.errors import NotEnoughBars
-from shared.features import FEATURE_NAMES, WARMUP_BARS, compute_features
+from shared.features import FEATURE_NAMES, compute_features
 from shared.timeframes import OHLCV, Timeframe, resample
+from shared.warmup import WARMUP_BARS
 from tests.data import generate_bars
 
 CFG = TrainConfig(horizon=3, min_sequences=300)
@@ -118,3 +119,24 @@ def test_temperature_scaling_fixes_overconfidence() -> None:
     assert t > 2.0 and after < before
     assert np.allclose(calibrate(sharp, t).sum(axis=1), 1.0)
     assert macro_f1(y, y) == 1.0
+
+
+def test_a_class_absent_from_training_keeps_weight_one() -> None:
+    y = np.array([0] * 10 + [2] * 30)
+    assert class_weights(y) == {0: pytest.approx(40 / 30), 1: 1.0, 2: pytest.approx(40 / 90)}
+
+
+def test_metrics_are_sklearns_over_all_three_classes() -> None:
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet([1.0, 1.0, 1.0], 300)
+    y = rng.integers(0, 2, 300)  # BUY never occurs in this test set
+    m = classification_metrics(probs, y, train_y=np.array([0, 1, 1, 2]))
+    assert {"accuracy", "balanced_accuracy", "macro_f1", "log_loss", "brier", "confusion"} <= set(m)
+    onehot = np.eye(3)[y]
+    assert m["brier"] == pytest.approx(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
+    assert m["log_loss"] == pytest.approx(-np.mean(np.log(probs[np.arange(300), y])))
+    assert np.asarray(m["confusion"]).shape == (3, 3) and np.asarray(m["confusion"])[2].sum() == 0
+    pred = probs.argmax(axis=1)
+    recalls = [np.mean(pred[y == c] == c) for c in (0, 1)]  # the mean recall of the classes present
+    assert m["balanced_accuracy"] == pytest.approx(np.mean(recalls))
+    assert m["baseline_majority_class"] == "HOLD"

@@ -14,6 +14,7 @@ import pytest
 from services.trainer import repository as repo
 from services.trainer.artifacts import ArtifactIntegrityError, fetch_verified, load_keras_verified
 from services.trainer.jobs import run_job
+from services.trainer.settings import TrainerSettings
 from shared.model_metadata import CLASSES, ModelMetadata, artifact_prefix
 from shared.settings import Settings
 from shared.storage import ObjectStore, sha256_hex
@@ -86,7 +87,7 @@ async def test_onnx_equals_keras_on_real_sequences(
 
 
 async def test_redelivered_job_is_a_no_op(trained: dict[str, Any], trainer_settings: Settings) -> None:
-    again = await asyncio.to_thread(run_job, trained["job_id"], settings=trainer_settings)
+    again = await asyncio.to_thread(run_job, trained["job_id"], settings=trainer_settings, tsettings=TrainerSettings())
     assert again["version"] == trained["result"]["version"]
     assert trainer_settings.database_url
     conn = await asyncpg.connect(trainer_settings.database_url)
@@ -119,7 +120,7 @@ async def test_too_few_bars_fails_clearly_and_registers_nothing(
 
     await ingest(database_url, "SHORTTRAIN", Timeframe.D1, sp500.tail(700))
     job_id = await new_job(database_url, "SHORTTRAIN", "D1", TINY)
-    result = await asyncio.to_thread(run_job, job_id, settings=trainer_settings)
+    result = await asyncio.to_thread(run_job, job_id, settings=trainer_settings, tsettings=TrainerSettings())
     assert result["status"] == "failed"
     assert "need at least" in result["error"] and "bars for D1, have 700" in result["error"]
     conn = await asyncpg.connect(database_url)
@@ -139,7 +140,7 @@ async def test_job_whose_splits_would_be_too_small_fails_at_once_with_the_reason
     await ingest(database_url, "SPLITTRAIN", Timeframe.D1, sp500.tail(700))
     params = {**TINY, "min_sequences": 30, "val_fraction": 0.05, "test_fraction": 0.05}
     job_id = await new_job(database_url, "SPLITTRAIN", "D1", params)
-    result = await asyncio.to_thread(run_job, job_id, settings=trainer_settings)
+    result = await asyncio.to_thread(run_job, job_id, settings=trainer_settings, tsettings=TrainerSettings())
     assert result["status"] == "failed"
     assert "need at least 10 sequences per split" in result["error"] and "validation 6" in result["error"]
     conn = await asyncpg.connect(database_url)
@@ -176,7 +177,7 @@ async def test_onnx_that_disagrees_with_keras_is_refused_and_nothing_is_register
     monkeypatch.setattr(m, "export_onnx", perturbed_export)
     await ingest(database_url, "ONNXTRAIN", Timeframe.D1, sp500.tail(1200))
     job_id = await new_job(database_url, "ONNXTRAIN", "D1", TINY)
-    result = await asyncio.to_thread(run_job, job_id, settings=trainer_settings)
+    result = await asyncio.to_thread(run_job, job_id, settings=trainer_settings, tsettings=TrainerSettings())
 
     assert result["status"] == "failed"
     assert result["error"].startswith("ONNX and Keras disagree by ") and "limit 1e-05" in result["error"]

@@ -93,7 +93,7 @@ async def test_a_retrain_awaiting_promotion_is_not_queued_again_and_keeps_the_fl
         # A flag left from before the first model: the first model becomes production and clears it.
         await repo.set_flags(conn, symbol, "D1", drift=True, performance=False, reason="stale")
         first = await new_job(database_url, symbol, "D1", TINY)
-        r1 = await asyncio.to_thread(run_job, first, settings=trainer_settings)
+        r1 = await asyncio.to_thread(run_job, first, settings=trainer_settings, tsettings=TrainerSettings())
         assert r1["status"] == "production"
         assert await _flags(database_url, symbol, "D1") == (False, False)
 
@@ -106,7 +106,9 @@ async def test_a_retrain_awaiting_promotion_is_not_queued_again_and_keeps_the_fl
 
         # The retrain finishes: a candidate (nothing promotes it in this issue); production still serves,
         # so its flags stay.
-        r2 = await asyncio.to_thread(run_job, d1["training_job_id"], settings=trainer_settings)
+        r2 = await asyncio.to_thread(
+            run_job, d1["training_job_id"], settings=trainer_settings, tsettings=TrainerSettings()
+        )
         assert r2["status"] == "candidate"
         assert await _flags(database_url, symbol, "D1") == (True, True)
 
@@ -230,12 +232,21 @@ def test_train_task_retries_while_postgresql_is_unreachable_then_leaves_the_job_
 
 
 def test_celery_app_guarantees_and_schedules(monkeypatch: pytest.MonkeyPatch) -> None:
-    from services.trainer.worker import celery_app
+    from services.trainer.celery_app import celery_app
 
+    celery_app.loader.import_default_modules()  # what a starting worker does: loads `include`
     conf = celery_app.conf
     assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
     assert conf.accept_content == ["json"] and conf.task_serializer == "json"
-    assert {"trainer.train_model", "trainer.auto_retrain", "trainer.full_retrain"} <= set(celery_app.tasks)
+    assert {
+        "trainer.train_model",
+        "trainer.validate_model",
+        "trainer.backtest",
+        "trainer.optimize_weights",
+        "trainer.explain_prediction",
+        "trainer.auto_retrain",
+        "trainer.full_retrain",
+    } <= set(celery_app.tasks)
     auto = conf.beat_schedule["trainer-auto-retrain"]
     assert auto["task"] == "trainer.auto_retrain" and auto["schedule"] == 6 * 3600
     weekly = conf.beat_schedule["trainer-full-retrain"]["schedule"]
@@ -251,7 +262,7 @@ def test_celery_app_guarantees_and_schedules(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_amqp_broker_gets_read_write_and_connect_timeouts() -> None:
-    from services.trainer.worker import create_celery
+    from services.trainer.celery_app import create_celery
 
     app = create_celery(
         Settings(celery_broker_url="amqp://guest:guest@127.0.0.1:5672//"),  # type: ignore[call-arg]

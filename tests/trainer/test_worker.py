@@ -172,17 +172,17 @@ async def test_database_lost_during_training_is_retried_and_the_job_completes_on
 async def test_sweeper_resends_an_orphaned_job_which_completes_exactly_once(
     trainer_settings: Settings, database_url: str, worker_env: dict[str, str], worker: Worker, spx_bars: str
 ) -> None:
-    from services.trainer.service import send_train
+    from services.trainer import publisher as pub
+    from services.trainer.celery_app import create_celery
     from services.trainer.sweeper import run_sweep
-    from services.trainer.worker import create_celery
 
     tsettings = TrainerSettings(queue=worker_env["TRAINER_QUEUE"], sweep_stale_after_seconds=600)
     publisher = create_celery(trainer_settings, tsettings)
     sent: list[str] = []
 
-    def send(job_id: str) -> None:
+    def send(kind: str, job_id: str) -> None:
         sent.append(job_id)
-        send_train(job_id, tsettings.queue, publisher)
+        pub.send_job(publisher, kind, job_id, tsettings.queue)
 
     # A job row whose message was lost (never sent), untouched for an hour; and a "running" job as old
     # whose lock a live process holds (slow, not lost): only the first is re-sent.

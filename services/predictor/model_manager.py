@@ -1,28 +1,33 @@
-"""Production models in memory: verified, loaded off the event loop, swapped atomically.
+"""Production models in memory: verified, loaded off the event loop, swapped atomically, with the promotion
+gate's current verdict on each.
 
 The serving table is one dict held in one attribute. A refresh builds a new dict (reusing models whose
 version and checksum did not change) and replaces the attribute in a single assignment, so a request
-that took a reference sees one consistent table; a half-loaded model is never in any table.
+that took a reference sees one consistent table; a half-loaded model is never in any table. A version whose
+quality verdict changed is replaced by a copy carrying the new verdict and the same onnxruntime session: the
+ONNX file is not read again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
 import asyncpg
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
+import orjson
 from pydantic import ValidationError
 
 from services.predictor import repository
 from services.predictor.metrics import ACTIVE_MODELS, MODEL_LOAD_FAILURES
 from services.predictor.repository import RegistryRow
+from services.predictor.schemas import ModelQuality
 from shared.db import PgListener
 from shared.model_metadata import CLASSES, ModelMetadata, artifact_prefix
 from shared.storage import ObjectStore, sha256_hex
@@ -49,6 +54,17 @@ class LoadedModel:
     temperature: float
     # Maps the model's class order to CLASSES (SELL, HOLD, BUY).
     class_order: list[int] = field(default_factory=lambda: [0, 1, 2])
+    registry_id: int = 0
+    quality: ModelQuality = field(default_factory=lambda: ModelQuality(gate="not_validated"))
+    # `quality` as JSON, rendered once per verdict: every response splices it in (docs/PREDICTOR.md, Cache).
+    quality_json: bytes = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "quality_json", orjson.dumps(self.quality.model_dump(mode="json")))
+
+    def with_quality(self, quality: ModelQuality) -> LoadedModel:
+        """The same loaded model (same session) carrying another verdict."""
+        return dataclasses.replace(self, quality=quality)
 
     @property
     def sequence_length(self) -> int:
@@ -132,6 +148,8 @@ def load_model(store: ObjectStore, row: RegistryRow) -> LoadedModel:
         scale=scale,
         temperature=meta.calibration.temperature,
         class_order=[meta.classes.index(c) for c in CLASSES],
+        registry_id=row.id,
+        quality=row.quality,
     )
     # A model that cannot answer a zero window fails here, at load, not on a client's request.
     try:
@@ -168,8 +186,6 @@ class ModelManager:
             on_notify=lambda _payload: self._wake.set(),
             on_lost=self._wake.set,
         )
-        # Something else to refresh on every registry change or poll (the indicator weights).
-        self.on_refresh: list[Any] = []
 
     def get(self, symbol: str, timeframe: str) -> LoadedModel | None:
         return self.models.get((symbol, timeframe))
@@ -184,7 +200,7 @@ class ModelManager:
                 key = (row.symbol, row.timeframe)
                 have = current.get(key)
                 if have is not None and have.version == row.version and have.sha256 == row.sha256:
-                    new[key] = have
+                    new[key] = have if have.quality == row.quality else self._requalified(have, row.quality)
                     continue
                 ident = (row.symbol, row.timeframe, row.version, row.sha256)
                 if ident in self._failed:
@@ -223,8 +239,20 @@ class ModelManager:
             self.models = new  # the atomic swap
             self.loaded_once = True
             ACTIVE_MODELS.set(len(new))
-            for callback in self.on_refresh:
-                await callback()
+
+    @staticmethod
+    def _requalified(have: LoadedModel, quality: ModelQuality) -> LoadedModel:
+        log.info(
+            "model quality changed",
+            extra={
+                "symbol": have.symbol,
+                "timeframe": have.timeframe,
+                "version": have.version,
+                "gate": quality.gate,
+                "was": have.quality.gate,
+            },
+        )
+        return have.with_quality(quality)
 
     async def start(self) -> None:
         try:

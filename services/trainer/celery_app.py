@@ -1,4 +1,8 @@
-"""Celery app of the trainer: `celery -A services.trainer.worker worker -Q training` (and `... beat`).
+"""The trainer's Celery app: `celery -A services.trainer.celery_app worker -Q training` (and `... beat`).
+
+This module never imports the task code: the worker loads `services.trainer.tasks` through `include`, and
+publishers (the API, the CLI, the schedules) send tasks by name through `services.trainer.publisher`. So the
+API process has no path to TensorFlow, TA-Lib or the job runner (tests/test_architecture.py keeps it so).
 
 Guarantees (see docs/TRAINER.md): a job's message is acknowledged only after the task returns
 (acks_late), is handed back when the worker process dies (task_reject_on_worker_lost), and a worker holds
@@ -56,7 +60,7 @@ def create_celery(
     """
     t = tsettings or get_trainer_settings()
     url = broker_url(settings)
-    app = Celery("aicash-trainer", set_as_current=current)
+    app = Celery("aicash-trainer", set_as_current=current, include=["services.trainer.tasks"])
     app.conf.update(
         broker_url=url,
         broker_connection_retry_on_startup=True,
@@ -74,7 +78,7 @@ def create_celery(
         task_routes={"trainer.*": {"queue": t.queue}},
         task_track_started=False,
         # A publish that cannot reach the broker is retried once, quickly; the caller bounds the whole send
-        # (service.publish_train) and the sweeper recovers a job whose message was never sent.
+        # (publisher.publish) and the sweeper recovers a job whose message was never sent.
         task_publish_retry=True,
         task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5},
         broker_transport_options=transport_options(url, t),
@@ -106,6 +110,3 @@ def create_celery(
 
 
 celery_app = create_celery(current=True)
-
-# Registers the tasks on celery_app (tasks imports celery_app from this module, hence at the bottom).
-from services.trainer import tasks  # noqa: E402,F401

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+import asyncpg
 import httpx
+import orjson
 import pytest
 from fastapi import FastAPI
 
-from services.predictor.models import ModelLoadError, load_model
+from services.predictor.deps import predictor_of
+from services.predictor.model_manager import ModelLoadError, load_model
 from services.predictor.repository import RegistryRow
 from shared.model_metadata import artifact_prefix
 from shared.storage import ObjectStore
@@ -66,12 +69,12 @@ async def test_new_production_version_is_picked_up_without_restart(
     fit: dict[str, list[float]],
 ) -> None:
     assert (await client.post("/v1/predictions", json={"symbol": SYMBOL, "timeframe": "H1"})).status_code == 404
-    sha = write_model(store, SYMBOL, "H1", "v1", bias=BUY, **fit)
+    sha = write_model(store, SYMBOL, "H1", "v1", bias=BUY, mean=fit["mean"], scale=fit["scale"])
     await register(database_url, store, SYMBOL, "H1", "v1", sha)
     body = await _wait_for_version(client, "v1")
     assert body["signal"] == "BUY"
 
-    sha = write_model(store, SYMBOL, "H1", "v2", bias=SELL, **fit)
+    sha = write_model(store, SYMBOL, "H1", "v2", bias=SELL, mean=fit["mean"], scale=fit["scale"])
     await register(database_url, store, SYMBOL, "H1", "v2", sha)
     body = await _wait_for_version(client, "v2")
     assert body["signal"] == "SELL"
@@ -91,7 +94,7 @@ async def test_bad_checksum_keeps_the_previous_model_serving(
     await _wait_for_version(client, "v2")
     failures = await _metric(client, "ml_model_load_failures_total{")
     # v3's model.onnx is replaced after metadata.json recorded its checksum: tampered, must not load.
-    sha = write_model(store, SYMBOL, "H1", "v3", bias=BUY, **fit)
+    sha = write_model(store, SYMBOL, "H1", "v3", bias=BUY, mean=fit["mean"], scale=fit["scale"])
     store.put(artifact_prefix(SYMBOL, "H1", "v3") + "model.onnx", b"not the model that was trained")
     await register(database_url, store, SYMBOL, "H1", "v3", sha)
     deadline = time.monotonic() + 15
@@ -111,7 +114,7 @@ async def test_requests_during_a_swap_see_one_whole_model(
     fit: dict[str, list[float]],
 ) -> None:
     await _wait_for_version(client, "v2")
-    sha = write_model(store, SYMBOL, "H1", "v4", bias=BUY, **fit)
+    sha = write_model(store, SYMBOL, "H1", "v4", bias=BUY, mean=fit["mean"], scale=fit["scale"])
 
     async def hammer() -> list[tuple[str, str]]:
         seen = []
@@ -144,3 +147,83 @@ def test_load_refuses_a_missing_artifact(store: ObjectStore) -> None:
     store.delete(artifact_prefix("PRED5", "H1", "v2") + "model.onnx")
     with pytest.raises(ModelLoadError, match="cannot read"):
         load_model(store, RegistryRow("PRED5", "H1", "v2", "", sha))
+
+
+QSYMBOL = "PRED6"
+PASSED = {"gate": "passed", "reasons": ["beat every baseline on 5 walk-forward folds"], "validation_id": 41}
+
+
+@pytest.fixture(scope="module")
+def pred6_bars(indicators_url: str) -> None:
+    r = httpx.post(
+        f"{indicators_url}/v1/bars/{QSYMBOL}/H1",
+        json={"bars": bars_json(generate_bars("H1", 600, seed=13))},
+        headers={"X-API-Key": WRITE_KEY},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+
+
+async def _set_quality(database_url: str, quality: dict[str, object]) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "UPDATE model_versions SET quality = $1::jsonb "
+            "WHERE symbol = $2 AND timeframe = 'H1' AND status = 'production'",
+            orjson.dumps(quality).decode(),
+            QSYMBOL,
+        )
+    finally:
+        await conn.close()
+
+
+async def test_every_answer_carries_the_current_quality_verdict(
+    client: httpx.AsyncClient,
+    app: FastAPI,
+    database_url: str,
+    store: ObjectStore,
+    pred6_bars: None,
+    fit: dict[str, list[float]],
+) -> None:
+    predictor = predictor_of(app)
+    sha = write_model(store, QSYMBOL, "H1", "v1", mean=fit["mean"], scale=fit["scale"])
+    await register(database_url, store, QSYMBOL, "H1", "v1", sha)
+    deadline = time.monotonic() + 15
+    while predictor.models.get(QSYMBOL, "H1") is None:
+        assert time.monotonic() < deadline, "the model was not loaded"
+        await asyncio.sleep(0.05)
+    body = {"symbol": QSYMBOL, "timeframe": "H1"}
+    first = (await client.post("/v1/predictions", json=body, headers=NO_CACHE)).json()
+    # A new version is not validated until the trainer's validation judges it; the migration says so.
+    assert first["quality"]["gate"] == "not_validated" and first["quality"]["validation_id"] is None
+    assert first["quality"]["reasons"]
+    loaded = predictor.models.get(QSYMBOL, "H1")
+    assert loaded is not None
+
+    await _set_quality(database_url, PASSED)
+    while (m := predictor.models.get(QSYMBOL, "H1")) is None or m.quality.gate != "passed":
+        assert time.monotonic() < deadline + 15, "the new verdict was not picked up"
+        await asyncio.sleep(0.05)
+    assert m.session is loaded.session  # only the verdict changed: the ONNX file was not loaded again
+    cached = (await client.post("/v1/predictions", json=body)).json()
+    assert cached["cached"] is True and cached["prediction_id"] != first["prediction_id"]
+    assert cached["quality"] == PASSED  # the entry was computed under not_validated; the answer is current
+    signal = (await client.get(f"/v1/signals/{QSYMBOL}/H1")).json()
+    assert signal["cached"] is True and signal["quality"] == PASSED
+    models = (await client.get("/v1/models")).json()
+    assert next(x for x in models if x["symbol"] == QSYMBOL)["quality"] == PASSED
+
+    failed = {"gate": "failed", "reasons": ["log loss no better than the class-prior baseline"], "validation_id": 42}
+    await _set_quality(database_url, failed)
+    while (m := predictor.models.get(QSYMBOL, "H1")) is None or m.quality.gate != "failed":
+        assert time.monotonic() < deadline + 30, "the new verdict was not picked up"
+        await asyncio.sleep(0.05)
+    again = (await client.post("/v1/predictions", json=body)).json()
+    assert again["cached"] is True and again["quality"] == failed
+
+
+async def test_an_unreadable_verdict_is_served_as_not_validated() -> None:
+    from services.predictor.repository import parse_quality
+
+    q = parse_quality('{"gate": "great"}', "PRED6 H1 v9")
+    assert q.gate == "not_validated" and "unreadable" in q.reasons[0] and "PRED6 H1 v9" in q.reasons[0]

@@ -3,9 +3,11 @@ in the model's metadata."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shared.errors import ValidationFailed
 
 # Every bound is checked when the job is queued (a 422 naming the field), so nothing out of range reaches a
 # worker: huge layers or sequences would exhaust its memory on every attempt, odd values would crash it.
@@ -13,6 +15,9 @@ MAX_LSTM_UNITS = 1024
 MAX_LSTM_LAYERS = 4
 # Fewest sequences each of train / validation / test must hold (checked on the data, when the job runs).
 MIN_SPLIT_SEQUENCES = 10
+
+# A job param that makes the worker crash on purpose; accepted only when TRAINER_FAULT_INJECTION is on.
+FAULT_PARAM = "fault"
 
 LstmUnits = Annotated[int, Field(ge=1, le=MAX_LSTM_UNITS)]
 
@@ -55,3 +60,16 @@ class TrainConfig(BaseModel):
     def purge_gap(self) -> int:
         """Sequences dropped between splits: no label window of one split overlaps inputs of the next."""
         return self.sequence_length + self.horizon
+
+
+def parse_params(params: dict[str, Any], *, fault_injection: bool) -> TrainConfig:
+    """Hyperparameter overrides as a TrainConfig; a bad one is a 422 naming the field."""
+    clean = dict(params)
+    fault = clean.pop(FAULT_PARAM, None)
+    if fault is not None and not (fault_injection and fault in ("exit", "raise")):
+        raise ValidationFailed(f"params.{FAULT_PARAM} is only accepted by test deployments (TRAINER_FAULT_INJECTION)")
+    try:
+        return TrainConfig.model_validate(clean)
+    except ValidationError as exc:
+        detail = "; ".join(f"params.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ValidationFailed(detail) from None
