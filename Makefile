@@ -20,7 +20,7 @@ done; \
 echo "no Python >= 3.12 found (pandas-ta needs it): install 3.12 or run make PYTHON=/path/to/python3.12" >&2; exit 1
 endef
 
-.PHONY: install up test lint bench fmt clean migrate
+.PHONY: install up test lint bench fmt clean migrate quality-report
 
 $(VENV)/.installed: pyproject.toml
 	@py="$$( $(find_python) )" || exit 1; \
@@ -53,6 +53,10 @@ bench: install
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk >/dev/null; } || \
 	  { echo "make bench needs wrk: apt-get install wrk" >&2; exit 1; }
 	$(PY) -m benchmarks.run
+
+# docs/MODEL_QUALITY.md from the sample data (a scratch database on DATABASE_URL's server, or an embedded one).
+quality-report: install
+	$(PY) scripts/model_quality_report.py
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

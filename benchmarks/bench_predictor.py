@@ -29,7 +29,8 @@ import asyncpg
 import httpx
 import numpy as np
 from fastapi import FastAPI
-from fastapi.responses import ORJSONResponse
+
+from shared.responses import JSON
 
 ROOT = Path(__file__).resolve().parents[1]
 READ_KEY = "bench-read-secret-0001"
@@ -59,8 +60,8 @@ async def bare_health() -> dict[str, str]:
 
 
 @bare_app.get("/bare")
-async def bare() -> ORJSONResponse:
-    return ORJSONResponse({"signal": "BUY", "confidence": 0.61, "cached": True})
+async def bare() -> JSON:
+    return JSON({"signal": "BUY", "confidence": 0.61, "cached": True})
 
 
 def free_port() -> int:

@@ -2,7 +2,8 @@
 
 Backs the choices in shared/app.py, shared/metrics.py, shared/bars.py and the indicators' `format=columns`: the
 instrumentator's default metric set against the two metrics kept, routers included against routes added flat,
-the access log on and off, bulk bars checked with numpy against pydantic, and the two response formats.
+the access log on and off, bulk bars checked with numpy against pydantic, the two response formats, and orjson
+against stdlib json and a `response_model` for the hot answers (`shared/responses.py`).
 `python -m benchmarks.bench_stack [--quick]` prints a Markdown section.
 """
 
@@ -165,6 +166,74 @@ def payload_rows(quick: bool) -> list[str]:
     return lines
 
 
+def response_rows(quick: bool) -> list[str]:
+    """What an answer costs to render three ways: orjson (`shared.responses.JSON`, numpy arrays written as they
+    are), starlette's JSONResponse (stdlib json, arrays as lists) and a `response_model` (what FastAPI does with
+    a returned value: pydantic validates it, then pydantic-core writes the JSON)."""
+    import orjson
+    from pydantic import TypeAdapter
+    from starlette.responses import JSONResponse
+
+    from benchmarks.common import best_of
+    from services.indicators.schemas import BarsOut, IndicatorColumnsOut, IndicatorsOut
+    from services.indicators.service import render_rows
+    from shared.bars import bars_to_rows
+    from shared.features import FeatureRows, feature_rows
+    from tests.data import generate_bars
+
+    full = feature_rows(generate_bars("H1", 600, seed=6))
+
+    def window(n: int) -> FeatureRows:
+        return FeatureRows(full.ts[-n:], full.values[-n:])
+
+    def as_lists(body: dict[str, Any]) -> dict[str, Any]:
+        # stdlib json and pydantic take no numpy arrays: the `columns` matrix goes through `tolist()` first.
+        if "timeframes" not in body:
+            return body
+        tfs = {
+            tf: {**v, "values": v["values"].tolist()} if isinstance(v, dict) else v
+            for tf, v in body["timeframes"].items()
+        }
+        return {**body, "timeframes": tfs}
+
+    cases: list[tuple[str, Any, Any]] = []
+    for label, n, fmt, model in (
+        ("`GET /v1/indicators`, 20 rows as `columns` (the predictor's call)", 20, "columns", IndicatorColumnsOut),
+        ("`GET /v1/indicators`, 100 rows as `rows` (the default)", 100, "rows", IndicatorsOut),
+    ):
+        rows = window(n)
+
+        def body(rows: FeatureRows = rows, fmt: str = fmt) -> dict[str, Any]:
+            return {"symbol": "BENCH", "timeframes": {"H1": render_rows(rows, fmt)}}
+
+        cases.append((label, body, TypeAdapter(model)))
+    for count in (1000, 50_000):
+        bars = generate_bars("H1", count, seed=7)
+
+        def bars_body(bars: Any = bars) -> dict[str, Any]:
+            return {"bars": bars_to_rows(bars)}
+
+        cases.append((f"`GET /v1/bars`, {count:,} bars", bars_body, TypeAdapter(BarsOut)))
+
+    lines = [
+        "",
+        "| render an answer | orjson (`shared.responses.JSON`) | stdlib json (`JSONResponse`) | `response_model` |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for label, make, adapter in cases:
+        n = 1 if "50,000" in label else (200 if quick else 1000)
+        ours = best_of(lambda make=make: orjson.dumps(make(), option=orjson.OPT_SERIALIZE_NUMPY), 3, n)
+        std = best_of(lambda make=make: JSONResponse(as_lists(make())).body, 3, n)
+        pyd = best_of(
+            lambda make=make, adapter=adapter: adapter.dump_json(adapter.validate_python(as_lists(make()))), 3, n
+        )
+        lines.append(
+            f"| {label} | {ours * 1e6:,.0f} µs | {std * 1e6:,.0f} µs ({std / ours:.1f}×) | "
+            f"{pyd * 1e6:,.0f} µs ({pyd / ours:.1f}×) |"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -177,6 +246,7 @@ def main() -> None:
     ]
     lines += asyncio.run(main_async(3000 if args.quick else 20000))
     lines += payload_rows(args.quick)
+    lines += response_rows(args.quick)
     print("\n".join(lines))
 
 

@@ -35,7 +35,7 @@ def device_name(backend: str) -> str:
 
         gpus = tf.config.list_physical_devices("GPU")
         return f"gpu:{gpus[0].name}" if gpus else f"cpu ({os.cpu_count()} cores)"
-    except Exception as exc:  # noqa: BLE001 - report, don't fail, a device query
+    except Exception as exc:  # report, don't fail, a device query
         return f"unknown ({type(exc).__name__})"
 
 

@@ -43,7 +43,7 @@ def machine() -> str:
 def _installed(pkg: str) -> bool:
     try:
         version(pkg)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return False
     return True
 
@@ -83,7 +83,7 @@ def main() -> None:
         cmd = [sys.executable, "-m", f"benchmarks.{name}", *(["--quick"] if args.quick else [])]
         print(f"running {' '.join(cmd)}", file=sys.stderr)
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)  # noqa: S603
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
         took = time.perf_counter() - t0
         settle()
         if proc.returncode != 0:

@@ -60,7 +60,7 @@ async def read_body(request: Request, max_bytes: int = MAX_BODY_BYTES) -> bytes:
 
 async def get_pool(request: Request) -> asyncpg.Pool:
     # async on purpose: FastAPI runs a plain `def` dependency in its thread pool, a hop per request.
-    return request.app.state.pool  # type: ignore[no-any-return]
+    return request.app.state.pool
 
 
 PoolDep = Annotated[asyncpg.Pool, Depends(get_pool)]
@@ -78,7 +78,7 @@ async def periodic(what: str, interval_s: float, fn: Callable[[], Awaitable[None
         while True:
             try:
                 await fn()
-            except Exception as exc:  # noqa: BLE001 - logged, retried next tick
+            except Exception as exc:  # logged, retried next tick
                 log.warning("could not refresh %s: %s: %s", what, type(exc).__name__, exc)
             await asyncio.sleep(interval_s)
 

@@ -39,7 +39,8 @@ async def with_retry[T](fn: Callable[[], Awaitable[T]]) -> T:
     """Run `fn` and retry it once if PostgreSQL dropped the connection.
 
     After a server restart the pool's first use of each stale connection raises
-    ConnectionDoesNotExistError; the pool discards it and the next try gets a fresh one (FIELD-NOTES).
+    ConnectionDoesNotExistError; the pool discards it and the next try gets a fresh one (seen with asyncpg
+    0.32: the first query after a PostgreSQL restart failed so, the next one succeeded).
     """
     try:
         return await fn()

@@ -199,6 +199,9 @@ def main(argv: list[str] | None = None) -> None:
         env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         env["INDICATORS_URL"] = f"http://127.0.0.1:{PORTS['indicators']}"
         env.setdefault("INDICATORS_API_KEY", key)
+        # The predictor asks the trainer for explanations with this key (the local key is admin).
+        env["TRAINER_URL"] = f"http://127.0.0.1:{PORTS['trainer']}"
+        env.setdefault("TRAINER_API_KEY", key)
 
         subprocess.run([str(BIN / "aicash"), "db", "upgrade"], env=env, cwd=ROOT, check=True)
 

@@ -8,8 +8,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-
-from shared.responses import JSON
+from fastapi.responses import JSONResponse
 
 log = logging.getLogger(__name__)
 
@@ -113,23 +112,23 @@ def _loc(loc: tuple[Any, ...]) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    async def app_error(_: Request, exc: Exception) -> JSON:
+    async def app_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, AppError)
-        return JSON({"error": exc.code, "detail": exc.message}, status_code=exc.status_code)
+        return JSONResponse({"error": exc.code, "detail": exc.message}, status_code=exc.status_code)
 
-    async def validation_error(_: Request, exc: Exception) -> JSON:
+    async def validation_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         errors = [
             {"loc": _loc(tuple(e.get("loc", ()))), "msg": e.get("msg", ""), "input": _json_safe(e.get("input"))}
             for e in exc.errors()
         ]
         message = "; ".join(f"{e['loc']}: {e['msg']}" for e in errors[:10])
-        return JSON({"error": "validation_error", "detail": message, "errors": errors[:100]}, status_code=422)
+        return JSONResponse({"error": "validation_error", "detail": message, "errors": errors[:100]}, status_code=422)
 
-    async def dependency_down(_: Request, exc: Exception) -> JSON:
+    async def dependency_down(_: Request, exc: Exception) -> JSONResponse:
         # A database or network dependency that is down is the server's problem, not the client's: 503.
         log.warning("dependency unavailable: %s: %s", type(exc).__name__, exc)
-        return JSON(
+        return JSONResponse(
             {"error": "service_unavailable", "detail": f"a dependency is unavailable ({type(exc).__name__})"},
             status_code=503,
         )
@@ -139,10 +138,10 @@ def install_error_handlers(app: FastAPI) -> None:
     for exc_type in _dependency_errors():
         app.add_exception_handler(exc_type, dependency_down)
 
-    async def bad_value(_: Request, exc: Exception) -> JSON:
+    async def bad_value(_: Request, exc: Exception) -> JSONResponse:
         # PostgreSQL refused a value that came from the client (a NUL byte, a date out of its range, ...):
         # validation should have caught it; either way it is the client's input, so 422, not 500.
-        return JSON({"error": "validation_error", "detail": f"invalid value: {exc}"}, status_code=422)
+        return JSONResponse({"error": "validation_error", "detail": f"invalid value: {exc}"}, status_code=422)
 
     import asyncpg
 

@@ -6,7 +6,7 @@ import asyncpg
 
 from shared.errors import NotEnoughBars, NotFoundError, ValidationFailed
 from shared.features import FeatureRows, feature_rows
-from shared.market_repository import all_bars, latest_bars
+from shared.market_repository import latest_bars
 from shared.timeframes import OHLCV, Timeframe, can_resample, resample
 from shared.warmup import WARMUP_BARS
 
@@ -57,13 +57,3 @@ async def latest_feature_rows(
     if len(bars) == 0:
         raise NotFoundError(f"no {base.value} bars stored for {symbol}")
     return {t: rows_from_bars(bars, base, t, symbol, limit) for t in targets}
-
-
-async def history_feature_rows(
-    conn: asyncpg.Connection | asyncpg.Pool, symbol: str, base: Timeframe, target: Timeframe
-) -> FeatureRows:
-    """All feature rows of the full stored history (training)."""
-    bars = await all_bars(conn, symbol, base)
-    if len(bars) == 0:
-        raise NotFoundError(f"no {base.value} bars stored for {symbol}")
-    return rows_from_bars(bars, base, target, symbol, None)

@@ -1,8 +1,10 @@
-"""All SQL of the market-data store (bars, series), shared by the indicators service and the trainer."""
+"""All SQL of the market-data store (bars, series): the indicators service's reads and writes, the trainer's
+training reads and new-bar counts, and the predictor's series stamps."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -184,3 +186,52 @@ async def list_series(conn: asyncpg.Connection | asyncpg.Pool, symbol: str | Non
 async def count_bars(conn: asyncpg.Connection | asyncpg.Pool, symbol: str, timeframe: Timeframe) -> int:
     n = await conn.fetchval("SELECT count(*) FROM bars WHERE symbol = $1 AND timeframe = $2", symbol, timeframe.value)
     return int(n or 0)
+
+
+async def bars_after(conn: asyncpg.Connection | asyncpg.Pool, symbol: str, timeframe: str, after_epoch_s: float) -> int:
+    """Stored bars of a series that open after epoch second `after_epoch_s` (the trainer's retrain schedule)."""
+    n = await conn.fetchval(
+        "SELECT count(*) FROM bars WHERE symbol = $1 AND timeframe = $2 AND ts > to_timestamp($3)",
+        symbol,
+        timeframe,
+        after_epoch_s,
+    )
+    return int(n or 0)
+
+
+@dataclass(frozen=True)
+class SeriesStamp:
+    """What identifies the stored input window: the newest bar and the last time any bar changed."""
+
+    last_ts: int
+    updated_at: datetime
+    close: float
+
+
+async def series_stamp(pool: asyncpg.Pool, symbol: str, timeframe: str) -> SeriesStamp | None:
+    """The stamp of one series (the predictor's cache key for stored bars); None when it has no bars."""
+    row = await pool.fetchrow(
+        "SELECT extract(epoch FROM s.last_ts)::bigint AS last_ts, s.updated_at, b.close "
+        "FROM series s JOIN bars b ON b.symbol = s.symbol AND b.timeframe = s.timeframe AND b.ts = s.last_ts "
+        "WHERE s.symbol = $1 AND s.timeframe = $2",
+        symbol,
+        timeframe,
+    )
+    if row is None:
+        return None
+    return SeriesStamp(int(row["last_ts"]), row["updated_at"], float(row["close"]))
+
+
+async def series_stamps(pool: asyncpg.Pool, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], SeriesStamp]:
+    """The stamps of several series in one query (the stamp poll); series without bars are absent."""
+    rows = await pool.fetch(
+        "SELECT s.symbol, s.timeframe, extract(epoch FROM s.last_ts)::bigint AS last_ts, s.updated_at, b.close "
+        "FROM unnest($1::text[], $2::text[]) AS k(symbol, timeframe) "
+        "JOIN series s ON s.symbol = k.symbol AND s.timeframe = k.timeframe "
+        "JOIN bars b ON b.symbol = s.symbol AND b.timeframe = s.timeframe AND b.ts = s.last_ts",
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+    )
+    return {
+        (r["symbol"], r["timeframe"]): SeriesStamp(int(r["last_ts"]), r["updated_at"], float(r["close"])) for r in rows
+    }

@@ -133,7 +133,7 @@ def test_each_api_imports_in_a_fresh_process_without_tasks_or_tensorflow(module:
         f"bad = [m for m in {_FORBIDDEN[module]!r} if any(k == m or k.startswith(m + '.') for k in sys.modules)]\n"
         "print(json.dumps(bad))\n"
     )
-    out = subprocess.run(  # noqa: S603 - our interpreter, our code
+    out = subprocess.run(  # our interpreter, our code
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120, check=True
     )
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []

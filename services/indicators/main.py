@@ -29,8 +29,7 @@ log = logging.getLogger("indicators")
 STALENESS_REFRESH_SECONDS = 15.0
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or get_settings()
+def create_app(settings: Settings) -> FastAPI:
     configure_logging("indicators", settings.log_level)
     staleness = StalenessCollector()
 
@@ -69,4 +68,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-app = create_app()
+# uvicorn's entry point reads the process's settings once.
+app = create_app(get_settings())

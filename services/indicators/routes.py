@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 
 from services.indicators import service
 from services.indicators.metrics import BARS_REJECTED
 from services.indicators.schemas import (
+    COLUMNS_EXAMPLE,
+    ROWS_EXAMPLE,
     BarsOut,
     CatalogEntry,
+    IndicatorsAnswer,
     IndicatorsIn,
-    IndicatorsOut,
     IngestResult,
     SeriesOut,
 )
@@ -109,9 +111,9 @@ async def get_series(pool: PoolDep, _: ReadKey, symbol: str | None = None) -> li
 
 
 @router.get("/v1/indicators/catalog", tags=["indicators"], response_model=list[CatalogEntry])
-async def get_catalog() -> list[dict[str, object]]:
+async def get_catalog() -> list[CatalogEntry]:
     """The 17 features: name, description, formula, parameters and warm-up bars. Public."""
-    return catalog()
+    return [CatalogEntry.model_validate(entry) for entry in catalog()]
 
 
 FormatQuery = Annotated[
@@ -121,6 +123,24 @@ FormatQuery = Annotated[
         '"names": [...], "values": [[...]]}`, the same numbers in a form cheaper to render and parse'
     ),
 ]
+
+
+# GET and POST /v1/indicators answer one of two shapes, chosen by `format`; the OpenAPI document shows both
+# (the schema is a oneOf of IndicatorsOut and IndicatorColumnsOut, with an example of each).
+INDICATORS_200: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "`format=rows` (default): IndicatorsOut; `format=columns`: IndicatorColumnsOut, the same "
+        "numbers as one matrix per timeframe",
+        "content": {
+            "application/json": {
+                "examples": {
+                    "rows": {"summary": "format=rows (default)", "value": ROWS_EXAMPLE},
+                    "columns": {"summary": "format=columns (what the predictor asks for)", "value": COLUMNS_EXAMPLE},
+                }
+            }
+        },
+    }
+}
 
 
 def _parse_timeframes(value: str | None, base: Timeframe) -> list[Timeframe]:
@@ -135,8 +155,8 @@ def _parse_timeframes(value: str | None, base: Timeframe) -> list[Timeframe]:
 @router.get(
     "/v1/indicators/{symbol}/{timeframe}",
     tags=["indicators"],
-    response_model=IndicatorsOut,
-    responses=error_responses(401, 403, 404, 422),
+    response_model=IndicatorsAnswer,
+    responses={**INDICATORS_200, **error_responses(401, 403, 404, 422)},
 )
 async def get_indicators(
     symbol: str,
@@ -151,7 +171,7 @@ async def get_indicators(
             "only); default: the path's timeframe"
         ),
     ] = None,
-    format: FormatQuery = "rows",  # noqa: A002 - the query parameter's public name
+    format: FormatQuery = "rows",  # the query parameter's public name
 ) -> JSON:
     """Indicator rows of a stored series (role read).
 
@@ -167,15 +187,15 @@ async def get_indicators(
 @router.post(
     "/v1/indicators",
     tags=["indicators"],
-    response_model=IndicatorsOut,
-    responses=error_responses(401, 403, 413, 422),
+    response_model=IndicatorsAnswer,
+    responses={**INDICATORS_200, **error_responses(401, 403, 413, 422)},
     openapi_extra=json_body(IndicatorsIn),
 )
 async def post_indicators(
     request: Request,
     settings: SettingsDep,
     _: ReadKey,
-    format: FormatQuery = "rows",  # noqa: A002
+    format: FormatQuery = "rows",
 ) -> JSON:
     """Indicator rows computed from the bars in the body (nothing is stored; role read).
 

@@ -177,7 +177,7 @@ class PredictionCache:
             return None
         try:
             value = await self.client.get(key)
-        except Exception as exc:  # noqa: BLE001 - a cache failure must never fail a prediction
+        except Exception as exc:  # a cache failure must never fail a prediction
             self._failed("get", exc)
             return None
         self.breaker.success()
@@ -190,7 +190,7 @@ class PredictionCache:
         assert self.client is not None
         try:
             await self.client.set(key, value, ex=ttl_s)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self._failed("set", exc)
 
     def _failed(self, op: str, exc: Exception) -> None:

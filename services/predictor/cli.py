@@ -35,6 +35,8 @@ def render(body: dict[str, Any]) -> Table:
         ("bar", body["bar_ts"]),
         ("cached", body["cached"]),
         ("prediction id", body["prediction_id"]),
+        # The promotion gate's verdict on the model that answered: an unvetted model says so.
+        ("model quality", _quality(body.get("quality"))),
     ]
     for tf, s in body["timeframes"].items():
         rows.append(
@@ -43,6 +45,13 @@ def render(body: dict[str, Any]) -> Table:
     for name, value in rows:
         table.add_row(name, _fmt(value))
     return table
+
+
+def _quality(q: dict[str, Any] | None) -> str:
+    if not q:
+        return "-"
+    reasons = "; ".join(q.get("reasons") or [])
+    return f"{q['gate']}" + (f" ({reasons})" if reasons else "")
 
 
 def register(app: typer.Typer) -> None:

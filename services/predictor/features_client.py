@@ -16,7 +16,7 @@ import numpy.typing as npt
 import orjson
 
 from services.predictor.settings import PredictorSettings
-from shared.errors import AppError, NotFoundError, PayloadTooLarge, ServiceUnavailable, ValidationFailed
+from shared.errors import NotFoundError, PayloadTooLarge, ServiceUnavailable, ValidationFailed
 
 
 @dataclass(frozen=True)
@@ -38,10 +38,6 @@ class Rows:
 
 class FeaturesUnavailable(ServiceUnavailable):
     code = "indicators_unavailable"
-
-
-class IndicatorsError(AppError):
-    """An error answer of the indicators service that is the client's to fix (404, 422, 413)."""
 
 
 _HAVE_RE = re.compile(r"have (\d+)")

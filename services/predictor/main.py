@@ -111,7 +111,7 @@ def create_app(settings: PredictorSettings) -> FastAPI:
         await models.start()
         try:
             await refresh_weights()
-        except Exception as exc:  # noqa: BLE001 - the periodic refresh below retries; defaults serve meanwhile
+        except Exception as exc:  # the periodic refresh below retries; defaults serve meanwhile
             log.warning("cannot read indicator weights; equal weights serve meanwhile", extra={"error": str(exc)})
         log.info("predictor started", extra={"models": len(models.models)})
         try:

@@ -108,7 +108,7 @@ def load_model(store: ObjectStore, row: RegistryRow) -> LoadedModel:
     prefix = artifact_prefix(row.symbol, row.timeframe, row.version)
     try:
         meta_bytes = store.get(prefix + "metadata.json")
-    except Exception as exc:  # noqa: BLE001 - any store failure is a failed load
+    except Exception as exc:  # any store failure is a failed load
         raise ModelLoadError(f"cannot read {prefix}metadata.json: {exc}") from exc
     if sha256_hex(meta_bytes) != row.sha256:
         raise ModelLoadError(f"{prefix}metadata.json: sha256 {sha256_hex(meta_bytes)} != registry {row.sha256}")
@@ -121,7 +121,7 @@ def load_model(store: ObjectStore, row: RegistryRow) -> LoadedModel:
         raise ModelLoadError(f"{prefix}metadata.json lists no sha256 for model.onnx")
     try:
         onnx_bytes = store.get(prefix + "model.onnx")
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ModelLoadError(f"cannot read {prefix}model.onnx: {exc}") from exc
     if sha256_hex(onnx_bytes) != expected:
         raise ModelLoadError(f"{prefix}model.onnx: sha256 {sha256_hex(onnx_bytes)} != metadata {expected}")
@@ -133,7 +133,7 @@ def load_model(store: ObjectStore, row: RegistryRow) -> LoadedModel:
         raise ModelLoadError(f"{prefix}: classes {meta.classes} are not {list(CLASSES)}")
     try:
         session = _session(onnx_bytes)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+    except Exception as exc:  # onnxruntime raises its own exception types
         raise ModelLoadError(f"{prefix}model.onnx does not load in onnxruntime: {exc}") from exc
     scale = np.asarray(meta.scaler.scale, dtype=np.float32)
     scale[scale == 0] = 1.0  # a constant training feature: centre it, do not divide by zero
@@ -154,7 +154,7 @@ def load_model(store: ObjectStore, row: RegistryRow) -> LoadedModel:
     # A model that cannot answer a zero window fails here, at load, not on a client's request.
     try:
         p = model.predict(np.zeros((meta.sequence_length, n), dtype=np.float64))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ModelLoadError(f"{prefix}model.onnx fails on a ({meta.sequence_length}, {n}) window: {exc}") from exc
     if p.shape != (3,) or not np.isfinite(p).all():
         raise ModelLoadError(f"{prefix}model.onnx returns {p.shape} values, not 3 finite probabilities")
@@ -257,7 +257,7 @@ class ModelManager:
     async def start(self) -> None:
         try:
             await self.refresh()
-        except Exception:  # noqa: BLE001 - the loop below retries; readiness says models are not loaded
+        except Exception:  # the loop below retries; readiness says models are not loaded
             log.exception("initial model load failed")
         self._task = asyncio.create_task(self._run())
 
@@ -273,7 +273,7 @@ class ModelManager:
             return
         try:
             await self._listener.connect()
-        except Exception as exc:  # noqa: BLE001 - polling covers the gap; try again next round
+        except Exception as exc:  # polling covers the gap; try again next round
             log.warning("cannot LISTEN on model_registry; polling only", extra={"error": str(exc)})
             return
         # Changes made while no one listened are picked up by the refresh this wake-up triggers.
@@ -287,5 +287,5 @@ class ModelManager:
             self._wake.clear()
             try:
                 await self.refresh()
-            except Exception as exc:  # noqa: BLE001 - the database may be down: keep serving what is loaded
+            except Exception as exc:  # the database may be down: keep serving what is loaded
                 log.warning("model refresh failed; serving the loaded models", extra={"error": str(exc)})

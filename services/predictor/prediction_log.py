@@ -188,7 +188,7 @@ class PredictionLog:
             try:
                 await self.flush()
                 self.last_error = None
-            except Exception as exc:  # noqa: BLE001 - keep serving; rows stay buffered (bounded)
+            except Exception as exc:  # keep serving; rows stay buffered (bounded)
                 if self.last_error is None:
                     log.warning(
                         "prediction log write failed; buffering",
@@ -216,7 +216,7 @@ class PredictionLog:
         while True:
             try:
                 await self.prune()
-            except Exception as exc:  # noqa: BLE001 - try again next interval
+            except Exception as exc:  # try again next interval
                 log.warning("prediction log prune failed", extra={"error": str(exc)})
             await asyncio.sleep(self.prune_interval_seconds)
 
@@ -239,5 +239,5 @@ class PredictionLog:
                 await task
         try:
             await asyncio.wait_for(self.flush(), 5.0)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.warning("prediction log: %d rows not written at shutdown", len(self.buffer), extra={"error": str(exc)})

@@ -1,5 +1,5 @@
-"""All SQL of the predictor: registry reads, series stamps, indicator weights, the prediction log and
-explanations."""
+"""All SQL of the predictor: registry reads, indicator weights, the prediction log and explanations (the
+series stamps read `bars`: they live with the other market-data SQL in `shared/market_repository.py`)."""
 
 from __future__ import annotations
 
@@ -60,43 +60,6 @@ async def production_models(conn: asyncpg.Pool | asyncpg.Connection) -> list[Reg
         )
         for r in rows
     ]
-
-
-@dataclass(frozen=True)
-class SeriesStamp:
-    """What identifies the stored input window: the newest bar and the last time any bar changed."""
-
-    last_ts: int
-    updated_at: datetime
-    close: float
-
-
-async def series_stamp(pool: asyncpg.Pool, symbol: str, timeframe: str) -> SeriesStamp | None:
-    row = await pool.fetchrow(
-        "SELECT extract(epoch FROM s.last_ts)::bigint AS last_ts, s.updated_at, b.close "
-        "FROM series s JOIN bars b ON b.symbol = s.symbol AND b.timeframe = s.timeframe AND b.ts = s.last_ts "
-        "WHERE s.symbol = $1 AND s.timeframe = $2",
-        symbol,
-        timeframe,
-    )
-    if row is None:
-        return None
-    return SeriesStamp(int(row["last_ts"]), row["updated_at"], float(row["close"]))
-
-
-async def series_stamps(pool: asyncpg.Pool, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], SeriesStamp]:
-    """The stamps of several series in one query (the stamp poll); series without bars are absent."""
-    rows = await pool.fetch(
-        "SELECT s.symbol, s.timeframe, extract(epoch FROM s.last_ts)::bigint AS last_ts, s.updated_at, b.close "
-        "FROM unnest($1::text[], $2::text[]) AS k(symbol, timeframe) "
-        "JOIN series s ON s.symbol = k.symbol AND s.timeframe = k.timeframe "
-        "JOIN bars b ON b.symbol = s.symbol AND b.timeframe = s.timeframe AND b.ts = s.last_ts",
-        [k[0] for k in keys],
-        [k[1] for k in keys],
-    )
-    return {
-        (r["symbol"], r["timeframe"]): SeriesStamp(int(r["last_ts"]), r["updated_at"], float(r["close"])) for r in rows
-    }
 
 
 @dataclass(frozen=True)

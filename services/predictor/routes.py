@@ -7,9 +7,8 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 
 from services.predictor import repository
@@ -30,6 +29,7 @@ from services.predictor.schemas import (
     PredictionIn,
     PredictionOut,
     PredictionRecord,
+    Probabilities,
     WeightsOut,
 )
 from services.predictor.service import PredictionRequest, Predictor
@@ -51,15 +51,6 @@ from shared.model_metadata import CLASSES
 from shared.timeframes import Timeframe, can_resample, check_symbol, parse_timeframe
 
 router = APIRouter()
-
-
-class JSONBytes(Response):
-    """orjson-rendered JSON (FastAPI 0.165 deprecates ORJSONResponse; this is the same thing, without a warning)."""
-
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
 
 
 class LeanRoute(APIRoute):
@@ -246,7 +237,7 @@ async def get_signal(symbol: str, timeframe: str, request: Request, _: ReadKey) 
     response_model=PredictionRecord,
     responses=error_responses(401, 403, 404, 503),
 )
-async def get_prediction(prediction_id: str, predictor: PredictorDep, _: ReadKey) -> JSONBytes:
+async def get_prediction(prediction_id: str, predictor: PredictorDep, _: ReadKey) -> PredictionRecord:
     """A served prediction as recorded in the prediction log, with its feature window (role read)."""
     pid = str(_prediction_uuid(prediction_id))
     row = predictor.log.pending(pid)
@@ -258,7 +249,7 @@ async def get_prediction(prediction_id: str, predictor: PredictorDep, _: ReadKey
         if record is None:
             raise NotFoundError(f"no prediction {pid}")
         row = tuple(record[c] for c in repository.RECORD_COLUMNS)
-    return JSONBytes(_render_record(predictor, dict(zip(repository.RECORD_COLUMNS, row, strict=True))))
+    return _record(predictor, dict(zip(repository.RECORD_COLUMNS, row, strict=True)))
 
 
 def _prediction_uuid(prediction_id: str) -> uuid.UUID:
@@ -283,7 +274,9 @@ def _prediction_uuid(prediction_id: str) -> uuid.UUID:
         **error_responses(401, 403, 404, 503),
     },
 )
-async def get_explanation(prediction_id: str, explanations: ExplanationsDep, _: ReadKey) -> JSONBytes:
+async def get_explanation(
+    prediction_id: str, explanations: ExplanationsDep, _: ReadKey
+) -> ExplanationOut | JSONResponse:
     """Which features, at which bars of the input window, pushed a served prediction to its signal (role read).
 
     Computed by the trainer (SHAP on the model version that served) the first time it is asked for: that
@@ -292,68 +285,76 @@ async def get_explanation(prediction_id: str, explanations: ExplanationsDep, _: 
     explain it (the detail says why), 503 when the trainer or the database cannot be reached.
     """
     answer = await explanations.get(_prediction_uuid(prediction_id))
-    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if answer.status_code == 202 else None
-    return JSONBytes(answer.body, status_code=answer.status_code, headers=headers)
+    if answer.status_code == 200:
+        return ExplanationOut.model_validate(answer.body)
+    # 202: the ExplanationPending body, which is not the route's response_model, so it goes out as it is.
+    return JSONResponse(
+        ExplanationPending.model_validate(answer.body).model_dump(mode="json"),
+        status_code=answer.status_code,
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
 
 
-def _render_record(predictor: Predictor, r: dict[str, Any]) -> dict[str, Any]:
+def _record(predictor: Predictor, r: dict[str, Any]) -> PredictionRecord:
     rows, cols = (int(x) for x in r["feature_shape"])
     flat = [float(x) for x in r["features"]]
     model = predictor.models.get(r["symbol"], r["timeframe"])
-    return {
-        "prediction_id": str(r["id"]),
-        "created_at": r["created_at"].isoformat(),
-        "symbol": r["symbol"],
-        "timeframe": r["timeframe"],
-        "bar_ts": r["bar_ts"].isoformat(),
-        "model_version": r["model_version"],
-        "variant": r["variant"],
-        "user_hash": r["user_hash"],
-        "window_hash": r["window_hash"],
-        "feature_names": model.feature_names if model is not None and model.version == r["model_version"] else None,
-        "features": [flat[i * cols : (i + 1) * cols] for i in range(rows)],
-        "probabilities": {c: float(p) for c, p in zip(CLASSES, r["probabilities"], strict=True)},
-        "signal": r["signal"],
-        "confidence": float(r["confidence"]),
-        "consensus_signal": r["consensus_signal"],
-        "cached": r["cached"],
-        "request_id": r["request_id"],
-    }
+    return PredictionRecord(
+        prediction_id=str(r["id"]),
+        created_at=r["created_at"],
+        symbol=r["symbol"],
+        timeframe=r["timeframe"],
+        bar_ts=r["bar_ts"],
+        model_version=r["model_version"],
+        variant=r["variant"],
+        user_hash=r["user_hash"],
+        window_hash=r["window_hash"],
+        feature_names=model.feature_names if model is not None and model.version == r["model_version"] else None,
+        features=[flat[i * cols : (i + 1) * cols] for i in range(rows)],
+        probabilities=Probabilities.model_validate(
+            {c: float(p) for c, p in zip(CLASSES, r["probabilities"], strict=True)}
+        ),
+        signal=r["signal"],
+        confidence=float(r["confidence"]),
+        consensus_signal=r["consensus_signal"],
+        cached=r["cached"],
+        request_id=r["request_id"],
+    )
 
 
-def _weights(w: Weights, symbol: str | None, timeframe: str | None) -> dict[str, Any]:
+def _weights(w: Weights, symbol: str | None, timeframe: str | None) -> WeightsOut:
     row = w.row
     inputs = dict(row.inputs) if row is not None else {}
     importances = inputs.pop("importances", None)
     correlation = inputs.pop("correlation", None)
     feature_names = inputs.pop("feature_names", None)
-    return {
-        "symbol": symbol,
-        "timeframe": timeframe,
-        "weights_version": w.version,
-        "source": w.source,
-        "weights": w.weights,
-        "id": row.id if row is not None else None,
-        "method": row.method if row is not None else "default",
-        "model_version_id": row.model_version_id if row is not None else None,
-        "data_start": row.data_start if row is not None else None,
-        "data_end": row.data_end if row is not None else None,
-        "created_at": row.created_at if row is not None else None,
-        "importances": importances if isinstance(importances, dict) else None,
-        "correlation": correlation if isinstance(correlation, list) else None,
-        "feature_names": feature_names if isinstance(feature_names, list) else None,
-        "inputs": inputs,
-        "detail": None
+    return WeightsOut(
+        symbol=symbol,
+        timeframe=timeframe,
+        weights_version=w.version,
+        source=w.source,
+        weights=w.weights,
+        id=row.id if row is not None else None,
+        method=row.method if row is not None else "default",
+        model_version_id=row.model_version_id if row is not None else None,
+        data_start=row.data_start if row is not None else None,
+        data_end=row.data_end if row is not None else None,
+        created_at=row.created_at if row is not None else None,
+        importances=importances if isinstance(importances, dict) else None,
+        correlation=correlation if isinstance(correlation, list) else None,
+        feature_names=feature_names if isinstance(feature_names, list) else None,
+        inputs=inputs,
+        detail=None
         if row is not None
         else "no indicator_weights row covers this scope: built-in equal weights (every voting indicator 1.0)",
-    }
+    )
 
 
 @router.get("/weights", tags=["weights"], response_model=WeightsOut, responses=error_responses(401, 403))
-async def get_default_weights(predictor: PredictorDep, _: ReadKey) -> JSONBytes:
+async def get_default_weights(predictor: PredictorDep, _: ReadKey) -> WeightsOut:
     """The default-scope (`*`/`*`) indicator weights used by `indicator_score`, with how they were computed
     (role read; deploy smoke tests call it)."""
-    return JSONBytes(_weights(predictor.weights.lookup(None, None), None, None))
+    return _weights(predictor.weights.lookup(None, None), None, None)
 
 
 @router.get("/v1/weights", tags=["weights"], response_model=WeightsOut, responses=error_responses(401, 403, 422))
@@ -362,7 +363,7 @@ async def get_weights(
     _: ReadKey,
     symbol: SymbolQuery = None,
     timeframe: TimeframeQuery = None,
-) -> JSONBytes:
+) -> WeightsOut:
     """The indicator weights that `indicator_score` uses for a series, with the data range, importances and
     correlation matrix they were computed from (role read). The most specific stored scope wins:
     (symbol, timeframe), (symbol, `*`), (`*`, `*`); with none, the built-in equal weights (`source: default`)."""
@@ -370,25 +371,23 @@ async def get_weights(
         check_symbol(symbol)
     if timeframe is not None:
         parse_timeframe(timeframe)
-    return JSONBytes(_weights(predictor.weights.lookup(symbol, timeframe), symbol, timeframe))
+    return _weights(predictor.weights.lookup(symbol, timeframe), symbol, timeframe)
 
 
 @router.get("/v1/models", tags=["models"], response_model=list[ModelOut], responses=error_responses(401, 403))
-async def get_models(predictor: PredictorDep, _: ReadKey) -> JSONBytes:
+async def get_models(predictor: PredictorDep, _: ReadKey) -> list[ModelOut]:
     """The production models this process has loaded and serves, with the promotion gate's current verdict
     on each (role read)."""
-    return JSONBytes(
-        [
-            {
-                "symbol": m.symbol,
-                "timeframe": m.timeframe,
-                "version": m.version,
-                "sha256": m.sha256,
-                "sequence_length": m.sequence_length,
-                "feature_names": m.feature_names,
-                "temperature": m.temperature,
-                "quality": m.quality.model_dump(mode="json"),
-            }
-            for m in sorted(predictor.models.models.values(), key=lambda m: (m.symbol, m.timeframe))
-        ]
-    )
+    return [
+        ModelOut(
+            symbol=m.symbol,
+            timeframe=m.timeframe,
+            version=m.version,
+            sha256=m.sha256,
+            sequence_length=m.sequence_length,
+            feature_names=m.feature_names,
+            temperature=m.temperature,
+            quality=m.quality,
+        )
+        for m in sorted(predictor.models.models.values(), key=lambda m: (m.symbol, m.timeframe))
+    ]

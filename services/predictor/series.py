@@ -18,10 +18,8 @@ import time
 import asyncpg
 import orjson
 
-from services.predictor import repository
-from services.predictor.repository import SeriesStamp
 from shared.db import PgListener
-from shared.market_repository import SERIES_CHANNEL
+from shared.market_repository import SERIES_CHANNEL, SeriesStamp, series_stamp, series_stamps
 
 log = logging.getLogger("predictor.series")
 
@@ -62,7 +60,7 @@ class SeriesStamps:
             return stamp
         for _attempt in range(3):
             epoch = self._epoch
-            stamp = await repository.series_stamp(self.pool, symbol, timeframe)
+            stamp = await series_stamp(self.pool, symbol, timeframe)
             if epoch == self._epoch:
                 break
             # A notification came while reading: the row read may predate it. Read again.
@@ -101,7 +99,7 @@ class SeriesStamps:
             return
         try:
             await self._listener.connect()
-        except Exception as exc:  # noqa: BLE001 - stamps are read per request meanwhile; retry next round
+        except Exception as exc:  # stamps are read per request meanwhile; retry next round
             log.warning("cannot LISTEN on %s; reading stamps per request", SERIES_CHANNEL, extra={"error": str(exc)})
             return
         # Changes made while no one listened: forget every stamp held from before.
@@ -113,7 +111,7 @@ class SeriesStamps:
         if not keys:
             return
         epoch = self._epoch
-        fresh = await repository.series_stamps(self.pool, keys)
+        fresh = await series_stamps(self.pool, keys)
         if epoch != self._epoch:
             return  # a notification came meanwhile; what it dropped is read again on demand
         for key in keys:
@@ -137,7 +135,7 @@ class SeriesStamps:
             next_poll = time.monotonic() + self.poll_seconds
             try:
                 await self.poll()
-            except Exception as exc:  # noqa: BLE001 - the database may be down; requests will say so
+            except Exception as exc:  # the database may be down; requests will say so
                 self.invalidate()
                 log.warning("series stamp poll failed", extra={"error": str(exc)})
 

@@ -37,9 +37,9 @@ class PredictorSettings(Settings):
     prediction_log_batch_rows: int = Field(default=500, ge=1)
     # Rows held while PostgreSQL is unreachable; beyond it the oldest are dropped (and counted).
     prediction_log_buffer_rows: int = Field(default=20_000, ge=1)
-    # Rows older than this are deleted by the predictor's hourly prune; 0 keeps them forever.
     # Window hashes remembered as written, so a window served again is not sent again.
     prediction_log_window_hashes: int = Field(default=50_000, ge=0)
+    # Rows older than this are deleted by the predictor's hourly prune; 0 keeps them forever.
     prediction_log_retention_days: int = Field(default=90, ge=0)
     prediction_log_prune_interval_seconds: float = Field(default=3600.0, gt=0)
 

@@ -23,9 +23,8 @@ from services.trainer.settings import TrainerSettings, get_trainer_settings
 from shared.settings import Settings, get_settings
 
 
-def broker_url(settings: Settings | None = None) -> str:
-    s = settings or get_settings()
-    return s.celery_broker_url or s.redis_url or "redis://127.0.0.1:6379/0"
+def broker_url(settings: Settings) -> str:
+    return settings.celery_broker_url or settings.redis_url or "redis://127.0.0.1:6379/0"
 
 
 def is_amqp(url: str) -> bool:
@@ -50,15 +49,13 @@ def transport_options(url: str, t: TrainerSettings) -> dict[str, Any]:
     }
 
 
-def create_celery(
-    settings: Settings | None = None, tsettings: TrainerSettings | None = None, *, current: bool = False
-) -> Celery:
+def create_celery(settings: Settings, tsettings: TrainerSettings, *, current: bool = False) -> Celery:
     """A configured Celery app (connects lazily, on the first publish or when a worker starts).
 
     The worker's app (`celery_app`) is the current app; publishers (the API) build their own from their
     settings and close it in their lifespan.
     """
-    t = tsettings or get_trainer_settings()
+    t = tsettings
     url = broker_url(settings)
     app = Celery("aicash-trainer", set_as_current=current, include=["services.trainer.tasks"])
     app.conf.update(
@@ -109,4 +106,5 @@ def create_celery(
     return app
 
 
-celery_app = create_celery(current=True)
+# The worker's and beat's app: this module is their entry point, so it reads the process's settings here.
+celery_app = create_celery(get_settings(), get_trainer_settings(), current=True)

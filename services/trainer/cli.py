@@ -76,7 +76,7 @@ def _run_here(job_id: str, follow: Any) -> Job:
     def work() -> None:
         try:
             run_job(job_id, settings=get_settings(), tsettings=get_trainer_settings(), retry=False)
-        except Exception as exc:  # noqa: BLE001 - reported below (e.g. PostgreSQL unreachable)
+        except Exception as exc:  # reported below (e.g. PostgreSQL unreachable)
             errors.append(exc)
 
     thread = threading.Thread(target=work, name=f"job-{job_id[:6]}")
@@ -293,7 +293,7 @@ def validate(
         console.print(f"job {job_id}")
     job = _finish(job_id, local)
     assert job.result is not None
-    stored = asyncio.run(_with_conn(lambda c: repo.get_validation(c, int(job.result["validation_id"]))))  # type: ignore[index]
+    stored = asyncio.run(_with_conn(lambda c: repo.get_validation(c, int(job.result["validation_id"]))))
     assert stored is not None
     if as_json:
         typer.echo(json.dumps({"validation_id": stored["id"], **job.result, "report": stored["report"]}, default=str))
@@ -347,7 +347,7 @@ def backtest(
         params["signals_csv"] = signals.read_text()
     job = _finish(_submit("backtest", symbol, parse_timeframe(timeframe), params, local=True), True)
     assert job.result is not None
-    stored = asyncio.run(_with_conn(lambda c: repo.get_backtest(c, int(job.result["backtest_id"]))))  # type: ignore[index]
+    stored = asyncio.run(_with_conn(lambda c: repo.get_backtest(c, int(job.result["backtest_id"]))))
     assert stored is not None
     if plot is not None:
         plot.write_bytes(stored_equity_png(stored, f"{symbol} {timeframe} backtest"))
@@ -383,7 +383,7 @@ def optimize_weights(
     params: dict[str, Any] = {"model_version": model} if model else {}
     job = _finish(_submit("optimize_weights", symbol, parse_timeframe(timeframe), params, local=local), local)
     assert job.result is not None
-    stored = asyncio.run(_with_conn(lambda c: repo.get_weights(c, int(job.result["weights_id"]))))  # type: ignore[index]
+    stored = asyncio.run(_with_conn(lambda c: repo.get_weights(c, int(job.result["weights_id"]))))
     assert stored is not None
     if plot is not None:
         from services.trainer.report import plot_stored_weights

@@ -12,15 +12,15 @@ class OnnxMismatch(AppError):
     code = "onnx_mismatch"
 
 
-class JobBusy(Exception):  # noqa: N818 - a state, not a failure
+class JobBusy(Exception):  # a state, not a failure
     """Another process holds this job's lock (a duplicate delivery): try again later."""
 
 
-class RetryLater(Exception):  # noqa: N818
+class RetryLater(Exception):
     """An attempt failed with an error that may pass (network, storage); the job is queued again."""
 
 
-class DatabaseUnavailable(Exception):  # noqa: N818 - a state of the infrastructure, retried
+class DatabaseUnavailable(Exception):  # a state of the infrastructure, retried
     """PostgreSQL could not be reached or dropped the connection: nothing about the job could be recorded.
 
     The delivery is retried through Celery with backoff; if every retry fails the sweeper re-sends the job.

@@ -84,7 +84,7 @@ class SyncDb:
     def close(self) -> None:
         try:
             self.loop.run_until_complete(self.conn.close(timeout=5))
-        except Exception:  # noqa: BLE001 - a dead connection: drop it (the server ends the session and its lock)
+        except Exception:  # a dead connection: drop it (the server ends the session and its lock)
             self.conn.terminate()
         finally:
             self.loop.close()
@@ -169,7 +169,7 @@ def run_job(
                 return {"status": "failed", "error": exc.message}
             error = f"{type(exc).__name__}: {exc}"
             return _retry_or_fail(db, job_id, attempt, tsettings, error, retry)
-        except Exception as exc:  # noqa: BLE001 - anything else may pass: counted and retried, bounded
+        except Exception as exc:  # anything else may pass: counted and retried, bounded
             log.exception("job %s: attempt %d failed", job_id, attempt)
             return _retry_or_fail(db, job_id, attempt, tsettings, f"{type(exc).__name__}: {exc}", retry)
         db.run(repo.finish_job(db.conn, job_id, result))
@@ -220,7 +220,7 @@ def queue_follow_up(db: SyncDb, job: Job, ctx: JobContext, kind: str, params: di
         return exc.job_id
     try:
         ctx.follow_up(kind, new_id)
-    except Exception as exc:  # noqa: BLE001 - the committed job is re-sent by the sweeper
+    except Exception as exc:  # the committed job is re-sent by the sweeper
         log.warning("job %s: follow-up %s %s not sent (%s); the sweeper will send it", job.id, kind, new_id, exc)
     return new_id
 

@@ -31,9 +31,8 @@ log = logging.getLogger("trainer")
 METRICS_REFRESH_SECONDS = 15.0
 
 
-def create_app(settings: Settings | None = None, trainer_settings: TrainerSettings | None = None) -> FastAPI:
-    settings = settings or get_settings()
-    tsettings = trainer_settings or get_trainer_settings()
+def create_app(settings: Settings, trainer_settings: TrainerSettings) -> FastAPI:
+    tsettings = trainer_settings
     configure_logging("trainer", settings.log_level)
 
     jobs_metrics = TrainingJobsCollector()
@@ -71,4 +70,5 @@ def create_app(settings: Settings | None = None, trainer_settings: TrainerSettin
     return app
 
 
-app = create_app()
+# uvicorn's entry point reads the process's settings once.
+app = create_app(get_settings(), get_trainer_settings())

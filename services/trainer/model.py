@@ -13,18 +13,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# Before keras is imported: TensorFlow reads its log level once, when it loads.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import numpy.typing as npt  # noqa: E402
-import onnxruntime as ort  # noqa: E402
+import keras
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
 
-from services.trainer.dataset import Dataset  # noqa: E402
-from services.trainer.errors import OnnxMismatch  # noqa: E402
-from services.trainer.hyperparameters import TrainConfig  # noqa: E402
-from shared.features import N_FEATURES  # noqa: E402
-from shared.model_metadata import CLASSES  # noqa: E402
+from services.trainer.dataset import Dataset
+from services.trainer.errors import OnnxMismatch
+from services.trainer.hyperparameters import TrainConfig
+from shared.features import N_FEATURES
+from shared.model_metadata import CLASSES
 
 INPUT_NAME = "features"
 OUTPUT_NAME = "probabilities"
@@ -93,7 +94,8 @@ def predict(model: Any, x: npt.NDArray[np.float32], batch_size: int = 1024) -> n
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        # a traced function: eager calls and model.predict() cost 30-40x more per batch (FIELD-NOTES)
+        # A traced function: on one (1, 20, 17) sequence of this LSTM (Keras 3.15, TF 2.21, 2 cores) it took
+        # p50 1.6 ms, where model.predict() took 55 ms and an eager model(x) call 71 ms (30-40x).
         fn = tf.function(lambda t: model(t, training=False), reduce_retracing=True)
         out = [fn(tf.constant(x[i : i + batch_size])).numpy() for i in range(0, len(x), batch_size)]
     else:
@@ -143,7 +145,7 @@ def check_onnx(onnx_bytes: bytes, keras_probs: npt.NDArray[np.float64], x: npt.N
     (the same export would fail the same way on a retry)."""
     try:
         onnx_probs = onnx_predict(onnx_bytes, x)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types (InvalidGraph, Fail, ...)
+    except Exception as exc:  # onnxruntime raises its own types (InvalidGraph, Fail, ...)
         raise OnnxMismatch(f"the exported ONNX graph does not run in onnxruntime: {type(exc).__name__}: {exc}") from exc
     diff = float(np.max(np.abs(onnx_probs - keras_probs)))
     if not diff <= ONNX_TOLERANCE:  # also catches NaN

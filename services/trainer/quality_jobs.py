@@ -347,7 +347,7 @@ def run_explanation(
                 CLASSES.index(pred["signal"]),
                 top=EXPLANATION_TOP,
             )
-        except Exception as exc:  # noqa: BLE001 - stored for the client; the row must not stay running
+        except Exception as exc:  # stored for the client; the row must not stay running
             log.exception("explanation %s failed", prediction_id)
             message = (
                 exc.message if isinstance(exc, NotFoundError | ValidationFailed) else f"{type(exc).__name__}: {exc}"

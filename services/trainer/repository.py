@@ -353,16 +353,6 @@ async def active_job_for(conn: Conn, symbol: str, timeframe: str, kind: str = "t
     return str(value) if value is not None else None
 
 
-async def bars_after(conn: Conn, symbol: str, timeframe: str, after_epoch_s: float) -> int:
-    n = await conn.fetchval(
-        "SELECT count(*) FROM bars WHERE symbol = $1 AND timeframe = $2 AND ts > to_timestamp($3)",
-        symbol,
-        timeframe,
-        after_epoch_s,
-    )
-    return int(n or 0)
-
-
 # --- versions by id or name, promotion, quality ---------------------------------------------------------------
 
 

@@ -20,10 +20,11 @@ from services.trainer import repository as repo
 from services.trainer.errors import JobInProgress
 from services.trainer.hyperparameters import FAULT_PARAM
 from services.trainer.schemas import ModelVersion
-from services.trainer.service import create_train_job
+from services.trainer.service import create_job, create_train_job
 from services.trainer.settings import TrainerSettings
 from shared.db import require_database_url
 from shared.errors import AppError
+from shared.market_repository import bars_after
 from shared.settings import Settings
 from shared.timeframes import Timeframe
 
@@ -50,7 +51,7 @@ async def _new_bars(conn: asyncpg.Connection, v: ModelVersion) -> int | None:
         return None
     target = Timeframe(v.timeframe)
     base = Timeframe(str(v.metrics.get("base_timeframe", v.timeframe)))
-    n_base = await repo.bars_after(conn, v.symbol, base.value, datetime.fromisoformat(end).timestamp())
+    n_base = await bars_after(conn, v.symbol, base.value, datetime.fromisoformat(end).timestamp())
     return n_base * base.seconds // target.seconds
 
 
@@ -72,7 +73,7 @@ async def _queue(
         return None, "cannot_queue"
     try:
         await asyncio.to_thread(send, job_id)
-    except Exception as exc:  # noqa: BLE001 - the committed job is re-sent by the sweeper
+    except Exception as exc:  # the committed job is re-sent by the sweeper
         log.warning("job %s queued but not sent (%s: %s); the sweeper will send it", job_id, type(exc).__name__, exc)
         detail["send_error"] = f"{type(exc).__name__}: {exc}; the sweeper re-sends the job"
     return job_id, ""
@@ -168,28 +169,66 @@ async def decide_and_queue(
     return decisions
 
 
-def _send_train(job_id: str, tsettings: TrainerSettings) -> None:
+def _send_job(kind: str, job_id: str, tsettings: TrainerSettings) -> None:
     from services.trainer import publisher
     from services.trainer.celery_app import celery_app  # the worker's (current) app; never the task module
 
-    publisher.send_job(celery_app, "train", job_id, tsettings.queue)
+    publisher.send_job(celery_app, kind, job_id, tsettings.queue)
+
+
+SendKind = Callable[[str, str], None]
+
+
+async def queue_stale_quality(
+    conn: asyncpg.Connection, tsettings: TrainerSettings, send: SendKind, symbol: str | None = None
+) -> list[dict[str, Any]]:
+    """Every production model still `not_validated` gets a validate job, and every production model without
+    weights of its own an optimize_weights job (what the 6-hourly run does besides retraining). A series
+    with such a job already active is left alone. `symbol` limits the look to one symbol (tests)."""
+    queued: list[dict[str, Any]] = []
+    for v in await repo.production_versions(conn):
+        if symbol is not None and v.symbol != symbol:
+            continue
+        wanted: list[tuple[str, dict[str, Any]]] = []
+        if v.quality.gate == "not_validated" and tsettings.validate_after_train:
+            wanted.append(("validate", {"model_version": v.version, "folds": tsettings.validation_folds}))
+        elif await repo.latest_weights_for_model(conn, v.id) is None and tsettings.weights_after_validate:
+            wanted.append(("optimize_weights", {"model_version": v.version}))
+        for kind, params in wanted:
+            try:
+                job_id = await create_job(conn, kind, v.symbol, Timeframe(v.timeframe), params, tsettings)
+            except JobInProgress:
+                continue
+            except AppError as exc:  # e.g. too few bars for the folds: recorded in the result, not retried
+                queued.append({"symbol": v.symbol, "timeframe": v.timeframe, "kind": kind, "error": exc.message})
+                continue
+            try:
+                await asyncio.to_thread(send, kind, job_id)
+            except Exception as exc:  # the committed job is re-sent by the sweeper
+                log.warning("%s job %s queued but not sent (%s); the sweeper will send it", kind, job_id, exc)
+            queued.append({"symbol": v.symbol, "timeframe": v.timeframe, "kind": kind, "job_id": job_id})
+    return queued
 
 
 def _run(
     source_id: str, full: bool, settings: Settings, tsettings: TrainerSettings, send: Send | None
 ) -> dict[str, Any]:
-    sender: Send = send or (lambda job_id: _send_train(job_id, tsettings))
+    sender: Send = send or (lambda job_id: _send_job("train", job_id, tsettings))
 
-    async def go() -> list[dict[str, Any]]:
+    async def go() -> dict[str, Any]:
         conn = await asyncpg.connect(
             require_database_url(settings), timeout=10, server_settings={"application_name": "aicash-trainer-beat"}
         )
         try:
-            return await decide_and_queue(conn, tsettings, source_id, full=full, send=sender)
+            decisions = await decide_and_queue(conn, tsettings, source_id, full=full, send=sender)
+            quality: list[dict[str, Any]] = []
+            if send is None:  # a caller's own sender sends training jobs only (tests of the decisions)
+                quality = await queue_stale_quality(conn, tsettings, lambda k, j: _send_job(k, j, tsettings))
+            return {"decisions": decisions, "quality_jobs": quality}
         finally:
             await conn.close()
 
-    return {"decisions": asyncio.run(go())}
+    return asyncio.run(go())
 
 
 def run_auto_retrain(

@@ -44,7 +44,7 @@ def run_sweep(send: Callable[[str, str], None], settings: Settings, tsettings: T
     for job_id, kind in asyncio.run(claim()):  # claimed rows are committed before their message is sent
         try:
             send(kind, job_id)
-        except Exception as exc:  # noqa: BLE001 - claimed again by a sweep once the row is stale again
+        except Exception as exc:  # claimed again by a sweep once the row is stale again
             log.warning("sweeper: could not re-send job %s: %s: %s", job_id, type(exc).__name__, exc)
             failed[job_id] = f"{type(exc).__name__}: {exc}"
             continue

@@ -395,7 +395,7 @@ def _scores(probs: FloatArray, y: IntArray, backtest: dict[str, Metric], hard: b
     metrics: dict[str, Metric] = {k: float(v) for k, v in m.items() if k != "confusion"}  # type: ignore[arg-type]
     if hard:
         metrics["log_loss"] = None  # a hard forecast puts probability 0 on every miss: no finite log-loss
-    return Scores(sequences=len(y), metrics=metrics, confusion=m["confusion"], backtest=backtest)  # type: ignore[arg-type]
+    return Scores(sequences=len(y), metrics=metrics, confusion=m["confusion"], backtest=backtest)
 
 
 @dataclass

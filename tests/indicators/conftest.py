@@ -7,7 +7,8 @@ import pytest
 
 from services.indicators.main import create_app
 from shared.settings import Settings
-from tests.conftest import API_KEYS, asgi_client
+from tests.support.clients import asgi_client
+from tests.support.keys import API_KEYS
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,12 @@ import httpx
 import numpy as np
 import pytest
 
+from shared.bars import bars_to_rows
 from shared.features import FEATURE_NAMES, compute_features, feature_rows
 from shared.timeframes import OHLCV, Timeframe, resample
 from shared.warmup import WARMUP_BARS
-from tests.conftest import READ_KEY, WRITE_KEY, bars_json
 from tests.data import generate_bars
+from tests.support.keys import READ_KEY, WRITE_KEY
 
 
 async def _count(client: httpx.AsyncClient, symbol: str, tf: str) -> int:
@@ -23,7 +24,7 @@ async def _count(client: httpx.AsyncClient, symbol: str, tf: str) -> int:
 
 @pytest.fixture(scope="module")
 async def spx(indicators: httpx.AsyncClient, sp500: OHLCV) -> str:
-    r = await indicators.post("/v1/bars/SPX/D1", json={"bars": bars_json(sp500)})
+    r = await indicators.post("/v1/bars/SPX/D1", json={"bars": bars_to_rows(sp500)})
     assert r.status_code == 200, r.text
     assert r.json()["inserted"] == len(sp500)
     assert await _count(indicators, "SPX", "D1") == len(sp500)
@@ -31,7 +32,7 @@ async def spx(indicators: httpx.AsyncClient, sp500: OHLCV) -> str:
 
 
 async def test_ingest_is_an_idempotent_upsert(indicators: httpx.AsyncClient, spx: str, sp500: OHLCV) -> None:
-    body = bars_json(sp500)[-100:]
+    body = bars_to_rows(sp500)[-100:]
     r = await indicators.post("/v1/bars/SPX/D1", json={"bars": body})
     assert r.json() == {"inserted": 0, "updated": 0, "flagged": r.json()["flagged"]}
     changed = dict(body[-1], close=body[-1]["close"] * 1.0001, high=body[-1]["high"] * 1.001)
@@ -53,7 +54,7 @@ async def test_bars_come_back_newest_last(indicators: httpx.AsyncClient, spx: st
 
 async def test_unsorted_bars_are_sorted(indicators: httpx.AsyncClient) -> None:
     b = generate_bars("H1", 50, seed=5)
-    body = bars_json(b)[::-1]
+    body = bars_to_rows(b)[::-1]
     r = await indicators.post("/v1/bars/UNSORTED/H1", json={"bars": body})
     assert r.status_code == 200 and r.json()["inserted"] == 50
     got = (await indicators.get("/v1/bars/UNSORTED/H1")).json()["bars"]
@@ -61,7 +62,7 @@ async def test_unsorted_bars_are_sorted(indicators: httpx.AsyncClient) -> None:
 
 
 def _valid(n: int = 30) -> list[dict[str, object]]:
-    return bars_json(generate_bars("H1", n, seed=9))
+    return bars_to_rows(generate_bars("H1", n, seed=9))
 
 
 @pytest.mark.parametrize(
@@ -113,7 +114,7 @@ async def test_stored_bars_are_unchanged_by_a_refused_batch(indicators: httpx.As
     before = (await indicators.get("/v1/bars/KEEP/H1")).json()["bars"]
     # every stored bar changed and ten new ones, with one invalid bar at the end
     changed = [dict(b, close=b["close"] * 1.001, high=b["high"] * 1.01) for b in good]
-    extra = bars_json(generate_bars("H1", 40, seed=9))[30:]
+    extra = bars_to_rows(generate_bars("H1", 40, seed=9))[30:]
     bad = [*changed, *extra]
     bad[-1] = dict(bad[-1], volume=-1.0)
     r = await indicators.post("/v1/bars/KEEP/H1", json={"bars": bad})
@@ -138,7 +139,7 @@ async def test_a_bar_still_forming_enters_no_feature(indicators: httpx.AsyncClie
     forming_open = now // 3600 * 3600
     b = generate_bars("H1", WARMUP_BARS + 30, start=forming_open - (WARMUP_BARS + 29) * 3600, seed=17)
     assert int(b.ts[-1]) == forming_open  # the newest bar opened this hour and has not closed
-    assert (await indicators.post("/v1/bars/LIVE/H1", json={"bars": bars_json(b)})).status_code == 200
+    assert (await indicators.post("/v1/bars/LIVE/H1", json={"bars": bars_to_rows(b)})).status_code == 200
     rows = (await indicators.get("/v1/indicators/LIVE/H1", params={"limit": 2})).json()["timeframes"]["H1"]
     last_closed = np.datetime_as_string(np.datetime64(forming_open - 3600, "s"))
     assert rows[-1]["ts"] == f"{last_closed}Z"
@@ -218,15 +219,15 @@ async def test_indicators_of_unknown_or_short_series(indicators: httpx.AsyncClie
 
 async def test_indicators_of_sent_bars(indicators: httpx.AsyncClient) -> None:
     b = generate_bars("H1", WARMUP_BARS + 40, seed=11)
-    r = await indicators.post("/v1/indicators", json={"timeframe": "H1", "bars": bars_json(b), "limit": 5})
+    r = await indicators.post("/v1/indicators", json={"timeframe": "H1", "bars": bars_to_rows(b), "limit": 5})
     assert r.status_code == 200, r.text
     rows = r.json()["timeframes"]["H1"]
     np.testing.assert_allclose([list(x["values"].values()) for x in rows], compute_features(b)[-5:], rtol=1e-12)
-    bad = bars_json(b)
+    bad = bars_to_rows(b)
     bad[3]["high"] = 0.5 * bad[3]["low"]
     r = await indicators.post("/v1/indicators", json={"timeframe": "H1", "bars": bad})
     assert r.status_code == 422 and "bar 3: high" in r.json()["detail"]
-    r = await indicators.post("/v1/indicators", json={"timeframe": "H1", "bars": bars_json(b)[:50]})
+    r = await indicators.post("/v1/indicators", json={"timeframe": "H1", "bars": bars_to_rows(b)[:50]})
     assert r.status_code == 422 and "have 50" in r.json()["detail"]
 
 
@@ -238,7 +239,7 @@ async def test_catalog_lists_17_features(indicators: httpx.AsyncClient) -> None:
 
 
 async def test_suspicious_bars_are_stored_and_flagged(indicators: httpx.AsyncClient) -> None:
-    b = bars_json(generate_bars("H1", 200, seed=13))
+    b = bars_to_rows(generate_bars("H1", 200, seed=13))
     spike = b[150]
     spike["close"] = spike["close"] * 1.2
     spike["high"] = max(spike["high"], spike["close"])
@@ -309,7 +310,7 @@ async def test_ingest_notifies_listeners_after_commit(indicators: httpx.AsyncCli
     conn = await asyncpg.connect(database_url)
     try:
         await conn.add_listener("market_series", lambda *args: got.put_nowait(args[-1]))
-        b = bars_json(generate_bars("H1", 10, seed=21))
+        b = bars_to_rows(generate_bars("H1", 10, seed=21))
         assert (await indicators.post("/v1/bars/NOTIFY/H1", json={"bars": b})).status_code == 200
         payload = json.loads(await asyncio.wait_for(got.get(), 5))
         assert payload["symbol"] == "NOTIFY"

@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.infra.helpers import ENSURE_TOOLS, SYSTEM_TOOLS, stop_all, which
+from tests.infra.helpers import ENSURE_TOOLS, SYSTEM_TOOLS, which
+from tests.support.net import stop_all
 
 
 @pytest.fixture(scope="session")

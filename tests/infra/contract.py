@@ -118,6 +118,7 @@ APP_ENV = {
     "MODEL_STORE_URL",
     "S3_ENDPOINT_URL",
     "INDICATORS_URL",
+    "TRAINER_URL",
     "API_KEYS",
     "AUTH_DISABLED",
     "LOG_LEVEL",

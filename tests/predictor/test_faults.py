@@ -10,8 +10,10 @@ import httpx
 import pytest
 
 from services.predictor.main import create_app
-from tests.conftest import READ_KEY, asgi_client
-from tests.predictor.conftest import SYMBOL, free_port, predictor_settings
+from tests.support.clients import asgi_client
+from tests.support.keys import READ_KEY
+from tests.support.net import free_port
+from tests.support.predictor import SYMBOL, predictor_settings
 
 NO_CACHE = {"Cache-Control": "no-cache"}
 
@@ -71,8 +73,8 @@ async def test_indicators_silent_is_503_within_the_timeout(
 @pytest.fixture
 def own_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
-    proc = subprocess.Popen(  # noqa: S603
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],  # noqa: S607
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

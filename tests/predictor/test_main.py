@@ -13,8 +13,10 @@ from typer import Typer
 from typer.testing import CliRunner
 
 from services.predictor import cli
-from tests.conftest import API_KEYS, READ_KEY
-from tests.predictor.conftest import ROOT, SYMBOL, free_port, start_uvicorn, stop
+from tests.support import REPO
+from tests.support.keys import API_KEYS, READ_KEY
+from tests.support.net import free_port, start_uvicorn, stop
+from tests.support.predictor import SYMBOL
 
 
 def _env(database_url: str, redis_url: str, indicators_url: str, store_url: str) -> dict[str, str]:
@@ -91,9 +93,9 @@ def test_serving_never_imports_tensorflow(
     database_url: str, redis_url: str, indicators_url: str, store_url: str, models: dict[str, str]
 ) -> None:
     env = {**os.environ, **_env(database_url, redis_url, indicators_url, store_url)}
-    out = subprocess.run(  # noqa: S603
+    out = subprocess.run(
         [sys.executable, "-c", SCRIPT, READ_KEY, SYMBOL],
-        cwd=ROOT,
+        cwd=REPO,
         env=env,
         capture_output=True,
         text=True,

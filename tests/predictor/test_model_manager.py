@@ -14,11 +14,12 @@ from fastapi import FastAPI
 from services.predictor.deps import predictor_of
 from services.predictor.model_manager import ModelLoadError, load_model
 from services.predictor.repository import RegistryRow
+from shared.bars import bars_to_rows
 from shared.model_metadata import artifact_prefix
 from shared.storage import ObjectStore
-from tests.conftest import WRITE_KEY, bars_json
 from tests.data import generate_bars
 from tests.predictor.model_factory import register, write_model
+from tests.support.keys import WRITE_KEY
 
 SYMBOL = "PRED4"
 NO_CACHE = {"Cache-Control": "no-cache"}
@@ -35,7 +36,7 @@ def pred4_bars(indicators_url: str) -> None:
     bars = generate_bars("H1", 600, seed=11)
     r = httpx.post(
         f"{indicators_url}/v1/bars/{SYMBOL}/H1",
-        json={"bars": bars_json(bars)},
+        json={"bars": bars_to_rows(bars)},
         headers={"X-API-Key": WRITE_KEY},
         timeout=60,
     )
@@ -157,7 +158,7 @@ PASSED = {"gate": "passed", "reasons": ["beat every baseline on 5 walk-forward f
 def pred6_bars(indicators_url: str) -> None:
     r = httpx.post(
         f"{indicators_url}/v1/bars/{QSYMBOL}/H1",
-        json={"bars": bars_json(generate_bars("H1", 600, seed=13))},
+        json={"bars": bars_to_rows(generate_bars("H1", 600, seed=13))},
         headers={"X-API-Key": WRITE_KEY},
         timeout=60,
     )

@@ -14,7 +14,7 @@ import pytest
 
 from services.predictor import repository
 from services.predictor.prediction_log import LogRecord, PredictionLog
-from tests.predictor.conftest import SYMBOL
+from tests.support.predictor import SYMBOL
 
 
 async def _row(database_url: str, pid: str, timeout_s: float = 10.0) -> asyncpg.Record:

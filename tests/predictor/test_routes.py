@@ -12,11 +12,12 @@ import pytest
 from fastapi import FastAPI
 
 from services.predictor.service import WARMUP_BARS, Predictor
+from shared.bars import bars_to_rows
 from shared.model_metadata import CLASSES
 from shared.timeframes import OHLCV
 from shared.warmup import WARMUP_BARS as SHARED_WARMUP
-from tests.conftest import bars_json
-from tests.predictor.conftest import SHORT, SYMBOL, SYMBOL2
+from tests.support.keys import READ_KEY
+from tests.support.predictor import SHORT, SYMBOL, SYMBOL2
 
 NO_CACHE = {"Cache-Control": "no-cache"}
 
@@ -42,7 +43,7 @@ async def test_prediction_from_stored_bars(client: httpx.AsyncClient, hourly_bar
     assert body["consensus"]["signal"] == body["signal"]  # one timeframe: the consensus is its signal
     assert -1.0 <= body["indicator_score"] <= 1.0
     assert body["weights_version"] == "equal-v1"
-    newest = bars_json(hourly_bars.tail(1))[0]
+    newest = bars_to_rows(hourly_bars.tail(1))[0]
     assert body["bar_ts"] == newest["ts"]
     assert body["risk"]["entry_price"] == newest["close"]
     risk = body["risk"]
@@ -61,8 +62,6 @@ async def test_prediction_equals_onnx_on_the_indicator_window(
     client: httpx.AsyncClient, app: FastAPI, indicators_url: str
 ) -> None:
     """The served probabilities are the model's on the indicators service's newest 20 rows, calibrated."""
-    from tests.conftest import READ_KEY
-
     r = await client.post("/v1/predictions", json={"symbol": SYMBOL, "timeframe": "H1"}, headers=NO_CACHE)
     body = r.json()
     async with httpx.AsyncClient(base_url=indicators_url, headers={"X-API-Key": READ_KEY}) as ind:
@@ -166,7 +165,7 @@ async def test_multi_timeframe_consensus_and_missing_model(client: httpx.AsyncCl
 
 
 async def test_prediction_from_sent_bars(client: httpx.AsyncClient, hourly_bars: OHLCV) -> None:
-    bars = bars_json(hourly_bars.tail(600))
+    bars = bars_to_rows(hourly_bars.tail(600))
     r = await client.post("/v1/predictions", json={"symbol": SYMBOL, "timeframe": "H1", "bars": bars})
     assert r.status_code == 200, r.text
     stored = (await client.post("/v1/predictions", json={"symbol": SYMBOL, "timeframe": "H1"})).json()
@@ -178,7 +177,7 @@ async def test_prediction_from_sent_bars(client: httpx.AsyncClient, hourly_bars:
 
 
 async def test_invalid_bar_is_named(client: httpx.AsyncClient, hourly_bars: OHLCV) -> None:
-    bars = bars_json(hourly_bars.tail(600))
+    bars = bars_to_rows(hourly_bars.tail(600))
     bars[17]["high"] = cast(float, bars[17]["close"]) * 0.5
     r = await client.post("/v1/predictions", json={"symbol": SYMBOL, "timeframe": "H1", "bars": bars})
     assert r.status_code == 422
@@ -186,7 +185,7 @@ async def test_invalid_bar_is_named(client: httpx.AsyncClient, hourly_bars: OHLC
 
 
 async def test_nan_in_bars_is_422_not_500(client: httpx.AsyncClient, hourly_bars: OHLCV) -> None:
-    bars = bars_json(hourly_bars.tail(600))
+    bars = bars_to_rows(hourly_bars.tail(600))
     body = httpx.Request("POST", "/", json={"symbol": SYMBOL, "timeframe": "H1", "bars": bars}).content
     body = body.replace(str(bars[3]["close"]).encode(), b"NaN", 1)
     r = await client.post("/v1/predictions", content=body, headers={"Content-Type": "application/json"})
@@ -196,7 +195,7 @@ async def test_nan_in_bars_is_422_not_500(client: httpx.AsyncClient, hourly_bars
 
 async def test_too_few_sent_bars_says_how_many(client: httpx.AsyncClient, hourly_bars: OHLCV) -> None:
     r = await client.post(
-        "/v1/predictions", json={"symbol": SYMBOL, "timeframe": "H1", "bars": bars_json(hourly_bars.tail(300))}
+        "/v1/predictions", json={"symbol": SYMBOL, "timeframe": "H1", "bars": bars_to_rows(hourly_bars.tail(300))}
     )
     assert r.status_code == 422
     assert "need at least 520" in r.json()["detail"]

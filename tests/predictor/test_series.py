@@ -8,10 +8,12 @@ import time
 import httpx
 from fastapi import FastAPI
 
+from shared.bars import bars_to_rows
 from shared.storage import ObjectStore
 from shared.timeframes import OHLCV
-from tests.conftest import WRITE_KEY, bars_json
 from tests.predictor.model_factory import register, write_model
+from tests.support.keys import WRITE_KEY
+from tests.support.predictor import SYMBOL
 
 FRESH = "PRED5"
 
@@ -34,7 +36,7 @@ async def test_new_bars_invalidate_cached_predictions_by_notification(
     hourly_bars: OHLCV,
     scaler: tuple[list[float], list[float]],
 ) -> None:
-    rows = bars_json(hourly_bars)
+    rows = bars_to_rows(hourly_bars)
     async with httpx.AsyncClient(base_url=indicators_url, headers={"X-API-Key": WRITE_KEY}, timeout=60) as ind:
         r = await ind.post(f"/v1/bars/{FRESH}/H1", json={"bars": rows[:-1]})
         assert r.status_code == 200, r.text
@@ -67,7 +69,6 @@ async def test_stamps_are_read_per_request_while_not_listening(app: FastAPI) -> 
 
     live: SeriesStamps = app.state.predictor.series
     deaf = SeriesStamps(live.pool, None, poll_seconds=60)  # never listens: nothing would tell it of a change
-    from tests.predictor.conftest import SYMBOL
 
     stamp = await deaf.get(SYMBOL, "H1")
     assert stamp is not None and stamp == await live.get(SYMBOL, "H1")

@@ -16,11 +16,12 @@ import pytest
 
 from services.predictor.repository import WeightsRow
 from services.predictor.signals import VOTES, WeightsBook
+from shared.bars import bars_to_rows
 from shared.signal_rules import indicator_score
 from shared.storage import ObjectStore
-from tests.conftest import READ_KEY, WRITE_KEY, bars_json
 from tests.data import generate_bars
 from tests.predictor.model_factory import FEATURES, register, write_model
+from tests.support.keys import READ_KEY, WRITE_KEY
 
 WSYMBOL = "PRED7"
 WEIGHTS = {name: float(i % 4) for i, name in enumerate(VOTES)}  # unequal, some zero
@@ -40,7 +41,7 @@ async def pred7(
 ) -> int:
     """Bars and a production model for PRED7; returns the model's registry id."""
     async with httpx.AsyncClient(base_url=indicators_url, headers={"X-API-Key": WRITE_KEY}, timeout=60) as ind:
-        r = await ind.post(f"/v1/bars/{WSYMBOL}/H1", json={"bars": bars_json(generate_bars("H1", 600, seed=17))})
+        r = await ind.post(f"/v1/bars/{WSYMBOL}/H1", json={"bars": bars_to_rows(generate_bars("H1", 600, seed=17))})
         assert r.status_code == 200, r.text
     sha = write_model(store, WSYMBOL, "H1", "v1", mean=scaler[0], scale=scaler[1])
     await register(database_url, store, WSYMBOL, "H1", "v1", sha)

@@ -13,7 +13,8 @@ from services.indicators.main import create_app
 from shared.errors import install_error_handlers
 from shared.local_services import free_port
 from shared.settings import Settings
-from tests.conftest import API_KEYS, asgi_client
+from tests.support.clients import asgi_client
+from tests.support.keys import API_KEYS
 
 
 class Body(BaseModel):

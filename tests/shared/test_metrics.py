@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 
 from shared.local_services import free_port, wait_http
-from tests.conftest import API_KEYS, READ_KEY
+from tests.support.keys import API_KEYS, READ_KEY
 
 BIN = Path(sys.executable).parent
 

@@ -19,7 +19,7 @@ from shared.model_metadata import CLASSES, ModelMetadata, artifact_prefix
 from shared.settings import Settings
 from shared.storage import ObjectStore, sha256_hex
 from shared.timeframes import Timeframe
-from tests.trainer.conftest import TINY, ingest, new_job
+from tests.support.trainer import TINY, ingest, new_job
 
 
 async def test_training_registers_a_production_model_with_consistent_artifacts(
@@ -116,7 +116,6 @@ async def test_too_few_bars_fails_clearly_and_registers_nothing(
     database_url: str, trainer_settings: Settings, sp500: Any
 ) -> None:
     from shared.timeframes import Timeframe
-    from tests.trainer.conftest import ingest
 
     await ingest(database_url, "SHORTTRAIN", Timeframe.D1, sp500.tail(700))
     job_id = await new_job(database_url, "SHORTTRAIN", "D1", TINY)

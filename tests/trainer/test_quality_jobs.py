@@ -323,3 +323,33 @@ async def test_an_explanation_is_queued_then_computed_with_the_top_contributions
     assert (await client.post("/v1/explanations", json={"prediction_id": str(uuid.uuid4())})).status_code == 404
     assert (await client.post("/v1/explanations", json={"prediction_id": "not-a-uuid"})).status_code == 422
     assert (await client.get(f"/v1/explanations/{uuid.uuid4()}")).status_code == 404
+
+
+async def test_the_six_hourly_run_queues_validation_then_weights_for_a_production_model_lacking_them(
+    trainer_settings: Settings, database_url: str, sp500: OHLCV
+) -> None:
+    from services.trainer.retrain import queue_stale_quality
+
+    symbol = "SPXSTALE"
+    await ingest(database_url, symbol, Timeframe.D1, sp500)
+    job_id = await new_job(database_url, symbol, "D1", TINY)
+    trained = await asyncio.to_thread(run_job, job_id, settings=trainer_settings, tsettings=TSETTINGS)
+    sent: list[tuple[str, str]] = []
+    conn = await asyncpg.connect(database_url)
+    try:
+        first = await queue_stale_quality(conn, TSETTINGS, lambda k, j: sent.append((k, j)), symbol=symbol)
+        assert [q["kind"] for q in first] == ["validate"] and sent == [("validate", first[0]["job_id"])]
+        job = await repo.get_job(conn, first[0]["job_id"])
+        assert job is not None and job.params["model_version"] == trained["version"]
+        # the same run again while that job is active queues nothing more
+        assert await queue_stale_quality(conn, TSETTINGS, lambda k, j: sent.append((k, j)), symbol=symbol) == []
+        # once validated (here: a verdict written as the validate job would), the missing weights are queued
+        await repo.fail_job(conn, first[0]["job_id"], "test: done")
+        version = await repo.find_version(conn, symbol, "D1", trained["version"])
+        assert version is not None
+        await repo.set_quality(conn, version.id, {"gate": "failed", "reasons": ["test"], "validation_id": None})
+        second = await queue_stale_quality(conn, TSETTINGS, lambda k, j: sent.append((k, j)), symbol=symbol)
+        assert [q["kind"] for q in second] == ["optimize_weights"]
+        await repo.fail_job(conn, second[0]["job_id"], "test: done")
+    finally:
+        await conn.close()

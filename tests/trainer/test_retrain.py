@@ -15,7 +15,7 @@ from services.trainer.retrain import decide_and_queue
 from services.trainer.settings import TrainerSettings
 from shared.settings import Settings
 from shared.timeframes import OHLCV, Timeframe
-from tests.trainer.conftest import TINY, ingest, new_job
+from tests.support.trainer import TINY, ingest, new_job
 
 # Nothing but a flag makes a series due.
 NEVER_DUE = TrainerSettings(max_model_age_hours=1e6, min_new_bars=10**6)

