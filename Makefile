@@ -48,11 +48,12 @@ fmt: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-# wrk (Debian) generates the load of the predictor benchmark.
+# wrk (Debian) generates the load of the predictor benchmark. `make bench ARGS="--only bench_backtest"` reruns
+# single benchmarks and replaces their sections only.
 bench: install
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq wrk >/dev/null; } || \
 	  { echo "make bench needs wrk: apt-get install wrk" >&2; exit 1; }
-	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.run $(ARGS)
 
 # docs/MODEL_QUALITY.md from the sample data (a scratch database on DATABASE_URL's server, or an embedded one).
 quality-report: install

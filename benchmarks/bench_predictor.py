@@ -394,9 +394,9 @@ def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install -y wrk")
 
+    from shared.bars import bars_to_rows as bars_json
     from shared.features import feature_rows  # the benchmark may use TA-Lib; the predictor process does not
     from shared.local_services import scratch_database
-    from tests.conftest import bars_json
     from tests.data import generate_bars
 
     server_url = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -17,7 +18,16 @@ from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ["bench_foundation", "bench_stack", "bench_indicators", "bench_training", "bench_predictor"]
+ORDER = [
+    "bench_foundation",
+    "bench_stack",
+    "bench_indicators",
+    "bench_training",
+    "bench_predictor",
+    "bench_backtest",
+    "bench_validation",
+    "bench_weights",
+]
 
 
 def machine() -> str:
@@ -71,6 +81,31 @@ def settle() -> None:
     time.sleep(2)
 
 
+PARTIAL_NOTE = (
+    'Sections marked with a later finish time were rerun alone (`make bench ARGS="--only NAME"`); the rest '
+    "come from the full run above."
+)
+
+
+def merge(document: str, fresh: dict[str, str]) -> str:
+    """`document` with each `<!-- bench:NAME -->` section replaced by `fresh[NAME]`; a section it lacks goes
+    before the GPU section (or at the end)."""
+    for name, section in fresh.items():
+        pattern = re.compile(rf"<!-- bench:{name} -->.*?<!-- /bench:{name} -->\n?", re.S)
+        if pattern.search(document):
+            document = pattern.sub(section.replace("\\", "\\\\"), document, count=1)
+        elif (at := document.find("\n## Training on a GPU")) >= 0:
+            document = document[:at] + "\n" + section + document[at:]
+        else:
+            document = document.rstrip() + "\n\n" + section
+    if PARTIAL_NOTE not in document:
+        lines = document.split("\n")
+        first_blank = lines.index("", 1) if "" in lines[1:] else len(lines)
+        lines.insert(first_blank, PARTIAL_NOTE)
+        document = "\n".join(lines)
+    return document
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -86,11 +121,13 @@ def main() -> None:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
         took = time.perf_counter() - t0
         settle()
+        when = f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr[-4000:])
-            sections.append(f"## {name}\n\nFAILED (exit {proc.returncode}); see the run's stderr.\n")
+            body = f"## {name}\n\nFAILED (exit {proc.returncode}); see the run's stderr.\n"
         else:
-            sections.append(proc.stdout.strip() + f"\n\n_({name} took {took:.0f} s)_\n")
+            body = proc.stdout.strip() + f"\n\n_({name} took {took:.0f} s, finished {when})_\n"
+        sections.append(f"<!-- bench:{name} -->\n{body}<!-- /bench:{name} -->\n")
     header = [
         "# Benchmarks",
         "",
@@ -99,10 +136,16 @@ def main() -> None:
         f"Mode: {'quick' if args.quick else 'full'}.",
         "",
     ]
+    out = Path(args.out)
+    if args.only and out.exists():
+        # A partial run replaces (or adds) its own sections and keeps every other one as measured before.
+        out.write_text(merge(out.read_text(), dict(zip(names, sections, strict=True))))
+        print(f"updated {', '.join(names)} in {args.out}", file=sys.stderr)
+        return
     gpu = ROOT / "docs" / "GPU_TRAINING.md"
     if gpu.exists():  # measured on a lent GPU machine, not by this run: kept verbatim and labelled so
         sections.append(gpu.read_text().strip() + "\n")
-    Path(args.out).write_text("\n".join(header) + "\n\n".join(sections))
+    out.write_text("\n".join(header) + "\n\n".join(sections))
     print(f"wrote {args.out}", file=sys.stderr)
 
 

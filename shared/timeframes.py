@@ -66,7 +66,7 @@ def parse_timeframe(value: str) -> Timeframe:
 
 
 def check_symbol(symbol: str) -> str:
-    if not SYMBOL_RE.match(symbol):
+    if not SYMBOL_RE.fullmatch(symbol):  # `match` with `$` would let a trailing newline through
         from shared.errors import ValidationFailed
 
         raise ValidationFailed(f"bad symbol {symbol!r}: must match {SYMBOL_RE.pattern}")

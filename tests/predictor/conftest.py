@@ -3,6 +3,8 @@ as the trainer would, bars ingested over HTTP, and the predictor app in-process.
 
 from __future__ import annotations
 
+import os
+import secrets
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
@@ -40,15 +42,28 @@ def indicators_url(database_url: str, tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.fixture(scope="session")
-def trainer_url(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """tests/predictor/fake_trainer.py: the trainer's explanation request contract, over real HTTP."""
+def trainer_url(database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The real trainer API (uvicorn) that the predictor asks for explanations; its Celery messages go to a
+    queue of this run's own that nobody consumes (the rows it writes are what these tests read)."""
+    import redis
+
     port = free_port()
+    queue = f"predictor-explain-{os.getpid()}-{secrets.token_hex(3)}"
     log = tmp_path_factory.mktemp("trainer") / "trainer.log"
-    proc = start_uvicorn(
-        "tests.predictor.fake_trainer:app", port, {"DATABASE_URL": database_url, "FAKE_TRAINER_KEY": TRAINER_KEY}, log
-    )
+    env = {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "CELERY_BROKER_URL": redis_url,
+        "TRAINER_QUEUE": queue,
+        "API_KEYS": f"predictor:write:{TRAINER_KEY}",
+        "ENVIRONMENT": "test",
+    }
+    proc = start_uvicorn("services.trainer.main:app", port, env, log)
     yield f"http://127.0.0.1:{port}"
     stop(proc)
+    client = redis.Redis.from_url(redis_url, socket_timeout=2)
+    client.delete(queue)
+    client.close()
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """GET /v1/predictions/{id}/explanation: rows of prediction_explanations (the trainer's output contract) as
-they are inserted by hand, and the first request asking the trainer (tests/predictor/fake_trainer.py over
+they are inserted by hand, and the first request asking the trainer (the real trainer API over
 real HTTP) to compute one."""
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from services.predictor.deps import explanations_of, predictor_of
 from services.predictor.explanations import Explanations
 from services.predictor.prediction_log import PredictionLog
 from services.predictor.trainer_client import TrainerClient, TrainerUnavailable
-from tests.predictor.conftest import SYMBOL, free_port, predictor_settings
+from tests.support.net import free_port
+from tests.support.predictor import SYMBOL, predictor_settings
 
 CONTRIBUTIONS = [
     {"feature": "rsi_14", "step": 0, "value": 71.5, "contribution": -0.12},

@@ -250,10 +250,9 @@ def test_one_bad_bar_refuses_the_batch_and_is_named_by_its_index_as_sent(
 ) -> None:
     tf, bars = tf_bars
     rows = bars_to_rows(bars)
-    shuffled = [rows[i] for i in data.draw(st.permutations(range(len(rows))))]
+    perm = data.draw(st.permutations(range(len(rows))))
+    shuffled = [rows[j] for j in perm]
     i = data.draw(st.integers(0, len(rows) - 1))
-    bad = dict(shuffled[i])
-    bad["high"] = max(bad["open"], bad["close"]) * 0.5
-    shuffled[i] = bad
+    shuffled[i] = dict(shuffled[i], high=max(bars.open[perm[i]], bars.close[perm[i]]) * 0.5)
     message = _refusal(shuffled, tf).message
     assert message.startswith(f"bar {i}: high ")

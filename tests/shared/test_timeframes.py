@@ -80,10 +80,6 @@ def test_a_bad_symbol_is_422_naming_the_pattern(symbol: str) -> None:
     assert info.value.message == f"bad symbol {symbol!r}: must match ^[A-Z0-9._-]{{1,20}}$"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SYMBOL_RE.match with `$` accepts one trailing newline ('EURUSD\\n'); fullmatch or \\Z would not",
-)
 def test_a_symbol_with_a_trailing_newline_is_refused() -> None:
     with pytest.raises(ValidationFailed):
         check_symbol("EURUSD\n")
@@ -285,7 +281,7 @@ def _reference(bars: OHLCV, base: Timeframe, target: Timeframe) -> OHLCV:
     return OHLCV(np.asarray(ts, dtype=np.int64), *(np.asarray(x, dtype=np.float64) for x in (o, h, lo, c, v)))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(series=_series())
 def test_resample_matches_the_documented_rule(series: tuple[Timeframe, Timeframe, OHLCV]) -> None:
     base, target, bars = series
@@ -294,7 +290,7 @@ def test_resample_matches_the_documented_rule(series: tuple[Timeframe, Timeframe
     assert target.is_aligned(out.ts).all()
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(series=_series(), data=st.data())
 def test_only_completed_bars_no_look_ahead(series: tuple[Timeframe, Timeframe, OHLCV], data: st.DataObject) -> None:
     """At any time t: every resampled bar built from the bars closed by t has closed by t; it never changes
@@ -313,7 +309,7 @@ def test_only_completed_bars_no_look_ahead(series: tuple[Timeframe, Timeframe, O
 
     def changed(col: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         # above every original value (1 to 10,000), so a changed bar always changes its group's volume
-        return np.r_[col[:k], rng.integers(20_000, 30_000, len(col) - k).astype(np.float64)]
+        return np.concatenate([col[:k], rng.integers(20_000, 30_000, len(col) - k).astype(np.float64)])
 
     future = OHLCV(bars.ts, *(changed(getattr(bars, f)) for f in FIELDS[1:]))
     after = resample(future, base, target)

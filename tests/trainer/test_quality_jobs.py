@@ -24,8 +24,8 @@ from services.trainer.settings import TrainerSettings
 from shared.features import FEATURE_NAMES, compute_features
 from shared.settings import Settings
 from shared.timeframes import OHLCV, Timeframe
-from tests.conftest import asgi_client
-from tests.trainer.conftest import TINY, ingest, new_job
+from tests.support.clients import asgi_client
+from tests.support.trainer import TINY, ingest, new_job
 
 pytestmark = pytest.mark.slow
 
