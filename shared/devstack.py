@@ -147,7 +147,8 @@ def _first_prediction(port: int, key: str, timeout_s: float = 60.0) -> dict[str,
         time.sleep(1.0)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The options of `make up` (`python -m shared.devstack up`); `aicash up` offers exactly these."""
     parser = argparse.ArgumentParser(prog="aicash up")
     parser.add_argument("--smoke", action="store_true", help="start, check one request, stop (for tests)")
     parser.add_argument("--no-train", action="store_true", help="do not train the first model")
@@ -155,7 +156,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--verdict-timeout", type=float, default=900.0, help="seconds to wait for the first model's validation"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     env = dict(os.environ)
     handles: list[object] = []

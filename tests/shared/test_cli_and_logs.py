@@ -62,3 +62,55 @@ def test_import_bars_checks_the_whole_file_before_writing(tmp_path: Path) -> Non
     output = " ".join(result.output.split())  # rich wraps lines
     assert "nothing imported" in output
     assert "line 3: close is nan" in output
+
+
+def test_aicash_up_offers_exactly_the_options_of_make_up() -> None:
+    from shared.cli import app
+    from shared.devstack import build_parser
+
+    make_up = {o for a in build_parser()._actions for o in a.option_strings if o not in ("-h", "--help")}
+    up = typer.main.get_command(app).commands["up"]  # type: ignore[attr-defined]
+    aicash_up = {o for p in up.params for o in p.opts if o.startswith("--")}
+    assert aicash_up == make_up
+
+
+def test_aicash_up_passes_its_options_to_make_ups_program(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `aicash up` used to hand sys.argv (["aicash", "up", ...]) to argparse, which refused "up".
+    from typer.testing import CliRunner
+
+    import shared.devstack
+    from shared.cli import app
+
+    seen: list[object] = []
+    monkeypatch.setattr(
+        shared.devstack, "main", lambda argv: seen.append(shared.devstack.build_parser().parse_args(argv))
+    )
+    result = CliRunner().invoke(app, ["up", "--smoke", "--epochs", "3", "--no-train"])
+    assert result.exit_code == 0, result.output
+    (args,) = seen
+    assert args.smoke and args.no_train and args.epochs == 3 and args.verdict_timeout == 900.0
+
+
+def test_import_bars_refused_at_the_first_chunk_says_nothing_was_imported(tmp_path: Path, database_url: str) -> None:
+    from typer.testing import CliRunner
+
+    from shared.cli import app
+    from tests.support.keys import API_KEYS
+    from tests.support.net import free_port, start_uvicorn, stop
+
+    p = tmp_path / "bars.csv"
+    p.write_text("ts,open,high,low,close,volume\n2024-01-01T00:00:00Z,1,2,0.5,1.5,10\n")
+    port = free_port()
+    proc = start_uvicorn(
+        "services.indicators.main:app", port, {"DATABASE_URL": database_url, "API_KEYS": API_KEYS}, tmp_path / "log"
+    )
+    try:
+        result = CliRunner(env={"AICASH_API_KEY": "not-a-key-of-this-deployment"}).invoke(
+            app, ["import-bars", str(p), "--symbol", "CSV", "--timeframe", "H1", "--url", f"http://127.0.0.1:{port}"]
+        )
+    finally:
+        stop(proc)
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1
+    assert "401" in output and "nothing was imported" in output
+    assert "lines 2 to 1" not in output

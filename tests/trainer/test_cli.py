@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import typer
@@ -97,3 +98,64 @@ def test_train_local_never_leaves_a_retryable_failure_queued(
     assert job is not None and job.status == "failed" and job.attempts == 1  # type: ignore[attr-defined]
     assert job.error == "failed (in-process run, not retried): RuntimeError: injected fault"  # type: ignore[attr-defined]
     assert "injected fault" in " ".join(r.output.split())
+
+
+@pytest.mark.slow
+def test_validate_show_report_backtest_through_the_cli(
+    cli: typer.Typer, trained: dict[str, object], sp500: object, tmp_path: Path
+) -> None:
+    runner = CliRunner()
+    r = runner.invoke(
+        cli, ["validate", "--symbol", "SPXTRAIN", "--timeframe", "D1", "--folds", "2", "--local", "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    body = json.loads(r.output.strip().splitlines()[-1])
+    assert body["gate"] in ("passed", "failed")
+    assert body["report"]["gate"]["gate"] == body["gate"]
+    assert body["report"]["n_folds"] == 2 and body["reasons"]
+
+    r = runner.invoke(cli, ["models", "show", "--symbol", "SPXTRAIN", "--timeframe", "D1"])
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    assert f"gate {body['gate']}" in out and "win rate above 55 %" in out and "accuracy above 65 %" in out
+
+    md = tmp_path / "QUALITY.md"
+    r = runner.invoke(cli, ["report", "--symbol", "SPXTRAIN", "--timeframe", "D1", "--out", str(md)])
+    assert r.exit_code == 0, r.output
+    text = md.read_text()
+    assert "## Walk-forward folds (LSTM)" in text and "gradient boosting" in text and "## Business targets" in text
+    assert (tmp_path / "img" / "equity-spxtrain-d1.png").read_bytes()[:4] == b"\x89PNG"
+
+    signals = tmp_path / "signals.csv"
+    ts = sp500.ts[-200:]  # type: ignore[attr-defined]
+    signals.write_text(
+        "ts,signal\n" + "\n".join(f"{int(t)},{'BUY' if i % 20 < 10 else 'SELL'}" for i, t in enumerate(ts))
+    )
+    png = tmp_path / "equity.png"
+    r = runner.invoke(
+        cli,
+        [
+            "backtest",
+            "--symbol",
+            "SPXTRAIN",
+            "--timeframe",
+            "D1",
+            "--signals",
+            str(signals),
+            "--cost-bps",
+            "2",
+            "--plot",
+            str(png),
+            "--json",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    bt = json.loads(r.output.strip().splitlines()[-1])
+    assert bt["metrics"]["trades"] == len(bt["trades"]) >= 9  # a flip every 10 bars
+    assert all(t["entry_ts"] < t["exit_ts"] for t in bt["trades"])
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+    signals.write_text("ts,signal\n2018-12-27,BUY\n2018-12-28,LONG\n")
+    r = runner.invoke(cli, ["backtest", "--symbol", "SPXTRAIN", "--timeframe", "D1", "--signals", str(signals)])
+    assert r.exit_code == 2
+    assert "line 3" in " ".join(r.output.split())
