@@ -40,7 +40,6 @@ def main() -> None:
     from services.trainer.settings import TrainerSettings
     from shared.local_services import embedded_postgres, scratch_database
     from shared.market_repository import upsert_bars
-    from shared.settings import Settings
     from shared.timeframes import OHLCV, Timeframe
 
     server = os.environ.get("DATABASE_URL")
@@ -54,8 +53,7 @@ def main() -> None:
     )
     symbol, tf = "SPX", Timeframe.D1
     with tempfile.TemporaryDirectory() as models, scratch_database(server, "aicash_report") as url:
-        settings = Settings(database_url=url, model_store_url=f"file://{models}", environment="test")  # type: ignore[call-arg]
-        tsettings = TrainerSettings()
+        settings = TrainerSettings(database_url=url, model_store_url=f"file://{models}", environment="test")
 
         async def setup(kind: str, params: dict[str, object]) -> str:
             conn = await asyncpg.connect(url)
@@ -70,11 +68,11 @@ def main() -> None:
                 await conn.close()
 
         t0 = time.perf_counter()
-        trained = run_job(asyncio.run(setup("train", {})), settings=settings, tsettings=tsettings, retry=False)
+        trained = run_job(asyncio.run(setup("train", {})), settings=settings, retry=False)
         print(f"trained {trained.get('version')} in {time.perf_counter() - t0:.0f} s")
         t1 = time.perf_counter()
         params: dict[str, object] = {"folds": args.folds, "model_version": trained["version"]}
-        validated = run_job(asyncio.run(setup("validate", params)), settings=settings, tsettings=tsettings, retry=False)
+        validated = run_job(asyncio.run(setup("validate", params)), settings=settings, retry=False)
         print(f"validated in {time.perf_counter() - t1:.0f} s: gate {validated.get('gate')}")
 
         async def stored() -> tuple[object, dict[str, object]]:

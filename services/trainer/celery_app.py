@@ -20,7 +20,7 @@ from celery import Celery
 from celery.schedules import crontab
 
 from services.trainer.settings import TrainerSettings, get_trainer_settings
-from shared.settings import Settings, get_settings
+from shared.settings import Settings
 
 
 def broker_url(settings: Settings) -> str:
@@ -36,32 +36,31 @@ def transport_options(url: str, t: TrainerSettings) -> dict[str, Any]:
     if is_amqp(url):
         # py-amqp: connect_timeout comes from broker_connection_timeout; these bound every frame read/write.
         # (RabbitMQ has no visibility timeout: set the server's consumer_timeout above the longest job.)
-        return {"read_timeout": t.broker_timeout_seconds, "write_timeout": t.broker_timeout_seconds}
+        return {"read_timeout": t.trainer_broker_timeout_seconds, "write_timeout": t.trainer_broker_timeout_seconds}
     return {
         # An unacknowledged message is handed out again after visibility_timeout; it must exceed the longest
         # job. unacked_restore_* make a dead worker's message come back promptly once due.
-        "visibility_timeout": t.visibility_timeout_seconds,
-        "unacked_restore_interval": t.unacked_restore_interval_seconds,
+        "visibility_timeout": t.trainer_visibility_timeout_seconds,
+        "unacked_restore_interval": t.trainer_unacked_restore_interval_seconds,
         "unacked_restore_throttle": 1,
-        "socket_timeout": t.broker_timeout_seconds,
-        "socket_connect_timeout": t.broker_timeout_seconds,
+        "socket_timeout": t.trainer_broker_timeout_seconds,
+        "socket_connect_timeout": t.trainer_broker_timeout_seconds,
         "socket_keepalive": True,
     }
 
 
-def create_celery(settings: Settings, tsettings: TrainerSettings, *, current: bool = False) -> Celery:
+def create_celery(settings: TrainerSettings, *, current: bool = False) -> Celery:
     """A configured Celery app (connects lazily, on the first publish or when a worker starts).
 
     The worker's app (`celery_app`) is the current app; publishers (the API) build their own from their
     settings and close it in their lifespan.
     """
-    t = tsettings
     url = broker_url(settings)
     app = Celery("aicash-trainer", set_as_current=current, include=["services.trainer.tasks"])
     app.conf.update(
         broker_url=url,
         broker_connection_retry_on_startup=True,
-        broker_connection_timeout=t.broker_timeout_seconds,
+        broker_connection_timeout=settings.trainer_broker_timeout_seconds,
         # JSON only: a pickle message is code execution for whoever can write to the broker.
         task_serializer="json",
         result_serializer="json",
@@ -71,35 +70,35 @@ def create_celery(settings: Settings, tsettings: TrainerSettings, *, current: bo
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_default_queue=t.queue,
-        task_routes={"trainer.*": {"queue": t.queue}},
+        task_default_queue=settings.trainer_queue,
+        task_routes={"trainer.*": {"queue": settings.trainer_queue}},
         task_track_started=False,
         # A publish that cannot reach the broker is retried once, quickly; the caller bounds the whole send
         # (publisher.publish) and the sweeper recovers a job whose message was never sent.
         task_publish_retry=True,
         task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5},
-        broker_transport_options=transport_options(url, t),
+        broker_transport_options=transport_options(url, settings),
         worker_hijack_root_logger=False,
         timezone="UTC",
         enable_utc=True,
         beat_schedule={
             "trainer-auto-retrain": {
                 "task": "trainer.auto_retrain",
-                "schedule": t.auto_retrain_interval_hours * 3600.0,
+                "schedule": settings.trainer_auto_retrain_interval_hours * 3600.0,
             },
             "trainer-full-retrain": {
                 "task": "trainer.full_retrain",
                 "schedule": crontab(
-                    minute=str(t.full_retrain_minute_utc),
-                    hour=str(t.full_retrain_hour_utc),
-                    day_of_week=t.full_retrain_day_of_week,
+                    minute=str(settings.trainer_full_retrain_minute_utc),
+                    hour=str(settings.trainer_full_retrain_hour_utc),
+                    day_of_week=settings.trainer_full_retrain_day_of_week,
                 ),
             },
             "trainer-sweep-jobs": {
                 "task": "trainer.sweep_jobs",
-                "schedule": t.sweep_interval_seconds,
+                "schedule": settings.trainer_sweep_interval_seconds,
                 # Sweeps queued behind a long job are dropped rather than run back to back later.
-                "options": {"expires": t.sweep_interval_seconds},
+                "options": {"expires": settings.trainer_sweep_interval_seconds},
             },
         },
     )
@@ -107,4 +106,4 @@ def create_celery(settings: Settings, tsettings: TrainerSettings, *, current: bo
 
 
 # The worker's and beat's app: this module is their entry point, so it reads the process's settings here.
-celery_app = create_celery(get_settings(), get_trainer_settings(), current=True)
+celery_app = create_celery(get_trainer_settings(), current=True)

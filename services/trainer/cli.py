@@ -27,7 +27,6 @@ from services.trainer.schemas import Job, ModelVersion
 from services.trainer.settings import get_trainer_settings
 from shared.db import require_database_url
 from shared.errors import AppError
-from shared.settings import get_settings
 from shared.timeframes import Timeframe, parse_timeframe
 
 console = Console()
@@ -35,7 +34,7 @@ console = Console()
 
 async def _connect() -> asyncpg.Connection:
     return await asyncpg.connect(
-        require_database_url(get_settings()), timeout=10, server_settings={"application_name": "aicash-cli"}
+        require_database_url(get_trainer_settings()), timeout=10, server_settings={"application_name": "aicash-cli"}
     )
 
 
@@ -75,7 +74,7 @@ def _run_here(job_id: str, follow: Any) -> Job:
 
     def work() -> None:
         try:
-            run_job(job_id, settings=get_settings(), tsettings=get_trainer_settings(), retry=False)
+            run_job(job_id, settings=get_trainer_settings(), retry=False)
         except Exception as exc:  # reported below (e.g. PostgreSQL unreachable)
             errors.append(exc)
 
@@ -94,13 +93,13 @@ def _submit(kind: str, symbol: str, tf: Timeframe, params: dict[str, Any], *, lo
     from services.trainer.celery_app import create_celery
     from services.trainer.service import create_job, enqueue_job
 
-    tsettings = get_trainer_settings()
+    settings = get_trainer_settings()
     try:
         if local:
-            return str(asyncio.run(_with_conn(lambda c: create_job(c, kind, symbol, tf, params, tsettings))))
-        app = create_celery(get_settings(), tsettings)
+            return str(asyncio.run(_with_conn(lambda c: create_job(c, kind, symbol, tf, params, settings))))
+        app = create_celery(settings)
         try:
-            return str(asyncio.run(_with_conn(lambda c: enqueue_job(c, kind, symbol, tf, params, tsettings, app))))
+            return str(asyncio.run(_with_conn(lambda c: enqueue_job(c, kind, symbol, tf, params, settings, app))))
         finally:
             app.close()
     except AppError as exc:

@@ -11,12 +11,13 @@ from services.trainer.settings import TrainerSettings
 from shared.app import PoolDep
 from shared.auth import AdminKey, ReadKey, WriteKey
 
-__all__ = ["AdminKey", "PoolDep", "PublisherDep", "ReadKey", "TrainerSettingsDep", "WriteKey"]
+__all__ = ["AdminKey", "PoolDep", "PublisherDep", "ReadKey", "SettingsDep", "WriteKey"]
 
 
-async def _trainer_settings(request: Request) -> TrainerSettings:
-    tsettings: TrainerSettings = request.app.state.trainer_settings
-    return tsettings
+async def _settings(request: Request) -> TrainerSettings:
+    # shared.app.build_app keeps the object create_app was given: the process's one TrainerSettings.
+    settings: TrainerSettings = request.app.state.settings
+    return settings
 
 
 async def _publisher(request: Request) -> Celery:
@@ -24,5 +25,5 @@ async def _publisher(request: Request) -> Celery:
     return app
 
 
-TrainerSettingsDep = Annotated[TrainerSettings, Depends(_trainer_settings)]
+SettingsDep = Annotated[TrainerSettings, Depends(_settings)]
 PublisherDep = Annotated[Celery, Depends(_publisher)]

@@ -34,7 +34,6 @@ from services.trainer.source import load_bars
 from shared.db import require_database_url
 from shared.errors import AppError
 from shared.model_metadata import artifact_prefix
-from shared.settings import Settings
 from shared.storage import ObjectStore, open_store
 from shared.timeframes import Timeframe
 
@@ -107,8 +106,7 @@ def version_result(v: ModelVersion) -> dict[str, Any]:
 class JobContext:
     """What a job handler works with, besides its job and database connection."""
 
-    settings: Settings
-    tsettings: TrainerSettings
+    settings: TrainerSettings
     store: ObjectStore
     follow_up: FollowUp | None
 
@@ -119,8 +117,7 @@ Handler = Callable[[SyncDb, Job, JobContext], dict[str, Any]]
 def run_job(
     job_id: str,
     *,
-    settings: Settings,
-    tsettings: TrainerSettings,
+    settings: TrainerSettings,
     store: ObjectStore | None = None,
     retry: bool = True,
     follow_up: FollowUp | None = None,
@@ -151,15 +148,15 @@ def run_job(
             result = version_result(existing)
             db.run(repo.finish_job(db.conn, job_id, result))
             return result
-        if job.attempts >= tsettings.max_attempts:
+        if job.attempts >= settings.trainer_max_attempts:
             why = job.error or "the worker process died during each attempt (killed, out of memory or crashed)"
             error = f"gave up after {job.attempts} attempts: {why}"
             db.run(repo.fail_job(db.conn, job_id, error))
             return {"status": "failed", "error": error}
         attempt = db.run(repo.start_attempt(db.conn, job_id))
-        log.info("job %s: attempt %d of %d", job_id, attempt, tsettings.max_attempts)
+        log.info("job %s: attempt %d of %d", job_id, attempt, settings.trainer_max_attempts)
         try:
-            ctx = JobContext(settings, tsettings, store or open_store(settings), follow_up)
+            ctx = JobContext(settings, store or open_store(settings), follow_up)
             result = _handler(job.kind)(db, job, ctx)
         except DatabaseUnavailable:
             raise  # nothing can be written on this connection; the caller retries the delivery
@@ -168,10 +165,10 @@ def run_job(
                 db.run(repo.fail_job(db.conn, job_id, exc.message))
                 return {"status": "failed", "error": exc.message}
             error = f"{type(exc).__name__}: {exc}"
-            return _retry_or_fail(db, job_id, attempt, tsettings, error, retry)
+            return _retry_or_fail(db, job_id, attempt, settings, error, retry)
         except Exception as exc:  # anything else may pass: counted and retried, bounded
             log.exception("job %s: attempt %d failed", job_id, attempt)
-            return _retry_or_fail(db, job_id, attempt, tsettings, f"{type(exc).__name__}: {exc}", retry)
+            return _retry_or_fail(db, job_id, attempt, settings, f"{type(exc).__name__}: {exc}", retry)
         db.run(repo.finish_job(db.conn, job_id, result))
         return result
     finally:
@@ -179,9 +176,9 @@ def run_job(
 
 
 def _retry_or_fail(
-    db: SyncDb, job_id: str, attempt: int, tsettings: TrainerSettings, error: str, retry: bool
+    db: SyncDb, job_id: str, attempt: int, settings: TrainerSettings, error: str, retry: bool
 ) -> dict[str, Any]:
-    if attempt >= tsettings.max_attempts or not retry:
+    if attempt >= settings.trainer_max_attempts or not retry:
         # Without a broker (retry=False) nothing would ever pick a requeued job up: fail it now.
         msg = f"failed after {attempt} attempts: {error}" if retry else f"failed (in-process run, not retried): {error}"
         db.run(repo.fail_job(db.conn, job_id, msg))
@@ -214,7 +211,7 @@ def queue_follow_up(db: SyncDb, job: Job, ctx: JobContext, kind: str, params: di
     assert job.symbol is not None
     assert job.timeframe is not None
     try:
-        new_id = db.run(create_job(db.conn, kind, job.symbol, Timeframe(job.timeframe), params, ctx.tsettings))
+        new_id = db.run(create_job(db.conn, kind, job.symbol, Timeframe(job.timeframe), params, ctx.settings))
     except JobInProgress as exc:
         log.info("job %s: no %s follow-up, job %s is already active", job.id, kind, exc.job_id)
         return exc.job_id
@@ -228,16 +225,16 @@ def queue_follow_up(db: SyncDb, job: Job, ctx: JobContext, kind: str, params: di
 def _train(db: SyncDb, job: Job, ctx: JobContext) -> dict[str, Any]:
     from services.trainer import pipeline
 
-    tsettings, store = ctx.tsettings, ctx.store
+    settings, store = ctx.settings, ctx.store
 
     assert job.symbol is not None
     assert job.timeframe is not None
-    fault = job.params.get(FAULT_PARAM) if tsettings.fault_injection else None
+    fault = job.params.get(FAULT_PARAM) if settings.trainer_fault_injection else None
     if fault == "exit":
         os._exit(70)  # a crash of the process itself (segfault, OOM kill): no Python cleanup runs
     if fault == "raise":
         raise RuntimeError("injected fault")
-    cfg = parse_params(job.params, fault_injection=tsettings.fault_injection)
+    cfg = parse_params(job.params, fault_injection=settings.trainer_fault_injection)
     symbol, timeframe = job.symbol, Timeframe(job.timeframe)
     bars, base = db.run(load_bars(db.conn, symbol, timeframe))
     ds = build_dataset(bars, base, timeframe, symbol, cfg)
@@ -275,11 +272,11 @@ def _train(db: SyncDb, job: Job, ctx: JobContext) -> dict[str, Any]:
     result = version_result(row)
     result["timings"] = {k: round(v, 3) for k, v in trained.timings.items()}
     result["bars"] = ds.bars
-    if tsettings.validate_after_train:
+    if settings.trainer_validate_after_train:
         # The gate's verdict comes from walk-forward validation of this version's recipe; until then it is
         # served (if it is the series' first model) as not_validated.
         result["validation_job_id"] = queue_follow_up(
-            db, job, ctx, "validate", {"model_version": row.version, "folds": tsettings.validation_folds}
+            db, job, ctx, "validate", {"model_version": row.version, "folds": settings.trainer_validation_folds}
         )
     log.info("job %s: registered %s/%s/%s as %s", job.id, symbol, timeframe.value, version, row.status)
     return result

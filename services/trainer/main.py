@@ -22,7 +22,6 @@ from shared.app import add_routes, build_app, periodic
 from shared.db import create_pool
 from shared.health import ReadinessChecks, check_database
 from shared.logging import configure_logging
-from shared.settings import Settings, get_settings
 
 log = logging.getLogger("trainer")
 
@@ -31,8 +30,8 @@ log = logging.getLogger("trainer")
 METRICS_REFRESH_SECONDS = 15.0
 
 
-def create_app(settings: Settings, trainer_settings: TrainerSettings) -> FastAPI:
-    tsettings = trainer_settings
+def create_app(settings: TrainerSettings) -> FastAPI:
+    """The trainer API over one process's settings (shared and trainer knobs in one object)."""
     configure_logging("trainer", settings.log_level)
 
     jobs_metrics = TrainingJobsCollector()
@@ -41,7 +40,7 @@ def create_app(settings: Settings, trainer_settings: TrainerSettings) -> FastAPI
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.pool = await create_pool(settings, "aicash-trainer-api")
         # This process's own publisher (broker from its settings, socket timeouts): connects on first send.
-        app.state.celery = create_celery(settings, tsettings)
+        app.state.celery = create_celery(settings)
         try:
             async with periodic(
                 "training metrics", METRICS_REFRESH_SECONDS, lambda: jobs_metrics.refresh(app.state.pool)
@@ -65,10 +64,9 @@ def create_app(settings: Settings, trainer_settings: TrainerSettings) -> FastAPI
         collectors=[jobs_metrics],
     )
     app.state.jobs_metrics = jobs_metrics
-    app.state.trainer_settings = tsettings
     add_routes(app, router)
     return app
 
 
 # uvicorn's entry point reads the process's settings once.
-app = create_app(get_settings(), get_trainer_settings())
+app = create_app(get_trainer_settings())

@@ -36,8 +36,8 @@ def send_job(app: Celery, kind: str, job_id: str, queue: str) -> None:
     send(app, JOB_TASKS[kind], [job_id], queue)
 
 
-async def publish(app: Celery, task: str, args: list[object], tsettings: TrainerSettings) -> None:
+async def publish(app: Celery, task: str, args: list[object], settings: TrainerSettings) -> None:
     """`send` in a thread, bounded by TRAINER_PUBLISH_TIMEOUT_SECONDS (TimeoutError past it)."""
-    fn = functools.partial(send, app, task, args, tsettings.queue)
-    with anyio.fail_after(tsettings.publish_timeout_seconds):
+    fn = functools.partial(send, app, task, args, settings.trainer_queue)
+    with anyio.fail_after(settings.trainer_publish_timeout_seconds):
         await anyio.to_thread.run_sync(fn, abandon_on_cancel=True)

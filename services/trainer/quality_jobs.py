@@ -24,12 +24,12 @@ from services.trainer.job_params import BacktestJobParams, ValidateParams, Weigh
 from services.trainer.jobs import JobContext, SyncDb, queue_follow_up
 from services.trainer.report import headline
 from services.trainer.schemas import Job, ModelVersion
+from services.trainer.settings import TrainerSettings
 from services.trainer.source import load_bars
 from shared.db import require_database_url
 from shared.errors import NotFoundError, ValidationFailed
 from shared.features import compute_features
 from shared.model_metadata import CLASSES, ModelMetadata
-from shared.settings import Settings
 from shared.signal_rules import DEFAULT_RISK_LIMITS, risk
 from shared.storage import ObjectStore, open_store
 from shared.timeframes import OHLCV, Timeframe, resample
@@ -128,7 +128,7 @@ def validate(db: SyncDb, job: Job, ctx: JobContext) -> dict[str, Any]:
         result["promoted"] = serving = True
         log.info("job %s: %s passed the gate and is now production", job.id, version.version)
     result["status"] = "production" if serving else version.status
-    if serving and ctx.tsettings.weights_after_validate:
+    if serving and ctx.settings.trainer_weights_after_validate:
         result["weights_job_id"] = queue_follow_up(db, job, ctx, "optimize_weights", {"model_version": version.version})
     return result
 
@@ -311,7 +311,7 @@ def optimize(db: SyncDb, job: Job, ctx: JobContext) -> dict[str, Any]:
 
 
 def run_explanation(
-    prediction_id: str, *, settings: Settings, tsettings: Any, store: ObjectStore | None = None
+    prediction_id: str, *, settings: TrainerSettings, store: ObjectStore | None = None
 ) -> dict[str, Any]:
     """Compute and store the SHAP contributions of one logged prediction (idempotent: a finished row is kept)."""
     from services.trainer.explain import explain_window
@@ -336,7 +336,7 @@ def run_explanation(
             scaled = ((raw - np.asarray(metadata.scaler.mean)) / np.asarray(metadata.scaler.scale)).astype(np.float32)
             ds = training_dataset(db, version, metadata)
             rng = np.random.default_rng(0)
-            k = min(tsettings.explain_background, len(ds.train))
+            k = min(settings.trainer_explain_background, len(ds.train))
             background = ds.train.x[np.sort(rng.choice(len(ds.train), size=k, replace=False))]
             out = explain_window(
                 model,

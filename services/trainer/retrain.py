@@ -25,7 +25,6 @@ from services.trainer.settings import TrainerSettings
 from shared.db import require_database_url
 from shared.errors import AppError
 from shared.market_repository import bars_after
-from shared.settings import Settings
 from shared.timeframes import Timeframe
 
 log = logging.getLogger("trainer.retrain")
@@ -33,15 +32,15 @@ log = logging.getLogger("trainer.retrain")
 Send = Callable[[str], None]
 
 
-async def _params_of(conn: asyncpg.Connection, v: ModelVersion, tsettings: TrainerSettings) -> dict[str, Any]:
+async def _params_of(conn: asyncpg.Connection, v: ModelVersion, settings: TrainerSettings) -> dict[str, Any]:
     """Retrain with the overrides the current model was trained with (epochs from the schedule if set)."""
     params: dict[str, Any] = {}
     if v.training_job_id:
         job = await repo.get_job(conn, v.training_job_id)
         if job is not None:
             params = {k: val for k, val in job.params.items() if k != FAULT_PARAM}
-    if tsettings.scheduled_epochs is not None:
-        params["epochs"] = tsettings.scheduled_epochs
+    if settings.trainer_scheduled_epochs is not None:
+        params["epochs"] = settings.trainer_scheduled_epochs
     return params
 
 
@@ -56,15 +55,15 @@ async def _new_bars(conn: asyncpg.Connection, v: ModelVersion) -> int | None:
 
 
 async def _queue(
-    conn: asyncpg.Connection, v: ModelVersion, tsettings: TrainerSettings, send: Send, detail: dict[str, Any]
+    conn: asyncpg.Connection, v: ModelVersion, settings: TrainerSettings, send: Send, detail: dict[str, Any]
 ) -> tuple[str | None, str]:
     """Create the job (committed on its own) and send its message at once.
 
     Returns (job id, "") or (None, why not: "job_in_progress" | "cannot_queue").
     """
-    params = await _params_of(conn, v, tsettings)
+    params = await _params_of(conn, v, settings)
     try:
-        job_id = await create_train_job(conn, v.symbol, Timeframe(v.timeframe), params, tsettings)
+        job_id = await create_train_job(conn, v.symbol, Timeframe(v.timeframe), params, settings)
     except JobInProgress as exc:  # a concurrent run (or a request) queued one between our check and insert
         detail["active_job_id"] = exc.job_id
         return None, "job_in_progress"
@@ -81,7 +80,7 @@ async def _queue(
 
 async def decide_and_queue(
     conn: asyncpg.Connection,
-    tsettings: TrainerSettings,
+    settings: TrainerSettings,
     source_id: str,
     *,
     full: bool,
@@ -114,17 +113,17 @@ async def decide_and_queue(
             "basis_version": basis.version,
             "basis_status": basis.status,
             "model_age_hours": round(age_h, 3),
-            "max_model_age_hours": tsettings.max_model_age_hours,
+            "max_model_age_hours": settings.trainer_max_model_age_hours,
             "new_bars": new_bars,
-            "min_new_bars": tsettings.min_new_bars,
+            "min_new_bars": settings.trainer_min_new_bars,
             "flag_reason": flags.reason if flags else None,
         }
         if full:
             reasons.append("scheduled_full_retrain")
         else:
-            if age_h > tsettings.max_model_age_hours:
+            if age_h > settings.trainer_max_model_age_hours:
                 reasons.append("model_age")
-            if new_bars is not None and new_bars >= tsettings.min_new_bars:
+            if new_bars is not None and new_bars >= settings.trainer_min_new_bars:
                 reasons.append("new_bars")
             if awaiting_promotion and flag_reasons:
                 # The candidate is the retrain that answers these flags; the promotion gate decides.
@@ -135,7 +134,7 @@ async def decide_and_queue(
         if reasons:
             active = await repo.active_job_for(conn, v.symbol, v.timeframe)
             if active is None:
-                job_id, why_not = await _queue(conn, v, tsettings, send, detail)
+                job_id, why_not = await _queue(conn, v, settings, send, detail)
             else:
                 detail["active_job_id"], why_not = active, "job_in_progress"
             if job_id is None:
@@ -169,18 +168,18 @@ async def decide_and_queue(
     return decisions
 
 
-def _send_job(kind: str, job_id: str, tsettings: TrainerSettings) -> None:
+def _send_job(kind: str, job_id: str, settings: TrainerSettings) -> None:
     from services.trainer import publisher
     from services.trainer.celery_app import celery_app  # the worker's (current) app; never the task module
 
-    publisher.send_job(celery_app, kind, job_id, tsettings.queue)
+    publisher.send_job(celery_app, kind, job_id, settings.trainer_queue)
 
 
 SendKind = Callable[[str, str], None]
 
 
 async def queue_stale_quality(
-    conn: asyncpg.Connection, tsettings: TrainerSettings, send: SendKind, symbol: str | None = None
+    conn: asyncpg.Connection, settings: TrainerSettings, send: SendKind, symbol: str | None = None
 ) -> list[dict[str, Any]]:
     """Every production model still `not_validated` gets a validate job, and every production model without
     weights of its own an optimize_weights job (what the 6-hourly run does besides retraining). A series
@@ -190,13 +189,13 @@ async def queue_stale_quality(
         if symbol is not None and v.symbol != symbol:
             continue
         wanted: list[tuple[str, dict[str, Any]]] = []
-        if v.quality.gate == "not_validated" and tsettings.validate_after_train:
-            wanted.append(("validate", {"model_version": v.version, "folds": tsettings.validation_folds}))
-        elif await repo.latest_weights_for_model(conn, v.id) is None and tsettings.weights_after_validate:
+        if v.quality.gate == "not_validated" and settings.trainer_validate_after_train:
+            wanted.append(("validate", {"model_version": v.version, "folds": settings.trainer_validation_folds}))
+        elif await repo.latest_weights_for_model(conn, v.id) is None and settings.trainer_weights_after_validate:
             wanted.append(("optimize_weights", {"model_version": v.version}))
         for kind, params in wanted:
             try:
-                job_id = await create_job(conn, kind, v.symbol, Timeframe(v.timeframe), params, tsettings)
+                job_id = await create_job(conn, kind, v.symbol, Timeframe(v.timeframe), params, settings)
             except JobInProgress:
                 continue
             except AppError as exc:  # e.g. too few bars for the folds: recorded in the result, not retried
@@ -210,20 +209,18 @@ async def queue_stale_quality(
     return queued
 
 
-def _run(
-    source_id: str, full: bool, settings: Settings, tsettings: TrainerSettings, send: Send | None
-) -> dict[str, Any]:
-    sender: Send = send or (lambda job_id: _send_job("train", job_id, tsettings))
+def _run(source_id: str, full: bool, settings: TrainerSettings, send: Send | None) -> dict[str, Any]:
+    sender: Send = send or (lambda job_id: _send_job("train", job_id, settings))
 
     async def go() -> dict[str, Any]:
         conn = await asyncpg.connect(
             require_database_url(settings), timeout=10, server_settings={"application_name": "aicash-trainer-beat"}
         )
         try:
-            decisions = await decide_and_queue(conn, tsettings, source_id, full=full, send=sender)
+            decisions = await decide_and_queue(conn, settings, source_id, full=full, send=sender)
             quality: list[dict[str, Any]] = []
             if send is None:  # a caller's own sender sends training jobs only (tests of the decisions)
-                quality = await queue_stale_quality(conn, tsettings, lambda k, j: _send_job(k, j, tsettings))
+                quality = await queue_stale_quality(conn, settings, lambda k, j: _send_job(k, j, settings))
             return {"decisions": decisions, "quality_jobs": quality}
         finally:
             await conn.close()
@@ -231,13 +228,9 @@ def _run(
     return asyncio.run(go())
 
 
-def run_auto_retrain(
-    source_id: str, settings: Settings, tsettings: TrainerSettings, send: Send | None = None
-) -> dict[str, Any]:
-    return _run(source_id, False, settings, tsettings, send)
+def run_auto_retrain(source_id: str, settings: TrainerSettings, send: Send | None = None) -> dict[str, Any]:
+    return _run(source_id, False, settings, send)
 
 
-def run_full_retrain(
-    source_id: str, settings: Settings, tsettings: TrainerSettings, send: Send | None = None
-) -> dict[str, Any]:
-    return _run(source_id, True, settings, tsettings, send)
+def run_full_retrain(source_id: str, settings: TrainerSettings, send: Send | None = None) -> dict[str, Any]:
+    return _run(source_id, True, settings, send)

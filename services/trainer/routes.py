@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 
 from services.trainer import publisher, service
 from services.trainer import repository as repo
-from services.trainer.deps import AdminKey, PoolDep, PublisherDep, ReadKey, TrainerSettingsDep, WriteKey
+from services.trainer.deps import AdminKey, PoolDep, PublisherDep, ReadKey, SettingsDep, WriteKey
 from services.trainer.schemas import (
     BacktestOut,
     ExplanationIn,
@@ -39,9 +39,7 @@ router = APIRouter()
     response_model=JobCreated,
     responses=error_responses(401, 403, 404, 409, 422, 503),
 )
-async def post_job(
-    body: JobIn, pool: PoolDep, tsettings: TrainerSettingsDep, app: PublisherDep, _: AdminKey
-) -> JobCreated:
+async def post_job(body: JobIn, pool: PoolDep, settings: SettingsDep, app: PublisherDep, _: AdminKey) -> JobCreated:
     """Queue a job (role admin): `train` a model, `validate` a version walk-forward against baselines (the
     promotion gate's evidence), `backtest` a version's or uploaded signals, `optimize_weights` (SHAP weights).
 
@@ -53,7 +51,7 @@ async def post_job(
       `signals_csv` line.
     - 503 when the broker does not take the message within TRAINER_PUBLISH_TIMEOUT_SECONDS; the job is then
       marked failed (submit it again later)."""
-    job_id = await service.enqueue_job(pool, body.kind, body.symbol, body.timeframe, body.params, tsettings, app)
+    job_id = await service.enqueue_job(pool, body.kind, body.symbol, body.timeframe, body.params, settings, app)
     return JobCreated(job_id=job_id)
 
 
@@ -206,7 +204,7 @@ async def get_weights_plot(weights_id: int, pool: PoolDep, _: ReadKey) -> Respon
     responses=error_responses(401, 403, 404, 422, 503),
 )
 async def post_explanation(
-    body: ExplanationIn, pool: PoolDep, tsettings: TrainerSettingsDep, app: PublisherDep, _: WriteKey
+    body: ExplanationIn, pool: PoolDep, settings: SettingsDep, app: PublisherDep, _: WriteKey
 ) -> JSONResponse:
     """Queue the SHAP explanation of a logged prediction (role write; the predictor calls this when a client
     asks for `GET /v1/predictions/{id}/explanation`). 404 when no such prediction is logged. Idempotent: an
@@ -219,7 +217,7 @@ async def post_explanation(
     assert row is not None
     if created or row["status"] == "queued":
         try:
-            await publisher.publish(app, publisher.EXPLAIN_TASK, [pid], tsettings)
+            await publisher.publish(app, publisher.EXPLAIN_TASK, [pid], settings)
         except Exception as exc:
             await repo.fail_explanation(pool, pid, f"could not queue the explanation: {type(exc).__name__}")
             raise ServiceUnavailable("the job broker is unavailable; ask for the explanation again later") from exc

@@ -38,14 +38,14 @@ async def create_job(
     symbol: str,
     timeframe: Timeframe,
     params: dict[str, Any],
-    tsettings: TrainerSettings,
+    settings: TrainerSettings,
 ) -> str:
     """Validate, check that bars exist (404 otherwise) and insert the queued job; returns its id.
 
     Raises JobInProgress (409) when the series already has a queued or running job of this kind.
     """
     check_symbol(symbol)
-    parsed = parse_job_params(kind, params, fault_injection=tsettings.fault_injection)
+    parsed = parse_job_params(kind, params, fault_injection=settings.trainer_fault_injection)
     base = await resolve_base(conn, symbol, timeframe)
     if isinstance(parsed, ValidateParams):
         await _check_bars_for_folds(conn, symbol, timeframe, base, parsed)
@@ -104,9 +104,9 @@ async def create_train_job(
     symbol: str,
     timeframe: Timeframe,
     params: dict[str, Any],
-    tsettings: TrainerSettings,
+    settings: TrainerSettings,
 ) -> str:
-    return await create_job(conn, "train", symbol, timeframe, params, tsettings)
+    return await create_job(conn, "train", symbol, timeframe, params, settings)
 
 
 async def enqueue_job(
@@ -115,16 +115,16 @@ async def enqueue_job(
     symbol: str,
     timeframe: Timeframe,
     params: dict[str, Any],
-    tsettings: TrainerSettings,
+    settings: TrainerSettings,
     app: Celery,
 ) -> str:
     """create_job, then publish its message; a publish that fails marks the job failed and is a 503."""
-    job_id = await create_job(pool, kind, symbol, timeframe, params, tsettings)
+    job_id = await create_job(pool, kind, symbol, timeframe, params, settings)
     try:
-        await publisher.publish(app, publisher.JOB_TASKS[kind], [job_id], tsettings)
+        await publisher.publish(app, publisher.JOB_TASKS[kind], [job_id], settings)
     except Exception as exc:
         why = (
-            f"no answer within {tsettings.publish_timeout_seconds:g} s"
+            f"no answer within {settings.trainer_publish_timeout_seconds:g} s"
             if isinstance(exc, TimeoutError)
             else f"{type(exc).__name__}: {exc}"
         )
@@ -142,7 +142,7 @@ async def enqueue_train(
     symbol: str,
     timeframe: Timeframe,
     params: dict[str, Any],
-    tsettings: TrainerSettings,
+    settings: TrainerSettings,
     app: Celery,
 ) -> str:
-    return await enqueue_job(pool, "train", symbol, timeframe, params, tsettings, app)
+    return await enqueue_job(pool, "train", symbol, timeframe, params, settings, app)

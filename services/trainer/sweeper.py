@@ -21,12 +21,11 @@ import asyncpg
 from services.trainer import repository as repo
 from services.trainer.settings import TrainerSettings
 from shared.db import require_database_url
-from shared.settings import Settings
 
 log = logging.getLogger("trainer.sweeper")
 
 
-def run_sweep(send: Callable[[str, str], None], settings: Settings, tsettings: TrainerSettings) -> dict[str, Any]:
+def run_sweep(send: Callable[[str, str], None], settings: TrainerSettings) -> dict[str, Any]:
     """Claim the orphaned jobs (touching their rows) and send one message for each (`send(kind, job_id)`);
     returns their ids."""
 
@@ -35,7 +34,7 @@ def run_sweep(send: Callable[[str, str], None], settings: Settings, tsettings: T
             require_database_url(settings), timeout=10, server_settings={"application_name": "aicash-trainer-sweeper"}
         )
         try:
-            return await repo.claim_orphans(conn, tsettings.sweep_stale_after_seconds)
+            return await repo.claim_orphans(conn, settings.trainer_sweep_stale_after_seconds)
         finally:
             await conn.close()
 

@@ -15,7 +15,6 @@ from services.trainer import publisher
 from services.trainer.celery_app import celery_app
 from services.trainer.errors import DatabaseUnavailable, JobBusy, RetryLater
 from services.trainer.settings import TrainerSettings, get_trainer_settings
-from shared.settings import get_settings
 
 log = logging.getLogger("trainer.tasks")
 
@@ -23,16 +22,16 @@ log = logging.getLogger("trainer.tasks")
 BUSY_RETRY_SECONDS = 30.0
 
 
-def db_retry_delay(failures: int, t: TrainerSettings) -> float | None:
+def db_retry_delay(failures: int, settings: TrainerSettings) -> float | None:
     """Seconds before the next try of a delivery that found PostgreSQL unreachable `failures` times in a row
     (exponential backoff, capped); None once TRAINER_DB_RETRY_MAX tries are spent."""
-    if failures >= t.db_retry_max:
+    if failures >= settings.trainer_db_retry_max:
         return None
-    return float(min(t.db_retry_base_seconds * 2**failures, t.db_retry_max_delay_seconds))
+    return float(min(settings.trainer_db_retry_base_seconds * 2**failures, settings.trainer_db_retry_max_delay_seconds))
 
 
 def _send_follow_up(kind: str, job_id: str) -> None:
-    publisher.send_job(celery_app, kind, job_id, get_trainer_settings().queue)
+    publisher.send_job(celery_app, kind, job_id, get_trainer_settings().trainer_queue)
 
 
 def _run(self: Task, job_id: str, db_failures: int) -> dict[str, Any]:
@@ -43,17 +42,17 @@ def _run(self: Task, job_id: str, db_failures: int) -> dict[str, Any]:
     """
     from services.trainer.jobs import run_job
 
-    t = get_trainer_settings()
+    settings = get_trainer_settings()
     try:
-        return run_job(job_id, settings=get_settings(), tsettings=t, follow_up=_send_follow_up)
+        return run_job(job_id, settings=settings, follow_up=_send_follow_up)
     except JobBusy as exc:
         log.info("%s; retrying in %.0f s", exc, BUSY_RETRY_SECONDS)
         raise self.retry(countdown=BUSY_RETRY_SECONDS, kwargs={}) from None
     except RetryLater as exc:
-        log.warning("job %s: %s; retrying in %.0f s", job_id, exc, t.retry_delay_seconds)
-        raise self.retry(countdown=t.retry_delay_seconds, kwargs={}) from None
+        log.warning("job %s: %s; retrying in %.0f s", job_id, exc, settings.trainer_retry_delay_seconds)
+        raise self.retry(countdown=settings.trainer_retry_delay_seconds, kwargs={}) from None
     except DatabaseUnavailable as exc:
-        delay = db_retry_delay(db_failures, t)
+        delay = db_retry_delay(db_failures, settings)
         if delay is None:
             # Acknowledged without a result: the job row still says queued/running, and the sweeper re-sends
             # it once PostgreSQL answers again (its lock is free and its row stale).
@@ -64,7 +63,9 @@ def _run(self: Task, job_id: str, db_failures: int) -> dict[str, Any]:
                 db_failures,
             )
             return {"status": "database_unavailable", "job_id": job_id, "error": str(exc)}
-        log.warning("job %s: %s; retry %d of %d in %g s", job_id, exc, db_failures + 1, t.db_retry_max, delay)
+        log.warning(
+            "job %s: %s; retry %d of %d in %g s", job_id, exc, db_failures + 1, settings.trainer_db_retry_max, delay
+        )
         raise self.retry(countdown=delay, kwargs={"db_failures": db_failures + 1}) from None
 
 
@@ -97,12 +98,12 @@ def explain_prediction(self: Task, prediction_id: str) -> dict[str, Any]:
     """SHAP contributions of one logged prediction (row in prediction_explanations)."""
     from services.trainer.quality_jobs import run_explanation
 
-    t = get_trainer_settings()
+    settings = get_trainer_settings()
     try:
-        return run_explanation(prediction_id, settings=get_settings(), tsettings=t)
+        return run_explanation(prediction_id, settings=settings)
     except DatabaseUnavailable as exc:
-        log.warning("explanation %s: %s; retrying in %.0f s", prediction_id, exc, t.retry_delay_seconds)
-        raise self.retry(countdown=t.retry_delay_seconds) from None
+        log.warning("explanation %s: %s; retrying in %.0f s", prediction_id, exc, settings.trainer_retry_delay_seconds)
+        raise self.retry(countdown=settings.trainer_retry_delay_seconds) from None
 
 
 @celery_app.task(name="trainer.auto_retrain", bind=True)  # type: ignore[untyped-decorator]
@@ -110,9 +111,7 @@ def auto_retrain(self: Task) -> dict[str, Any]:
     """Retrain each series whose newest model is too old, has enough new bars, or is flagged."""
     from services.trainer.retrain import run_auto_retrain
 
-    return run_auto_retrain(
-        source_id=str(self.request.id or "manual"), settings=get_settings(), tsettings=get_trainer_settings()
-    )
+    return run_auto_retrain(source_id=str(self.request.id or "manual"), settings=get_trainer_settings())
 
 
 @celery_app.task(name="trainer.full_retrain", bind=True)  # type: ignore[untyped-decorator]
@@ -120,9 +119,7 @@ def full_retrain(self: Task) -> dict[str, Any]:
     """Retrain every series that has a production model, unconditionally (weekly)."""
     from services.trainer.retrain import run_full_retrain
 
-    return run_full_retrain(
-        source_id=str(self.request.id or "manual"), settings=get_settings(), tsettings=get_trainer_settings()
-    )
+    return run_full_retrain(source_id=str(self.request.id or "manual"), settings=get_trainer_settings())
 
 
 @celery_app.task(name="trainer.sweep_jobs", bind=True)  # type: ignore[untyped-decorator]
@@ -130,4 +127,4 @@ def sweep_jobs(self: Task) -> dict[str, Any]:
     """Re-send queued/running jobs that nobody works on and whose row went stale (lost messages)."""
     from services.trainer.sweeper import run_sweep
 
-    return run_sweep(send=_send_follow_up, settings=get_settings(), tsettings=get_trainer_settings())
+    return run_sweep(send=_send_follow_up, settings=get_trainer_settings())

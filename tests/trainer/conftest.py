@@ -17,7 +17,6 @@ import pytest
 
 from services.trainer.jobs import run_job
 from services.trainer.settings import TrainerSettings
-from shared.settings import Settings
 from shared.storage import ObjectStore, store_from_url
 from shared.timeframes import OHLCV, Timeframe
 from tests.support import REPO
@@ -95,8 +94,8 @@ def s3_store(s3_endpoint: str, store_url: str) -> ObjectStore:
 
 
 @pytest.fixture(scope="session")
-def trainer_settings(database_url: str, s3_endpoint: str, store_url: str, redis_url: str) -> Settings:
-    return Settings(  # type: ignore[arg-type]
+def trainer_settings(database_url: str, s3_endpoint: str, store_url: str, redis_url: str) -> TrainerSettings:
+    return TrainerSettings(  # type: ignore[arg-type]
         database_url=database_url,
         redis_url=redis_url,
         model_store_url=store_url,
@@ -123,7 +122,7 @@ def pg_proxy(database_url: str) -> Iterator[TcpProxy]:
 
 @pytest.fixture(scope="session")
 def worker_env(
-    trainer_settings: Settings, tmp_path_factory: pytest.TempPathFactory, pg_proxy: TcpProxy
+    trainer_settings: TrainerSettings, tmp_path_factory: pytest.TempPathFactory, pg_proxy: TcpProxy
 ) -> dict[str, str]:
     assert trainer_settings.database_url and trainer_settings.redis_url and trainer_settings.s3_endpoint_url
     return {
@@ -159,8 +158,8 @@ def worker(worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture(scope="session")
-async def trained(spx_bars: str, trainer_settings: Settings) -> dict[str, Any]:
+async def trained(spx_bars: str, trainer_settings: TrainerSettings) -> dict[str, Any]:
     assert trainer_settings.database_url
     job_id = await new_job(trainer_settings.database_url, spx_bars, "D1", TINY)
-    result = await asyncio.to_thread(run_job, job_id, settings=trainer_settings, tsettings=TrainerSettings())
+    result = await asyncio.to_thread(run_job, job_id, settings=trainer_settings)
     return {"job_id": job_id, "result": result}

@@ -10,18 +10,19 @@ import typer
 from typer.testing import CliRunner
 
 from services.trainer.cli import register
-from shared.settings import Settings
+from services.trainer.settings import TrainerSettings
 
 
 @pytest.fixture(scope="module")
-def cli(trainer_settings: Settings, monkeypatch_module: pytest.MonkeyPatch) -> typer.Typer:
+def cli(trainer_settings: TrainerSettings, monkeypatch_module: pytest.MonkeyPatch) -> typer.Typer:
     assert trainer_settings.database_url and trainer_settings.s3_endpoint_url
-    from shared.settings import get_settings
+    # The CLI reads the process's settings (get_trainer_settings, cached) from these variables.
+    from services.trainer.settings import get_trainer_settings
 
     monkeypatch_module.setenv("DATABASE_URL", trainer_settings.database_url)
     monkeypatch_module.setenv("MODEL_STORE_URL", trainer_settings.model_store_url)
     monkeypatch_module.setenv("S3_ENDPOINT_URL", trainer_settings.s3_endpoint_url)
-    get_settings.cache_clear()
+    get_trainer_settings.cache_clear()
     app = typer.Typer()
 
     @app.callback()
@@ -30,7 +31,7 @@ def cli(trainer_settings: Settings, monkeypatch_module: pytest.MonkeyPatch) -> t
 
     register(app)
     yield app
-    get_settings.cache_clear()
+    get_trainer_settings.cache_clear()
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,13 @@ from services.trainer.artifacts import ArtifactIntegrityError, fetch_verified, l
 from services.trainer.jobs import run_job
 from services.trainer.settings import TrainerSettings
 from shared.model_metadata import CLASSES, ModelMetadata, artifact_prefix
-from shared.settings import Settings
 from shared.storage import ObjectStore, sha256_hex
 from shared.timeframes import Timeframe
 from tests.support.trainer import TINY, ingest, new_job
 
 
 async def test_training_registers_a_production_model_with_consistent_artifacts(
-    trained: dict[str, Any], trainer_settings: Settings, s3_store: ObjectStore
+    trained: dict[str, Any], trainer_settings: TrainerSettings, s3_store: ObjectStore
 ) -> None:
     assert trainer_settings.database_url
     conn = await asyncpg.connect(trainer_settings.database_url)
@@ -86,8 +85,8 @@ async def test_onnx_equals_keras_on_real_sequences(
     assert np.max(np.abs(onnx_p - keras_p)) <= 1e-5
 
 
-async def test_redelivered_job_is_a_no_op(trained: dict[str, Any], trainer_settings: Settings) -> None:
-    again = await asyncio.to_thread(run_job, trained["job_id"], settings=trainer_settings, tsettings=TrainerSettings())
+async def test_redelivered_job_is_a_no_op(trained: dict[str, Any], trainer_settings: TrainerSettings) -> None:
+    again = await asyncio.to_thread(run_job, trained["job_id"], settings=trainer_settings)
     assert again["version"] == trained["result"]["version"]
     assert trainer_settings.database_url
     conn = await asyncpg.connect(trainer_settings.database_url)
@@ -113,13 +112,13 @@ async def test_corrupted_artifact_is_refused(trained: dict[str, Any], s3_store: 
 
 
 async def test_too_few_bars_fails_clearly_and_registers_nothing(
-    database_url: str, trainer_settings: Settings, sp500: Any
+    database_url: str, trainer_settings: TrainerSettings, sp500: Any
 ) -> None:
     from shared.timeframes import Timeframe
 
     await ingest(database_url, "SHORTTRAIN", Timeframe.D1, sp500.tail(700))
     job_id = await new_job(database_url, "SHORTTRAIN", "D1", TINY)
-    result = await asyncio.to_thread(run_job, job_id, settings=trainer_settings, tsettings=TrainerSettings())
+    result = await asyncio.to_thread(run_job, job_id, settings=trainer_settings)
     assert result["status"] == "failed"
     assert "need at least" in result["error"] and "bars for D1, have 700" in result["error"]
     conn = await asyncpg.connect(database_url)
@@ -133,13 +132,13 @@ async def test_too_few_bars_fails_clearly_and_registers_nothing(
 
 
 async def test_job_whose_splits_would_be_too_small_fails_at_once_with_the_reason(
-    database_url: str, trainer_settings: Settings, sp500: Any
+    database_url: str, trainer_settings: TrainerSettings, sp500: Any
 ) -> None:
     # Enough bars for min_sequences, but a 5% validation split of ~140 sequences holds 6 of them.
     await ingest(database_url, "SPLITTRAIN", Timeframe.D1, sp500.tail(700))
     params = {**TINY, "min_sequences": 30, "val_fraction": 0.05, "test_fraction": 0.05}
     job_id = await new_job(database_url, "SPLITTRAIN", "D1", params)
-    result = await asyncio.to_thread(run_job, job_id, settings=trainer_settings, tsettings=TrainerSettings())
+    result = await asyncio.to_thread(run_job, job_id, settings=trainer_settings)
     assert result["status"] == "failed"
     assert "need at least 10 sequences per split" in result["error"] and "validation 6" in result["error"]
     conn = await asyncpg.connect(database_url)
@@ -151,7 +150,11 @@ async def test_job_whose_splits_would_be_too_small_fails_at_once_with_the_reason
 
 
 async def test_onnx_that_disagrees_with_keras_is_refused_and_nothing_is_registered(
-    database_url: str, trainer_settings: Settings, s3_store: ObjectStore, sp500: Any, monkeypatch: pytest.MonkeyPatch
+    database_url: str,
+    trainer_settings: TrainerSettings,
+    s3_store: ObjectStore,
+    sp500: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import onnx
     from onnx import numpy_helper
@@ -176,7 +179,7 @@ async def test_onnx_that_disagrees_with_keras_is_refused_and_nothing_is_register
     monkeypatch.setattr(m, "export_onnx", perturbed_export)
     await ingest(database_url, "ONNXTRAIN", Timeframe.D1, sp500.tail(1200))
     job_id = await new_job(database_url, "ONNXTRAIN", "D1", TINY)
-    result = await asyncio.to_thread(run_job, job_id, settings=trainer_settings, tsettings=TrainerSettings())
+    result = await asyncio.to_thread(run_job, job_id, settings=trainer_settings)
 
     assert result["status"] == "failed"
     assert result["error"].startswith("ONNX and Keras disagree by ") and "limit 1e-05" in result["error"]

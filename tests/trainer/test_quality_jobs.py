@@ -22,7 +22,6 @@ from services.trainer.quality_jobs import run_explanation
 from services.trainer.schemas import ModelVersion
 from services.trainer.settings import TrainerSettings
 from shared.features import FEATURE_NAMES, compute_features
-from shared.settings import Settings
 from shared.timeframes import OHLCV, Timeframe
 from tests.support.clients import asgi_client
 from tests.support.trainer import TINY, ingest, new_job
@@ -31,7 +30,6 @@ pytestmark = pytest.mark.slow
 
 SYMBOL = "SPXQ"
 FOLDS = 3
-TSETTINGS = TrainerSettings()
 
 
 async def _create(database_url: str, kind: str, params: dict[str, Any], symbol: str = SYMBOL) -> str:
@@ -44,8 +42,8 @@ async def _create(database_url: str, kind: str, params: dict[str, Any], symbol: 
     return job_id
 
 
-async def _run(settings: Settings, job_id: str) -> dict[str, Any]:
-    return await asyncio.to_thread(run_job, job_id, settings=settings, tsettings=TSETTINGS, retry=False)
+async def _run(settings: TrainerSettings, job_id: str) -> dict[str, Any]:
+    return await asyncio.to_thread(run_job, job_id, settings=settings, retry=False)
 
 
 async def _versions(database_url: str) -> list[ModelVersion]:
@@ -57,18 +55,18 @@ async def _versions(database_url: str) -> list[ModelVersion]:
 
 
 @pytest.fixture(scope="module")
-async def first(trainer_settings: Settings, database_url: str, sp500: OHLCV) -> ModelVersion:
+async def first(trainer_settings: TrainerSettings, database_url: str, sp500: OHLCV) -> ModelVersion:
     """The series' first model (production, not validated yet)."""
     await ingest(database_url, SYMBOL, Timeframe.D1, sp500)
     job_id = await new_job(database_url, SYMBOL, "D1", TINY)
-    result = await asyncio.to_thread(run_job, job_id, settings=trainer_settings, tsettings=TSETTINGS)
+    result = await asyncio.to_thread(run_job, job_id, settings=trainer_settings)
     assert result["status"] == "production", result
     (v,) = await _versions(database_url)
     return v
 
 
 @pytest.fixture(scope="module")
-async def validated(trainer_settings: Settings, first: ModelVersion) -> dict[str, Any]:
+async def validated(trainer_settings: TrainerSettings, first: ModelVersion) -> dict[str, Any]:
     job_id = await _create(
         trainer_settings.database_url or "", "validate", {"folds": FOLDS, "model_version": first.version}
     )
@@ -76,8 +74,10 @@ async def validated(trainer_settings: Settings, first: ModelVersion) -> dict[str
 
 
 @pytest.fixture(scope="module")
-async def client(trainer_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    async for c in asgi_client(create_app(trainer_settings, TrainerSettings(queue=f"quality-{uuid.uuid4().hex[:8]}"))):
+async def client(trainer_settings: TrainerSettings) -> AsyncIterator[httpx.AsyncClient]:
+    async for c in asgi_client(
+        create_app(trainer_settings.model_copy(update={"trainer_queue": f"quality-{uuid.uuid4().hex[:8]}"}))
+    ):
         yield c
 
 
@@ -133,11 +133,11 @@ async def test_validation_stores_a_report_and_a_verdict_on_the_version(
 
 
 async def test_a_candidate_is_promoted_only_when_the_gate_passes(
-    validated: dict[str, Any], first: ModelVersion, trainer_settings: Settings, database_url: str
+    validated: dict[str, Any], first: ModelVersion, trainer_settings: TrainerSettings, database_url: str
 ) -> None:
     # A second model of the series is a candidate; its validation compares it with production on the same folds.
     job_id = await new_job(database_url, SYMBOL, "D1", {**TINY, "seed": 7})
-    trained = await asyncio.to_thread(run_job, job_id, settings=trainer_settings, tsettings=TSETTINGS)
+    trained = await asyncio.to_thread(run_job, job_id, settings=trainer_settings)
     assert trained["status"] == "candidate"
     result = await _run(
         trainer_settings, await _create(database_url, "validate", {"folds": FOLDS, "model_version": trained["version"]})
@@ -161,7 +161,7 @@ async def test_a_candidate_is_promoted_only_when_the_gate_passes(
 
 
 async def test_backtest_of_the_model_trades_only_bars_it_never_trained_on(
-    validated: dict[str, Any], trainer_settings: Settings, database_url: str, client: httpx.AsyncClient
+    validated: dict[str, Any], trainer_settings: TrainerSettings, database_url: str, client: httpx.AsyncClient
 ) -> None:
     prod = next(v for v in await _versions(database_url) if v.status == "production")
     result = await _run(
@@ -204,7 +204,7 @@ async def test_backtest_of_the_model_trades_only_bars_it_never_trained_on(
 
 
 async def test_uploaded_all_hold_signals_make_no_trade_and_no_return(
-    first: ModelVersion, trainer_settings: Settings, database_url: str, sp500: OHLCV
+    first: ModelVersion, trainer_settings: TrainerSettings, database_url: str, sp500: OHLCV
 ) -> None:
     rows = "\n".join(f"{int(t)},HOLD" for t in sp500.ts[-300:])
     result = await _run(
@@ -237,7 +237,7 @@ async def test_bad_backtest_and_validation_params_are_422_naming_what_is_wrong(
 
 
 async def test_too_few_bars_for_the_folds_fails_the_validation_naming_the_bars_needed(
-    trainer_settings: Settings, database_url: str, sp500: OHLCV, client: httpx.AsyncClient
+    trainer_settings: TrainerSettings, database_url: str, sp500: OHLCV, client: httpx.AsyncClient
 ) -> None:
     await ingest(database_url, "SPXSHORT", Timeframe.D1, sp500.window(0, 900))
     r = await client.post(
@@ -248,7 +248,7 @@ async def test_too_few_bars_for_the_folds_fails_the_validation_naming_the_bars_n
 
 
 async def test_weights_of_the_production_model_are_stored_and_plotted(
-    validated: dict[str, Any], trainer_settings: Settings, database_url: str, client: httpx.AsyncClient
+    validated: dict[str, Any], trainer_settings: TrainerSettings, database_url: str, client: httpx.AsyncClient
 ) -> None:
     result = await _run(trainer_settings, await _create(database_url, "optimize_weights", {}))
     conn = await asyncpg.connect(database_url)
@@ -297,7 +297,11 @@ async def _log_prediction(database_url: str, version: ModelVersion, sp500: OHLCV
 
 
 async def test_an_explanation_is_queued_then_computed_with_the_top_contributions(
-    validated: dict[str, Any], trainer_settings: Settings, database_url: str, sp500: OHLCV, client: httpx.AsyncClient
+    validated: dict[str, Any],
+    trainer_settings: TrainerSettings,
+    database_url: str,
+    sp500: OHLCV,
+    client: httpx.AsyncClient,
 ) -> None:
     prod = next(v for v in await _versions(database_url) if v.status == "production")
     pid = await _log_prediction(database_url, prod, sp500)
@@ -306,7 +310,7 @@ async def test_an_explanation_is_queued_then_computed_with_the_top_contributions
     assert r.json()["status"] == "queued"
     again = await client.post("/v1/explanations", json={"prediction_id": pid})
     assert again.status_code == 202  # idempotent: still the one queued row
-    out = await asyncio.to_thread(run_explanation, pid, settings=trainer_settings, tsettings=TSETTINGS)
+    out = await asyncio.to_thread(run_explanation, pid, settings=trainer_settings)
     assert out["status"] == "succeeded", out
     r = await client.get(f"/v1/explanations/{pid}")
     body = r.json()
@@ -326,29 +330,29 @@ async def test_an_explanation_is_queued_then_computed_with_the_top_contributions
 
 
 async def test_the_six_hourly_run_queues_validation_then_weights_for_a_production_model_lacking_them(
-    trainer_settings: Settings, database_url: str, sp500: OHLCV
+    trainer_settings: TrainerSettings, database_url: str, sp500: OHLCV
 ) -> None:
     from services.trainer.retrain import queue_stale_quality
 
     symbol = "SPXSTALE"
     await ingest(database_url, symbol, Timeframe.D1, sp500)
     job_id = await new_job(database_url, symbol, "D1", TINY)
-    trained = await asyncio.to_thread(run_job, job_id, settings=trainer_settings, tsettings=TSETTINGS)
+    trained = await asyncio.to_thread(run_job, job_id, settings=trainer_settings)
     sent: list[tuple[str, str]] = []
     conn = await asyncpg.connect(database_url)
     try:
-        first = await queue_stale_quality(conn, TSETTINGS, lambda k, j: sent.append((k, j)), symbol=symbol)
+        first = await queue_stale_quality(conn, trainer_settings, lambda k, j: sent.append((k, j)), symbol=symbol)
         assert [q["kind"] for q in first] == ["validate"] and sent == [("validate", first[0]["job_id"])]
         job = await repo.get_job(conn, first[0]["job_id"])
         assert job is not None and job.params["model_version"] == trained["version"]
         # the same run again while that job is active queues nothing more
-        assert await queue_stale_quality(conn, TSETTINGS, lambda k, j: sent.append((k, j)), symbol=symbol) == []
+        assert await queue_stale_quality(conn, trainer_settings, lambda k, j: sent.append((k, j)), symbol=symbol) == []
         # once validated (here: a verdict written as the validate job would), the missing weights are queued
         await repo.fail_job(conn, first[0]["job_id"], "test: done")
         version = await repo.find_version(conn, symbol, "D1", trained["version"])
         assert version is not None
         await repo.set_quality(conn, version.id, {"gate": "failed", "reasons": ["test"], "validation_id": None})
-        second = await queue_stale_quality(conn, TSETTINGS, lambda k, j: sent.append((k, j)), symbol=symbol)
+        second = await queue_stale_quality(conn, trainer_settings, lambda k, j: sent.append((k, j)), symbol=symbol)
         assert [q["kind"] for q in second] == ["optimize_weights"]
         await repo.fail_job(conn, second[0]["job_id"], "test: done")
     finally:

@@ -13,12 +13,11 @@ from services.trainer import repository as repo
 from services.trainer.jobs import run_job
 from services.trainer.retrain import decide_and_queue
 from services.trainer.settings import TrainerSettings
-from shared.settings import Settings
 from shared.timeframes import OHLCV, Timeframe
 from tests.support.trainer import TINY, ingest, new_job
 
 # Nothing but a flag makes a series due.
-NEVER_DUE = TrainerSettings(max_model_age_hours=1e6, min_new_bars=10**6)
+NEVER_DUE = TrainerSettings(trainer_max_model_age_hours=1e6, trainer_min_new_bars=10**6)
 
 
 def _mine(decisions: list[dict[str, Any]]) -> dict[str, Any]:
@@ -28,11 +27,11 @@ def _mine(decisions: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def test_auto_retrain_records_why_it_did_or_did_not_retrain(trained: dict[str, Any], database_url: str) -> None:
-    tsettings = TrainerSettings(max_model_age_hours=24, min_new_bars=50)
+    settings = TrainerSettings(trainer_max_model_age_hours=24, trainer_min_new_bars=50)
     sent: list[str] = []
     conn = await asyncpg.connect(database_url)
     try:
-        first = _mine(await decide_and_queue(conn, tsettings, "beat-1", full=False, send=sent.append))
+        first = _mine(await decide_and_queue(conn, settings, "beat-1", full=False, send=sent.append))
         assert first == {
             "symbol": "SPXTRAIN",
             "timeframe": "D1",
@@ -43,22 +42,22 @@ async def test_auto_retrain_records_why_it_did_or_did_not_retrain(trained: dict[
 
         # A later issue's drift monitor raises the flag; the next run retrains and says why.
         await repo.set_flags(conn, "SPXTRAIN", "D1", drift=True, performance=False, reason="PSI 0.31 on rsi_14")
-        second = _mine(await decide_and_queue(conn, tsettings, "beat-2", full=False, send=sent.append))
+        second = _mine(await decide_and_queue(conn, settings, "beat-2", full=False, send=sent.append))
         assert second["retrain"] is True and second["reasons"] == ["drift_flag"]
         assert second["training_job_id"] in sent  # sent right after its own row was committed
         job = await repo.get_job(conn, second["training_job_id"])
         assert job is not None and job.status == "queued" and job.params["lstm_units"] == [8, 8]
 
         # While that job is pending, neither schedule piles up another one.
-        third = _mine(await decide_and_queue(conn, tsettings, "beat-3", full=False, send=sent.append))
+        third = _mine(await decide_and_queue(conn, settings, "beat-3", full=False, send=sent.append))
         assert third["retrain"] is False and third["reasons"] == ["job_in_progress"]
-        full = _mine(await decide_and_queue(conn, tsettings, "beat-4", full=True, send=sent.append))
+        full = _mine(await decide_and_queue(conn, settings, "beat-4", full=True, send=sent.append))
         assert full["reasons"] == ["job_in_progress"]
 
         # An old model is retrained for its age alone.
         await repo.fail_job(conn, second["training_job_id"], "test: cancelled")
         await repo.clear_flags(conn, "SPXTRAIN", "D1")
-        aged = TrainerSettings(max_model_age_hours=1e-6, min_new_bars=10**6)
+        aged = TrainerSettings(trainer_max_model_age_hours=1e-6, trainer_min_new_bars=10**6)
         fourth = _mine(await decide_and_queue(conn, aged, "beat-5", full=False, send=sent.append))
         assert fourth["retrain"] is True and fourth["reasons"] == ["model_age"]
         await repo.fail_job(conn, fourth["training_job_id"], "test: cancelled")
@@ -83,38 +82,36 @@ async def _flags(database_url: str, symbol: str, timeframe: str) -> tuple[bool, 
 
 
 async def test_a_retrain_awaiting_promotion_is_not_queued_again_and_keeps_the_flags(
-    database_url: str, trainer_settings: Settings, sp500: OHLCV
+    database_url: str, trainer_settings: TrainerSettings, sp500: OHLCV
 ) -> None:
     symbol = "CYCLETRAIN"
     await ingest(database_url, symbol, Timeframe.D1, sp500.tail(1200))
-    tsettings = NEVER_DUE
+    settings = NEVER_DUE
     conn = await asyncpg.connect(database_url)
     try:
         # A flag left from before the first model: the first model becomes production and clears it.
         await repo.set_flags(conn, symbol, "D1", drift=True, performance=False, reason="stale")
         first = await new_job(database_url, symbol, "D1", TINY)
-        r1 = await asyncio.to_thread(run_job, first, settings=trainer_settings, tsettings=TrainerSettings())
+        r1 = await asyncio.to_thread(run_job, first, settings=trainer_settings)
         assert r1["status"] == "production"
         assert await _flags(database_url, symbol, "D1") == (False, False)
 
         # The lifecycle monitor flags the production model: the schedule retrains for it.
         await repo.set_flags(conn, symbol, "D1", drift=True, performance=True, reason="PSI 0.4 on rsi_14")
         sent: list[str] = []
-        d1 = _one(await decide_and_queue(conn, tsettings, "cycle-1", full=False, send=sent.append), symbol)
+        d1 = _one(await decide_and_queue(conn, settings, "cycle-1", full=False, send=sent.append), symbol)
         assert d1["retrain"] is True and d1["reasons"] == ["drift_flag", "performance_flag"]
         assert sent == [d1["training_job_id"]]
 
         # The retrain finishes: a candidate (nothing promotes it in this issue); production still serves,
         # so its flags stay.
-        r2 = await asyncio.to_thread(
-            run_job, d1["training_job_id"], settings=trainer_settings, tsettings=TrainerSettings()
-        )
+        r2 = await asyncio.to_thread(run_job, d1["training_job_id"], settings=trainer_settings)
         assert r2["status"] == "candidate"
         assert await _flags(database_url, symbol, "D1") == (True, True)
 
         # Next runs: the candidate is the answer to the flags; no retrain is queued, and the reason is recorded.
         for source in ("cycle-2", "cycle-3"):
-            d = _one(await decide_and_queue(conn, tsettings, source, full=False, send=sent.append), symbol)
+            d = _one(await decide_and_queue(conn, settings, source, full=False, send=sent.append), symbol)
             assert d["retrain"] is False and d["reasons"] == ["recently_retrained"]
         assert sent == [d1["training_job_id"]]
         assert await _flags(database_url, symbol, "D1") == (True, True)
@@ -125,7 +122,7 @@ async def test_a_retrain_awaiting_promotion_is_not_queued_again_and_keeps_the_fl
         assert '"flags_pending_promotion": ["drift_flag", "performance_flag"]' in detail
 
         # Age and new bars are measured from the candidate: once it is too old itself, retrain again.
-        aged = TrainerSettings(max_model_age_hours=1e-6, min_new_bars=10**6)
+        aged = TrainerSettings(trainer_max_model_age_hours=1e-6, trainer_min_new_bars=10**6)
         d4 = _one(await decide_and_queue(conn, aged, "cycle-4", full=False, send=sent.append), symbol)
         assert d4["retrain"] is True and d4["reasons"] == ["model_age"]
         await repo.fail_job(conn, d4["training_job_id"], "test: cancelled")
@@ -154,10 +151,10 @@ async def test_concurrent_schedule_runs_queue_one_job(database_url: str, sp500: 
         )
         await repo.set_flags(conn, symbol, timeframe, drift=True, performance=False, reason="race")
         sent: list[str] = []
-        tsettings = NEVER_DUE
+        settings = NEVER_DUE
         a, b = await asyncio.gather(
-            decide_and_queue(conn, tsettings, "race-a", full=False, send=sent.append),
-            decide_and_queue(other, tsettings, "race-b", full=False, send=sent.append),
+            decide_and_queue(conn, settings, "race-a", full=False, send=sent.append),
+            decide_and_queue(other, settings, "race-b", full=False, send=sent.append),
         )
         da, db = _one(a, symbol, timeframe), _one(b, symbol, timeframe)
         assert sorted([da["retrain"], db["retrain"]]) == [False, True]
@@ -195,7 +192,7 @@ async def _fail_queued(conn: asyncpg.Connection) -> None:
 def test_db_unavailable_retries_back_off_and_are_bounded() -> None:
     from services.trainer.tasks import db_retry_delay
 
-    t = TrainerSettings(db_retry_max=8, db_retry_base_seconds=5, db_retry_max_delay_seconds=300)
+    t = TrainerSettings(trainer_db_retry_max=8, trainer_db_retry_base_seconds=5, trainer_db_retry_max_delay_seconds=300)
     assert [db_retry_delay(n, t) for n in range(9)] == [5, 10, 20, 40, 80, 160, 300, 300, None]
 
 
@@ -206,14 +203,12 @@ def test_train_task_retries_while_postgresql_is_unreachable_then_leaves_the_job_
 
     from services.trainer.settings import get_trainer_settings
     from services.trainer.tasks import train_model
-    from shared.settings import get_settings
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{port}/nowhere")
     monkeypatch.setenv("TRAINER_DB_RETRY_MAX", "3")
-    get_settings.cache_clear()
     get_trainer_settings.cache_clear()
     try:
         # Eager apply runs each Celery retry at once (countdowns skipped): the raw connection error never
@@ -221,7 +216,6 @@ def test_train_task_retries_while_postgresql_is_unreachable_then_leaves_the_job_
         with caplog.at_level("WARNING", logger="trainer.tasks"):
             result = train_model.apply(args=["0" * 32])
     finally:
-        get_settings.cache_clear()
         get_trainer_settings.cache_clear()
     assert result.successful(), result.traceback
     assert result.get()["status"] == "database_unavailable"
@@ -265,8 +259,7 @@ def test_amqp_broker_gets_read_write_and_connect_timeouts() -> None:
     from services.trainer.celery_app import create_celery
 
     app = create_celery(
-        Settings(celery_broker_url="amqp://guest:guest@127.0.0.1:5672//"),  # type: ignore[call-arg]
-        TrainerSettings(broker_timeout_seconds=2.5),
+        TrainerSettings(celery_broker_url="amqp://guest:guest@127.0.0.1:5672//", trainer_broker_timeout_seconds=2.5),
     )
     opts = app.conf.broker_transport_options
     assert opts == {"read_timeout": 2.5, "write_timeout": 2.5}

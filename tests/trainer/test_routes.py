@@ -17,7 +17,6 @@ import pytest
 from services.trainer import repository as repo
 from services.trainer.main import create_app
 from services.trainer.settings import TrainerSettings
-from shared.settings import Settings
 from tests.support.clients import asgi_client
 from tests.support.keys import READ_KEY
 
@@ -35,8 +34,8 @@ def queue(redis_url: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-async def client(trainer_settings: Settings, queue: str) -> AsyncIterator[httpx.AsyncClient]:
-    async for c in asgi_client(create_app(trainer_settings, TrainerSettings(queue=queue))):
+async def client(trainer_settings: TrainerSettings, queue: str) -> AsyncIterator[httpx.AsyncClient]:
+    async for c in asgi_client(create_app(trainer_settings.model_copy(update={"trainer_queue": queue}))):
         yield c
 
 
@@ -102,8 +101,8 @@ async def test_out_of_bounds_params_are_422_before_anything_is_queued(
     assert await _jobs_count(database_url) == before
 
 
-async def test_queueing_needs_admin(trainer_settings: Settings, spx_bars: str, queue: str) -> None:
-    app = create_app(trainer_settings, TrainerSettings(queue=queue))
+async def test_queueing_needs_admin(trainer_settings: TrainerSettings, spx_bars: str, queue: str) -> None:
+    app = create_app(trainer_settings.model_copy(update={"trainer_queue": queue}))
     async for reader in asgi_client(app, READ_KEY):
         r = await reader.post("/v1/jobs", json={"kind": "train", "symbol": spx_bars, "timeframe": "D1"})
         assert r.status_code == 403
@@ -196,7 +195,7 @@ async def silent_broker() -> AsyncIterator[int]:
     ],
 )
 async def test_silent_broker_is_503_within_seconds_and_the_job_is_failed(
-    trainer_settings: Settings,
+    trainer_settings: TrainerSettings,
     spx_bars: str,
     database_url: str,
     silent_broker: int,
@@ -209,8 +208,8 @@ async def test_silent_broker_is_503_within_seconds_and_the_job_is_failed(
         if scheme == "redis"
         else f"amqp://guest:guest@127.0.0.1:{silent_broker}//"
     )
-    tsettings = TrainerSettings(queue=queue, **limits)
-    app = create_app(trainer_settings.model_copy(update={"celery_broker_url": url}), tsettings)
+    settings = trainer_settings.model_copy(update={"celery_broker_url": url, "trainer_queue": queue, **limits})
+    app = create_app(settings)
     async for c in asgi_client(app):
         start = time.monotonic()
         r = await asyncio.wait_for(
@@ -218,7 +217,7 @@ async def test_silent_broker_is_503_within_seconds_and_the_job_is_failed(
         )
         elapsed = time.monotonic() - start
         assert r.status_code == 503, r.text
-        assert elapsed < tsettings.publish_timeout_seconds + 1.5
+        assert elapsed < settings.trainer_publish_timeout_seconds + 1.5
         body = r.json()
         assert body["error"] == "service_unavailable" and "broker is unavailable" in body["detail"]
         found = re.search(r"job ([0-9a-f]{32}) was marked failed", body["detail"])

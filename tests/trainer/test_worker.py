@@ -16,7 +16,6 @@ from services.trainer import repository as repo
 from services.trainer.main import create_app
 from services.trainer.schemas import Job
 from services.trainer.settings import TrainerSettings
-from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.support.clients import asgi_client
 from tests.support.trainer import TINY, TcpProxy, Worker, new_job
@@ -26,10 +25,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 async def api(
-    trainer_settings: Settings, worker_env: dict[str, str], worker: Worker
+    trainer_settings: TrainerSettings, worker_env: dict[str, str], worker: Worker
 ) -> AsyncIterator[httpx.AsyncClient]:
-    tsettings = TrainerSettings(queue=worker_env["TRAINER_QUEUE"], fault_injection=True)
-    async for client in asgi_client(create_app(trainer_settings, tsettings)):
+    settings = trainer_settings.model_copy(
+        update={"trainer_queue": worker_env["TRAINER_QUEUE"], "trainer_fault_injection": True}
+    )
+    async for client in asgi_client(create_app(settings)):
         yield client
 
 
@@ -170,19 +171,21 @@ async def test_database_lost_during_training_is_retried_and_the_job_completes_on
 
 
 async def test_sweeper_resends_an_orphaned_job_which_completes_exactly_once(
-    trainer_settings: Settings, database_url: str, worker_env: dict[str, str], worker: Worker, spx_bars: str
+    trainer_settings: TrainerSettings, database_url: str, worker_env: dict[str, str], worker: Worker, spx_bars: str
 ) -> None:
     from services.trainer import publisher as pub
     from services.trainer.celery_app import create_celery
     from services.trainer.sweeper import run_sweep
 
-    tsettings = TrainerSettings(queue=worker_env["TRAINER_QUEUE"], sweep_stale_after_seconds=600)
-    publisher = create_celery(trainer_settings, tsettings)
+    settings = trainer_settings.model_copy(
+        update={"trainer_queue": worker_env["TRAINER_QUEUE"], "trainer_sweep_stale_after_seconds": 600}
+    )
+    publisher = create_celery(settings)
     sent: list[str] = []
 
     def send(kind: str, job_id: str) -> None:
         sent.append(job_id)
-        pub.send_job(publisher, kind, job_id, tsettings.queue)
+        pub.send_job(publisher, kind, job_id, settings.trainer_queue)
 
     # A job row whose message was lost (never sent), untouched for an hour; and a "running" job as old
     # whose lock a live process holds (slow, not lost): only the first is re-sent.
@@ -197,9 +200,9 @@ async def test_sweeper_resends_an_orphaned_job_which_completes_exactly_once(
         await conn.execute("UPDATE training_jobs SET status = 'running' WHERE id = $1", busy)
         assert await repo.try_lock_job(holder, busy)
 
-        first = await asyncio.to_thread(run_sweep, send, trainer_settings, tsettings)
+        first = await asyncio.to_thread(run_sweep, send, settings)
         assert first["resent"] == [orphan] and sent == [orphan]
-        again = await asyncio.to_thread(run_sweep, send, trainer_settings, tsettings)
+        again = await asyncio.to_thread(run_sweep, send, settings)
         assert again["resent"] == []  # claimed rows wait another stale period before a second send
 
         job = await _wait(database_url, orphan, _done)
@@ -207,7 +210,7 @@ async def test_sweeper_resends_an_orphaned_job_which_completes_exactly_once(
         assert job.attempts == 1
         assert len(await _versions_of(database_url, orphan)) == 1
         await conn.execute("UPDATE training_jobs SET updated_at = now() - interval '1 hour' WHERE id = $1", orphan)
-        assert (await asyncio.to_thread(run_sweep, send, trainer_settings, tsettings))["resent"] == []
+        assert (await asyncio.to_thread(run_sweep, send, settings))["resent"] == []
         assert sent == [orphan]
     finally:
         await repo.fail_job(conn, busy, "test: done")
