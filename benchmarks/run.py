@@ -100,8 +100,8 @@ def merge(document: str, fresh: dict[str, str]) -> str:
             document = document.rstrip() + "\n\n" + section
     if PARTIAL_NOTE not in document:
         lines = document.split("\n")
-        first_blank = lines.index("", 1) if "" in lines[1:] else len(lines)
-        lines.insert(first_blank, PARTIAL_NOTE)
+        mode = next((k for k, line in enumerate(lines) if line.startswith("Mode:")), 0)
+        lines[mode + 1 : mode + 1] = [PARTIAL_NOTE, ""]
         document = "\n".join(lines)
     return document
 

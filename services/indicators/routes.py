@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 
 from services.indicators import service
+from services.indicators.deps import PoolDep, ReadKey, SettingsDep, WriteKey
 from services.indicators.metrics import BARS_REJECTED
 from services.indicators.schemas import (
     COLUMNS_EXAMPLE,
@@ -19,28 +20,19 @@ from services.indicators.schemas import (
     IngestResult,
     SeriesOut,
 )
-from shared.app import PoolDep, json_body, read_body
-from shared.auth import ReadKey, WriteKey
+from shared.app import json_body, read_body
 from shared.bars import BarsIn, bars_from_payload, bars_to_rows, parse_json
 from shared.db import with_retry
 from shared.errors import AppError, ValidationFailed, error_responses
 from shared.features import catalog
 from shared.market_repository import bars_range, list_series
 from shared.responses import JSON
-from shared.settings import Settings
 from shared.timeframes import SYMBOL_RE, Timeframe, check_symbol, parse_timeframe
 
 router = APIRouter()
 
 # Bars and indicator rows go out as `JSON` (orjson) rather than through their response_model, which
 # measured 1.6-4.2x slower to render for indicator rows and 3.4-6.6x for bars (the table in shared/responses.py).
-
-
-async def get_settings(request: Request) -> Settings:
-    return request.app.state.settings  # type: ignore[no-any-return]
-
-
-SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 @router.post(
