@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 # Output order of every model's softmax; metadata repeats it so a reader never guesses.
 CLASSES: tuple[str, str, str] = ("SELL", "HOLD", "BUY")
@@ -78,3 +78,34 @@ class ModelMetadata(BaseModel):
     artifacts: dict[str, str]  # file name -> sha256 hex (model.keras, model.onnx)
     onnx_max_abs_diff: float | None = None
     input_name: str = "features"  # ONNX input name; input shape (batch, sequence_length, n_features), float32
+
+
+GateVerdict = Literal["passed", "failed", "not_validated"]
+
+
+class ModelQuality(BaseModel):
+    """The promotion gate's verdict on a model version (`model_versions.quality`, written by the trainer, served by
+    the trainer's registry and with every prediction)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "gate": "failed",
+                "reasons": ["log loss 1.0712 does not beat gradient boosting's 1.0655 out of sample"],
+                "validation_id": 12,
+            }
+        }
+    )
+
+    gate: GateVerdict = Field(
+        description="passed: beat the baselines out of sample in walk-forward validation; failed: did not; "
+        "not_validated: no validation has judged this version yet. Only 'passed' is a vetted model."
+    )
+    reasons: list[str] = Field(default_factory=list, description="why the gate decided so")
+    validation_id: int | None = Field(default=None, description="the validation report behind the verdict")
+
+
+QUALITY_DESCRIPTION = (
+    "the promotion gate's verdict on the model version that served this answer, as it is now (a cached "
+    "prediction carries the current verdict, not the one at computation time)"
+)

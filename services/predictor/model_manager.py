@@ -27,9 +27,8 @@ from pydantic import ValidationError
 from services.predictor import repository
 from services.predictor.metrics import ACTIVE_MODELS, MODEL_LOAD_FAILURES
 from services.predictor.repository import RegistryRow
-from services.predictor.schemas import ModelQuality
 from shared.db import PgListener
-from shared.model_metadata import CLASSES, ModelMetadata, artifact_prefix
+from shared.model_metadata import CLASSES, ModelMetadata, ModelQuality, artifact_prefix
 from shared.storage import ObjectStore, sha256_hex
 
 log = logging.getLogger("predictor.models")

@@ -13,7 +13,7 @@ import asyncpg
 import orjson
 from pydantic import ValidationError
 
-from services.predictor.schemas import ModelQuality
+from shared.model_metadata import ModelQuality
 
 log = logging.getLogger("predictor.repository")
 

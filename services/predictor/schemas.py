@@ -8,37 +8,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.bars import Bar
+from shared.model_metadata import QUALITY_DESCRIPTION, ModelQuality
 from shared.timeframes import Timeframe
 
 Signal = Literal["BUY", "SELL", "HOLD"]
-GateVerdict = Literal["passed", "failed", "not_validated"]
-
-
-class ModelQuality(BaseModel):
-    """The promotion gate's verdict on a model version (`model_versions.quality`, written by the trainer)."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "example": {
-                "gate": "failed",
-                "reasons": ["log loss 1.0712 does not beat gradient boosting's 1.0655 out of sample"],
-                "validation_id": 12,
-            }
-        }
-    )
-
-    gate: GateVerdict = Field(
-        description="passed: beat the baselines out of sample in walk-forward validation; failed: did not; "
-        "not_validated: no validation has judged this version yet. Only 'passed' is a vetted model."
-    )
-    reasons: list[str] = Field(default_factory=list, description="why the gate decided so")
-    validation_id: int | None = Field(default=None, description="the validation report behind the verdict")
-
-
-QUALITY_DESCRIPTION = (
-    "the promotion gate's verdict on the model version that served this answer, as it is now (a cached "
-    "prediction carries the current verdict, not the one at computation time)"
-)
 
 
 class PredictionIn(BaseModel):

@@ -8,12 +8,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.model_metadata import ModelQuality
 from shared.timeframes import Timeframe
 
 JobStatus = Literal["queued", "running", "succeeded", "failed"]
 JobKind = Literal["train", "auto_retrain", "full_retrain", "validate", "backtest", "optimize_weights"]
 QueueableKind = Literal["train", "validate", "backtest", "optimize_weights"]
-GateVerdict = Literal["passed", "failed", "not_validated"]
 ModelStatus = Literal["candidate", "production", "archived", "failed"]
 
 
@@ -73,25 +73,8 @@ class Job(BaseModel):
     finished_at: datetime | None
 
 
-class Quality(BaseModel):
-    """The promotion gate's verdict on a version: what a client must know before trusting its signals."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "example": {
-                "gate": "failed",
-                "reasons": ["log loss 1.0712 does not beat gradient boosting's 1.0655 (95% CI of the difference ...)"],
-                "validation_id": 12,
-            }
-        }
-    )
-
-    gate: GateVerdict = Field(
-        description="passed: beat the best baseline (and production) out of sample on walk-forward folds; "
-        "failed: did not; not_validated: no validation has judged it yet"
-    )
-    reasons: list[str] = Field(default_factory=list)
-    validation_id: int | None = None
+# The verdict model is the contract the predictor serves too: one definition, in shared.
+Quality = ModelQuality
 
 
 class ModelVersion(BaseModel):
