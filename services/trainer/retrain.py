@@ -20,7 +20,7 @@ from services.trainer import repository as repo
 from services.trainer.errors import JobInProgress
 from services.trainer.hyperparameters import FAULT_PARAM
 from services.trainer.schemas import ModelVersion
-from services.trainer.service import create_job, create_train_job
+from services.trainer.service import create_job
 from services.trainer.settings import TrainerSettings
 from shared.db import require_database_url
 from shared.errors import AppError
@@ -63,7 +63,7 @@ async def _queue(
     """
     params = await _params_of(conn, v, settings)
     try:
-        job_id = await create_train_job(conn, v.symbol, Timeframe(v.timeframe), params, settings)
+        job_id = await create_job(conn, "train", v.symbol, Timeframe(v.timeframe), params, settings)
     except JobInProgress as exc:  # a concurrent run (or a request) queued one between our check and insert
         detail["active_job_id"] = exc.job_id
         return None, "job_in_progress"

@@ -99,16 +99,6 @@ async def _check_bars_for_folds(
         )
 
 
-async def create_train_job(
-    conn: asyncpg.Connection | asyncpg.Pool,
-    symbol: str,
-    timeframe: Timeframe,
-    params: dict[str, Any],
-    settings: TrainerSettings,
-) -> str:
-    return await create_job(conn, "train", symbol, timeframe, params, settings)
-
-
 async def enqueue_job(
     pool: asyncpg.Pool | asyncpg.Connection,
     kind: str,
@@ -135,14 +125,3 @@ async def enqueue_job(
             f"the job broker is unavailable ({why}); job {job_id} was marked failed, submit it again later"
         ) from exc
     return job_id
-
-
-async def enqueue_train(
-    pool: asyncpg.Pool | asyncpg.Connection,
-    symbol: str,
-    timeframe: Timeframe,
-    params: dict[str, Any],
-    settings: TrainerSettings,
-    app: Celery,
-) -> str:
-    return await enqueue_job(pool, "train", symbol, timeframe, params, settings, app)
