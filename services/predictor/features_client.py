@@ -108,7 +108,7 @@ class IndicatorsClient:
             ) from None
         if r.status_code == 200:
             return _parse(r.content)
-        detail = _detail(r)
+        detail = response_detail(r)
         if r.status_code == 404:
             raise NotFoundError(detail)
         if r.status_code == 422:
@@ -121,7 +121,8 @@ class IndicatorsClient:
         raise FeaturesUnavailable(f"indicators service answered {r.status_code}: {detail}")
 
 
-def _detail(r: httpx.Response) -> str:
+def response_detail(r: httpx.Response) -> str:
+    """The `detail` of one of our services' error answers (shared.errors' shape), else the start of the body."""
     try:
         body = orjson.loads(r.content)
     except orjson.JSONDecodeError:

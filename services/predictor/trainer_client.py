@@ -6,6 +6,7 @@ from __future__ import annotations
 import httpx
 import orjson
 
+from services.predictor.features_client import response_detail
 from services.predictor.settings import PredictorSettings
 from shared.errors import NotFoundError, ServiceUnavailable
 
@@ -53,18 +54,8 @@ class TrainerClient:
         if r.status_code in (200, 201, 202, 409):
             return
         if r.status_code == 404:
-            raise NotFoundError(f"the trainer does not find prediction {prediction_id}: {_detail(r)}")
+            raise NotFoundError(f"the trainer does not find prediction {prediction_id}: {response_detail(r)}")
         if r.status_code in (401, 403):
             # The predictor's own key was refused: an operator's problem, not the client's.
             raise TrainerUnavailable("the trainer refused the predictor's TRAINER_API_KEY; the operator must fix it")
-        raise TrainerUnavailable(f"trainer service answered {r.status_code}: {_detail(r)}")
-
-
-def _detail(r: httpx.Response) -> str:
-    try:
-        body = orjson.loads(r.content)
-    except orjson.JSONDecodeError:
-        return r.text[:300]
-    if isinstance(body, dict) and isinstance(body.get("detail"), str):
-        return str(body["detail"])
-    return r.text[:300]
+        raise TrainerUnavailable(f"trainer service answered {r.status_code}: {response_detail(r)}")
