@@ -61,6 +61,24 @@ class PredictorSettings(Settings):
     risk_stop_atr_multiple: float = Field(default=2.0, gt=0)
     risk_take_profit_atr_multiple: float = Field(default=3.0, gt=0)
 
+    # A/B split: the salt of the hash that buckets users into the candidate's traffic share (sticky per user);
+    # separate from USER_ID_SALT so re-bucketing an experiment never changes stored user hashes.
+    rollout_salt: str = "aicash-rollout"
+
+    # --- drift (docs/LIFECYCLE.md, "Drift") ---
+    # Live feature counts (one per completed bar and series) are flushed to Redis every N seconds.
+    drift_flush_seconds: float = Field(default=30.0, gt=0)
+    # PSI and KS per feature are computed this often over the rolling window below.
+    drift_check_interval_seconds: float = Field(default=3600.0, gt=0)
+    drift_window_hours: float = Field(default=24.0, gt=0)
+    # Slow timeframes (few bars in 24 h): the window widens to the last N bars of the timeframe.
+    drift_min_bars: int = Field(default=50, ge=5)
+    drift_psi_threshold: float = Field(default=0.25, gt=0)
+    drift_ks_threshold: float = Field(default=0.3, gt=0, le=1)
+
+    # Live performance gauges (ml_model_accuracy ...) are refreshed from settled outcomes every N seconds.
+    performance_refresh_seconds: float = Field(default=60.0, gt=0)
+
     @model_validator(mode="after")
     def _salt_in_production(self) -> PredictorSettings:
         if self.environment == "production" and not self.user_id_salt.get_secret_value():

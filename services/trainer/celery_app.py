@@ -94,6 +94,16 @@ def create_celery(settings: TrainerSettings, *, current: bool = False) -> Celery
                     day_of_week=settings.trainer_full_retrain_day_of_week,
                 ),
             },
+            "trainer-settle-outcomes": {
+                "task": "trainer.settle_outcomes",
+                "schedule": settings.trainer_settle_interval_seconds,
+                "options": {"expires": settings.trainer_settle_interval_seconds},
+            },
+            "trainer-judge-rollouts": {
+                "task": "trainer.judge_rollouts",
+                "schedule": settings.trainer_judge_interval_seconds,
+                "options": {"expires": settings.trainer_judge_interval_seconds},
+            },
             "trainer-sweep-jobs": {
                 "task": "trainer.sweep_jobs",
                 "schedule": settings.trainer_sweep_interval_seconds,

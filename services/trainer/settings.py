@@ -11,6 +11,7 @@ from functools import lru_cache
 
 from pydantic import Field
 
+from shared.rollouts import RolloutPolicy
 from shared.settings import Settings
 
 
@@ -65,6 +66,27 @@ class TrainerSettings(Settings):
     trainer_weights_after_validate: bool = True
     # Background sequences for SHAP explanations of single predictions (drawn from the model's training split).
     trainer_explain_background: int = Field(default=100, ge=10, le=2000)
+    # --- the model lifecycle (docs/LIFECYCLE.md) ---
+    # What a version that passes the gate does on a series with no rollout row yet (a row's policy wins).
+    trainer_rollout_default_policy: RolloutPolicy = "canary"
+    # Canary: the traffic share a gate-passing candidate starts at, and whether it also scores in shadow.
+    trainer_canary_traffic_percent: float = Field(default=10.0, ge=0, le=100)
+    trainer_canary_shadow: bool = True
+    # Beat: settle logged predictions whose horizon bars have arrived, every N seconds.
+    trainer_settle_interval_seconds: float = Field(default=60.0, gt=0)
+    # Round-trip cost (bps) charged to the PnL of a settled signal: the backtester's cost model and default.
+    trainer_outcome_cost_bps: float = Field(default=2.0, ge=0, le=1000)
+    # Live performance drift: the performance flag is set when the production version's settled hit rate over
+    # at least `min_bars` bars falls this far below its validation accuracy (upper end of its 95 % interval).
+    trainer_performance_min_bars: int = Field(default=100, ge=10)
+    # Beat: the automatic promotion/rollback decision on every series with a candidate, every N seconds.
+    trainer_judge_interval_seconds: float = Field(default=300.0, gt=0)
+    # The sequential test: overall false-decision rate and the settled pairs needed before any decision.
+    trainer_judge_alpha: float = Field(default=0.05, gt=0, lt=0.5)
+    trainer_judge_min_pairs: int = Field(default=100, ge=2)
+    # A candidate whose wrong-way rate (a BUY or SELL the market moved against) exceeds this over at least
+    # min_pairs settled bars is rolled back whatever the test says.
+    trainer_judge_max_error_rate: float = Field(default=0.6, gt=0, le=1)
     # Lets a job's params carry {"fault": "exit" | "raise"} to crash on purpose; test suites only.
     trainer_fault_injection: bool = False
 

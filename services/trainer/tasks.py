@@ -128,3 +128,20 @@ def sweep_jobs(self: Task) -> dict[str, Any]:
     from services.trainer.sweeper import run_sweep
 
     return run_sweep(send=_send_follow_up, settings=get_trainer_settings())
+
+
+@celery_app.task(name="trainer.settle_outcomes", bind=True)  # type: ignore[untyped-decorator]
+def settle_outcomes(self: Task) -> dict[str, Any]:
+    """Settle logged predictions whose horizon bars have arrived (one outcome per version, variant and bar);
+    set the performance flag of a series whose live hit rate fell below its validation figure."""
+    from services.trainer.settlement import run_settlement
+
+    return run_settlement(settings=get_trainer_settings())
+
+
+@celery_app.task(name="trainer.judge_rollouts", bind=True)  # type: ignore[untyped-decorator]
+def judge_rollouts(self: Task) -> dict[str, Any]:
+    """The automatic decision: promote or roll back each series' candidate on paired settled outcomes."""
+    from services.trainer.judge import run_judge
+
+    return run_judge(settings=get_trainer_settings())
