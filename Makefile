@@ -4,10 +4,18 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= indicators,predictor,trainer,local,dev
+comma := ,
+# Installs come from uv.lock (exact versions and hashes for every extra); `make lock` updates it after a
+# change to pyproject.toml. uv itself is bootstrapped with pip into var/tools, pinned here.
+UV_VERSION := 0.13.9
+UV := var/tools/uv-$(UV_VERSION)/bin/uv
+# uv uses the interpreter found below and never downloads one (these machines reach PyPI only).
+export UV_PYTHON_DOWNLOADS := never
 
 # Python 3.12 (pandas-ta needs >= 3.12; pgserver and TensorFlow ship 3.12 wheels): $(PYTHON) if given, then
-# python3.12 on PATH, then pyenv's 3.12 installs, then 3.13. pyenv shims print "command not found" unless
-# their version is selected, so each candidate is run, not just located.
+# python3.12 on PATH, then pyenv's 3.12 installs, then 3.13 (uv.lock is resolved for 3.12 only, see
+# [tool.uv] in pyproject.toml: `uv sync` refuses another version and says so). pyenv shims print
+# "command not found" unless their version is selected, so each candidate is run, not just located.
 define find_python
 ok() { "$$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1; }; \
 pyenv_py() { command -v pyenv >/dev/null 2>&1 || return 0; \
@@ -20,16 +28,25 @@ done; \
 echo "no Python >= 3.12 found (pandas-ta needs it): install 3.12 or run make PYTHON=/path/to/python3.12" >&2; exit 1
 endef
 
-.PHONY: install up test lint bench fmt clean migrate quality-report
+.PHONY: install up test lint bench fmt clean migrate quality-report lock
 
-$(VENV)/.installed: pyproject.toml
+$(UV):
+	@py="$$( $(find_python) )" || exit 1; \
+	"$$py" -m pip install -q --disable-pip-version-check --target var/tools/uv-$(UV_VERSION) uv==$(UV_VERSION)
+
+# `uv sync --frozen` installs exactly what uv.lock says (and fails if the lock is missing an extra);
+# the project itself is installed editable, as `pip install -e` did.
+$(VENV)/.installed: pyproject.toml uv.lock | $(UV)
 	@py="$$( $(find_python) )" || exit 1; \
 	echo "using $$py"; \
-	[ -x $(PY) ] || "$$py" -m venv $(VENV); \
-	$(PY) -m pip install -q --upgrade pip && \
-	$(PY) -m pip install -q -e '.[$(EXTRAS)]' && touch $@
+	$(UV) sync --frozen --quiet --python "$$py" $(foreach e,$(subst $(comma), ,$(EXTRAS)),--extra $(e)) && touch $@
 
 install: $(VENV)/.installed
+
+# Re-resolve uv.lock after editing pyproject.toml (tests/infra/test_lock.py fails while they disagree).
+lock: | $(UV)
+	@py="$$( $(find_python) )" || exit 1; \
+	$(UV) lock --python "$$py"
 
 up: install
 	$(PY) -m shared.devstack up

@@ -27,6 +27,9 @@ ORDER = [
     "bench_backtest",
     "bench_validation",
     "bench_weights",
+    "bench_shadow",
+    "bench_lifecycle",
+    "bench_streaming",
 ]
 
 

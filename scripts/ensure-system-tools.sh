@@ -4,6 +4,9 @@
 #   promtool       -> `promtool check config|rules`, `promtool test rules` (Debian package `prometheus`)
 #   docker-compose -> `docker-compose config -q` (Debian's v1; no Docker engine needed for `config`)
 #   envsubst       -> renders nginx/nginx.conf.template (Debian package `gettext-base`)
+#   prometheus     -> a real Prometheus scraping the services (tests/infra/test_prometheus_live.py)
+#   shellcheck     -> actionlint checks the workflows' `run:` scripts with it
+#   pg_dump, pg_restore -> backups (shared/backup.py); Debian's client must be at least the server's major
 # Idempotent and quiet: prints nothing and exits 0 when everything is already there.
 # As root it installs with apt-get; otherwise it says what to install and exits 1.
 set -euo pipefail
@@ -14,6 +17,10 @@ declare -A PACKAGE_FOR=(
   [promtool]=prometheus
   [docker-compose]=docker-compose
   [envsubst]=gettext-base
+  [prometheus]=prometheus
+  [shellcheck]=shellcheck
+  [pg_dump]=postgresql-client
+  [pg_restore]=postgresql-client
 )
 
 have() {
@@ -22,7 +29,8 @@ have() {
 
 missing=()
 for tool in "${!PACKAGE_FOR[@]}"; do
-  have "$tool" || missing+=("${PACKAGE_FOR[$tool]}")
+  pkg="${PACKAGE_FOR[$tool]}"
+  if ! have "$tool" && [[ " ${missing[*]} " != *" $pkg "* ]]; then missing+=("$pkg"); fi
 done
 
 [ "${#missing[@]}" -eq 0 ] && exit 0

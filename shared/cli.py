@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from shared.settings import get_settings
 
 app = typer.Typer(help="AI Cash Evolution: market bars to trading signals.", no_args_is_help=True)
-db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+db_app = typer.Typer(help="Database migrations, backups and restores.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 console = Console(stderr=True)
 
@@ -39,6 +39,68 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="target revision")] 
         raise typer.Exit(2)
     upgrade(url, revision)
     console.print(f"database at revision {revision}")
+
+
+@db_app.command("backup")
+def db_backup(
+    dump_file: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="upload this pg_dump --format=custom file instead of dumping"),
+    ] = None,
+    prune: Annotated[bool, typer.Option(help="delete backups outside BACKUP_KEEP_DAILY / BACKUP_KEEP_WEEKLY")] = True,
+) -> None:
+    """Back up DATABASE_URL to BACKUP_URL: pg_dump (custom format), a timestamped key with its sha256, then
+    prune by retention. What the backup CronJob and the compose `backup` service run."""
+    from shared.backup import BackupError, BackupSettings, open_backup_store, take_backup
+    from shared.backup import prune as prune_backups
+
+    settings = BackupSettings()
+    try:
+        if not settings.database_url and dump_file is None:
+            raise BackupError("DATABASE_URL is not set: it names the database to back up")
+        store = open_backup_store(settings)
+        key = take_backup(settings.database_url or "", store, dump_file)
+        console.print(f"backed up to {store.uri(key)}")
+        if prune:
+            for gone in prune_backups(store, settings.backup_keep_daily, settings.backup_keep_weekly):
+                console.print(f"pruned {gone}")
+    except BackupError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+
+
+@db_app.command("backups")
+def db_backups() -> None:
+    """List the complete backups under BACKUP_URL, oldest first (key and time, UTC)."""
+    from shared.backup import BackupError, BackupSettings, list_backups, open_backup_store
+
+    try:
+        backups = list_backups(open_backup_store(BackupSettings()))
+    except BackupError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    for b in backups:
+        typer.echo(f"{b.key}\t{b.taken_at.isoformat()}")
+
+
+@db_app.command("restore")
+def db_restore(
+    key: Annotated[str, typer.Argument(help="backup key, e.g. aicash-20261201T200000Z.dump (see `aicash db backups`)")],
+    into: Annotated[str, typer.Option("--into", help="postgresql:// URL of the database to restore into")],
+    force: Annotated[
+        bool, typer.Option(help="restore into a database that has tables (drops what the dump contains)")
+    ] = False,
+) -> None:
+    """Restore backup KEY from BACKUP_URL into --into. Refuses a checksum mismatch, and a non-empty target
+    unless --force."""
+    from shared.backup import BackupError, BackupSettings, open_backup_store, restore
+
+    try:
+        restore(open_backup_store(BackupSettings()), key, into, force=force)
+    except BackupError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"restored {key}")
 
 
 def read_bars_csv(path: Path) -> list[dict[str, object]]:

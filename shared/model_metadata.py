@@ -49,12 +49,19 @@ class LabelDefinition(BaseModel):
 
 
 class ReferenceDistribution(BaseModel):
-    """Training-split distribution of one feature for drift checks: quantile bin edges and their shares."""
+    """Training-split distribution of one feature for drift checks: quantile bin edges and their shares, and the
+    null thresholds (shared/drift.py): how large PSI and KS get, without drift, on windows of `null_window_bars`
+    consecutive training rows. None in models trained before them, or on splits too short to measure."""
 
     edges: list[float]
     shares: list[float]
     mean: float
     std: float
+    null_window_bars: int | None = None  # window size the null thresholds were measured for
+    null_quantile: float | None = None  # the quantile of the fitted null distribution they are
+    null_windows: int | None = None  # training windows the fit used
+    psi_null: float | None = None
+    ks_null: float | None = None
 
 
 class ModelMetadata(BaseModel):

@@ -15,9 +15,11 @@ from fastapi import FastAPI, Request
 from services.predictor import repository
 from services.predictor.cache import PredictionCache
 from services.predictor.deps import predictor_of
+from services.predictor.drift import DriftMonitor
 from services.predictor.explanations import Explanations
 from services.predictor.features_client import IndicatorsClient
 from services.predictor.model_manager import ModelManager
+from services.predictor.performance import PerformanceGauges
 from services.predictor.prediction_log import PredictionLog
 from services.predictor.routes import lean, router
 from services.predictor.schemas import PredictionIn
@@ -25,7 +27,11 @@ from services.predictor.series import SeriesStamps
 from services.predictor.service import Predictor
 from services.predictor.settings import PredictorSettings
 from services.predictor.signals import WeightsBook
+from services.predictor.stream_routes import stream_router
+from services.predictor.streaming import SignalStreams
 from services.predictor.trainer_client import TrainerClient
+from services.predictor.webhooks import router as webhooks_router
+from services.predictor.webhooks import webhooks_running
 from shared.app import add_routes, build_app, periodic
 from shared.cache import create_redis
 from shared.db import create_pool, require_database_url
@@ -106,9 +112,19 @@ def create_app(settings: PredictorSettings) -> FastAPI:
             series,
         )
         app.state.explanations = Explanations(pool, plog, trainer)
+        streams = app.state.streams = (
+            SignalStreams(settings, pool, app.state.predictor, require_database_url(settings))
+            if settings.stream_enabled
+            else None
+        )
+        drift = app.state.predictor.drift = DriftMonitor(settings, pool, redis, models)
+        gauges = app.state.performance_gauges = PerformanceGauges(pool)
         plog.start()
         await series.start()
         await models.start()
+        if streams is not None:
+            await streams.start()
+        drift.start()
         try:
             await refresh_weights()
         except Exception as exc:  # the periodic refresh below retries; defaults serve meanwhile
@@ -116,9 +132,18 @@ def create_app(settings: PredictorSettings) -> FastAPI:
         log.info("predictor started", extra={"models": len(models.models)})
         try:
             # Weights rows send no notification: a new row is used within MODEL_POLL_SECONDS.
-            async with periodic("indicator weights", settings.model_poll_seconds, refresh_weights):
+            async with (
+                periodic("indicator weights", settings.model_poll_seconds, refresh_weights),
+                # ml_model_accuracy and the other live-performance gauges, from settled outcomes.
+                periodic("performance gauges", settings.performance_refresh_seconds, gauges.refresh),
+                # Every signal the stream computes (once across replicas) is also handed to the webhooks.
+                webhooks_running(app, pool, settings, streams.subscribe_internal if streams is not None else None),
+            ):
                 yield
         finally:
+            if streams is not None:
+                await streams.stop()
+            await drift.stop()
             await models.stop()
             await series.stop()
             await plog.stop()
@@ -146,7 +171,7 @@ def create_app(settings: PredictorSettings) -> FastAPI:
         checks=checks,
         extra_schemas=[PredictionIn],
     )
-    add_routes(app, lean, router)
+    add_routes(app, lean, router, stream_router, webhooks_router)
     return app
 
 

@@ -1,11 +1,12 @@
-"""Production models in memory: verified, loaded off the event loop, swapped atomically, with the promotion
-gate's current verdict on each.
+"""Production models and rollout candidates in memory: verified, loaded off the event loop, swapped
+atomically, with the promotion gate's current verdict on each, and the rollouts rows that route between them.
 
-The serving table is one dict held in one attribute. A refresh builds a new dict (reusing models whose
-version and checksum did not change) and replaces the attribute in a single assignment, so a request
-that took a reference sees one consistent table; a half-loaded model is never in any table. A version whose
-quality verdict changed is replaced by a copy carrying the new verdict and the same onnxruntime session: the
-ONNX file is not read again.
+The serving tables are dicts held in attributes. A refresh reads the production rows and the rollouts table
+(with each rollout's candidate, status candidate) in one snapshot, builds new dicts (reusing models whose
+version and checksum did not change, in either table) and replaces the attributes together, so a request
+sees one consistent state; a half-loaded model is never in any table. A version whose quality verdict
+changed is replaced by a copy carrying the new verdict and the same onnxruntime session: the ONNX file is
+not read again.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from services.predictor.metrics import ACTIVE_MODELS, MODEL_LOAD_FAILURES
 from services.predictor.repository import RegistryRow
 from shared.db import PgListener
 from shared.model_metadata import CLASSES, ModelMetadata, ModelQuality, artifact_prefix
+from shared.rollouts import Rollout
 from shared.storage import ObjectStore, sha256_hex
 
 log = logging.getLogger("predictor.models")
@@ -169,8 +171,12 @@ class ModelManager:
         self.pool = pool
         self.database_url = database_url
         self.poll_seconds = poll_seconds
-        # The serving table; replaced whole, never mutated.
+        # The serving tables: production models, rollout candidates and the rollouts rows. Each is replaced
+        # whole, never mutated, and the three are assigned together with no await in between, so a request
+        # (one event-loop step) sees all three from the same refresh.
         self.models: dict[ModelKey, LoadedModel] = {}
+        self.candidates: dict[ModelKey, LoadedModel] = {}
+        self.rollouts: dict[ModelKey, Rollout] = {}
         self.loaded_once = False
         self.last_error: str | None = None
         # (symbol, timeframe, version, sha256) that failed: not retried until the registry row changes.
@@ -178,6 +184,7 @@ class ModelManager:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # The registry's triggers and the rollouts table's trigger both NOTIFY this channel.
         self._listener = PgListener(
             database_url,
             "model_registry",
@@ -189,55 +196,100 @@ class ModelManager:
     def get(self, symbol: str, timeframe: str) -> LoadedModel | None:
         return self.models.get((symbol, timeframe))
 
+    def candidate(self, symbol: str, timeframe: str) -> LoadedModel | None:
+        """The loaded candidate of the series' rollout; None when it has none or it failed to load."""
+        return self.candidates.get((symbol, timeframe))
+
+    def rollout(self, symbol: str, timeframe: str) -> Rollout | None:
+        """The series' `rollouts` row as last read; None when it has no row."""
+        return self.rollouts.get((symbol, timeframe))
+
     async def refresh(self) -> None:
-        """Bring the serving table in line with the registry's production rows."""
+        """Bring the serving tables in line with the registry's production rows and the rollouts table."""
         async with self._lock:
-            rows = await repository.production_models(self.pool)
-            current = self.models
-            new: dict[ModelKey, LoadedModel] = {}
+            # One snapshot for both reads: a promotion that makes the candidate production and clears the
+            # rollout in one transaction is seen entirely or not at all.
+            async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+                rows = await repository.production_models(conn)
+                rollout_rows = await repository.rollouts(conn)
+            # Loaded models by identity, whatever table they were in: a promoted candidate is not loaded again.
+            loaded = {(m.symbol, m.timeframe, m.version, m.sha256): m for m in self.candidates.values()}
+            loaded.update({(m.symbol, m.timeframe, m.version, m.sha256): m for m in self.models.values()})
+            models: dict[ModelKey, LoadedModel] = {}
             for row in rows:
                 key = (row.symbol, row.timeframe)
-                have = current.get(key)
-                if have is not None and have.version == row.version and have.sha256 == row.sha256:
-                    new[key] = have if have.quality == row.quality else self._requalified(have, row.quality)
-                    continue
-                ident = (row.symbol, row.timeframe, row.version, row.sha256)
-                if ident in self._failed:
-                    if have is not None:
-                        new[key] = have
-                    continue
-                try:
-                    model = await anyio.to_thread.run_sync(load_model, self.store, row)
-                except ModelLoadError as exc:
-                    self._failed.add(ident)
-                    MODEL_LOAD_FAILURES.labels(row.symbol, row.timeframe).inc()
-                    self.last_error = str(exc)
-                    log.error(
-                        "model load failed; %s",
-                        "the previous version keeps serving" if have else "no model serves this series",
-                        extra={
-                            "symbol": row.symbol,
-                            "timeframe": row.timeframe,
-                            "version": row.version,
-                            "error": str(exc),
-                        },
-                    )
-                    if have is not None:
-                        new[key] = have
-                    continue
-                new[key] = model
-                log.info(
-                    "model loaded",
-                    extra={
-                        "symbol": row.symbol,
-                        "timeframe": row.timeframe,
-                        "version": row.version,
-                        "replaces": have.version if have else None,
-                    },
-                )
-            self.models = new  # the atomic swap
+                model = await self._serving(row, self.models.get(key), loaded, "production")
+                if model is not None:
+                    models[key] = model
+            candidates: dict[ModelKey, LoadedModel] = {}
+            rollouts: dict[ModelKey, Rollout] = {}
+            for rr in rollout_rows:
+                key = (rr.rollout.symbol, rr.rollout.timeframe)
+                rollouts[key] = rr.rollout
+                if rr.candidate is not None:
+                    model = await self._serving(rr.candidate, self.candidates.get(key), loaded, "candidate")
+                    if model is not None:
+                        candidates[key] = model
+            # The atomic swap (no await between the three).
+            self.models, self.candidates, self.rollouts = models, candidates, rollouts
             self.loaded_once = True
-            ACTIVE_MODELS.set(len(new))
+            ACTIVE_MODELS.set(len(models))
+
+    async def _serving(
+        self,
+        row: RegistryRow,
+        have: LoadedModel | None,
+        loaded: dict[tuple[str, str, str, str], LoadedModel],
+        role: str,
+    ) -> LoadedModel | None:
+        """The model that serves `row` in `role` after this refresh: the one already loaded when version and
+        checksum match, else a fresh verified load. A failed load keeps the previous production version
+        serving; a candidate that fails serves nobody (production serves its traffic)."""
+        ident = (row.symbol, row.timeframe, row.version, row.sha256)
+        if have is not None and have.version == row.version and have.sha256 == row.sha256:
+            return have if have.quality == row.quality else self._requalified(have, row.quality)
+        fallback = have if role == "production" else None
+        if ident in loaded:
+            same = loaded[ident]
+            return same if same.quality == row.quality else self._requalified(same, row.quality)
+        if ident in self._failed:
+            return fallback
+        try:
+            model = await anyio.to_thread.run_sync(load_model, self.store, row)
+        except ModelLoadError as exc:
+            self._failed.add(ident)
+            MODEL_LOAD_FAILURES.labels(row.symbol, row.timeframe).inc()
+            self.last_error = str(exc)
+            if fallback is not None:
+                outcome = "the previous version keeps serving"
+            elif role == "candidate":
+                outcome = "production serves its traffic"
+            else:
+                outcome = "no model serves this series"
+            log.error(
+                "%s model load failed; %s",
+                role,
+                outcome,
+                extra={
+                    "symbol": row.symbol,
+                    "timeframe": row.timeframe,
+                    "version": row.version,
+                    "role": role,
+                    "error": str(exc),
+                },
+            )
+            return fallback
+        log.info(
+            "model loaded",
+            extra={
+                "symbol": row.symbol,
+                "timeframe": row.timeframe,
+                "version": row.version,
+                "role": role,
+                "replaces": have.version if have else None,
+            },
+        )
+        return model
 
     @staticmethod
     def _requalified(have: LoadedModel, quality: ModelQuality) -> LoadedModel:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+import asyncpg
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 
@@ -22,10 +24,14 @@ from services.predictor.deps import (
 )
 from services.predictor.explanations import RETRY_AFTER_SECONDS
 from services.predictor.metrics import PREDICTION_DURATION, PREDICTION_REQUESTS
+from services.predictor.performance import record_outcome, series_performance
 from services.predictor.schemas import (
     ExplanationOut,
     ExplanationPending,
     ModelOut,
+    OutcomeIn,
+    OutcomeOut,
+    PerformanceOut,
     PredictionIn,
     PredictionOut,
     PredictionRecord,
@@ -35,7 +41,7 @@ from services.predictor.schemas import (
 from services.predictor.service import PredictionRequest, Predictor
 from services.predictor.signals import Weights
 from shared.app import json_body, read_body
-from shared.auth import Authenticator, Principal, Role
+from shared.auth import Authenticator, Principal, Role, WriteKey
 from shared.bars import parse_json
 from shared.errors import (
     ERROR_SCHEMA,
@@ -298,7 +304,18 @@ async def get_explanation(
 def _record(predictor: Predictor, r: dict[str, Any]) -> PredictionRecord:
     rows, cols = (int(x) for x in r["feature_shape"])
     flat = [float(x) for x in r["features"]]
-    model = predictor.models.get(r["symbol"], r["timeframe"])
+    # The version that made it, production or candidate (a candidate's and a shadow's records too).
+    model = next(
+        (
+            m
+            for m in (
+                predictor.models.get(r["symbol"], r["timeframe"]),
+                predictor.models.candidate(r["symbol"], r["timeframe"]),
+            )
+            if m is not None and m.version == r["model_version"]
+        ),
+        None,
+    )
     return PredictionRecord(
         prediction_id=str(r["id"]),
         created_at=r["created_at"],
@@ -309,7 +326,7 @@ def _record(predictor: Predictor, r: dict[str, Any]) -> PredictionRecord:
         variant=r["variant"],
         user_hash=r["user_hash"],
         window_hash=r["window_hash"],
-        feature_names=model.feature_names if model is not None and model.version == r["model_version"] else None,
+        feature_names=model.feature_names if model is not None else None,
         features=[flat[i * cols : (i + 1) * cols] for i in range(rows)],
         probabilities=Probabilities.model_validate(
             {c: float(p) for c, p in zip(CLASSES, r["probabilities"], strict=True)}
@@ -376,18 +393,83 @@ async def get_weights(
 
 @router.get("/v1/models", tags=["models"], response_model=list[ModelOut], responses=error_responses(401, 403))
 async def get_models(predictor: PredictorDep, _: ReadKey) -> list[ModelOut]:
-    """The production models this process has loaded and serves, with the promotion gate's current verdict
-    on each (role read)."""
+    """The models this process has loaded and serves: each series' production version and, where its rollout
+    has one, the candidate (`role`), with the promotion gate's current verdict on each (role read)."""
+    loaded = [(m, "production") for m in predictor.models.models.values()]
+    loaded += [(m, "candidate") for m in predictor.models.candidates.values()]
     return [
         ModelOut(
             symbol=m.symbol,
             timeframe=m.timeframe,
             version=m.version,
+            role=role,
             sha256=m.sha256,
             sequence_length=m.sequence_length,
             feature_names=m.feature_names,
             temperature=m.temperature,
             quality=m.quality,
         )
-        for m in sorted(predictor.models.models.values(), key=lambda m: (m.symbol, m.timeframe))
+        for m, role in sorted(loaded, key=lambda x: (x[0].symbol, x[0].timeframe, x[1] != "production"))
     ]
+
+
+# PostgreSQL unreachable or the connection lost: 503, never a 500 (the outcome routes read and write the database).
+DATABASE_DOWN = (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
+
+
+@router.post(
+    "/v1/outcomes",
+    tags=["outcomes"],
+    status_code=201,
+    response_model=OutcomeOut,
+    responses={
+        200: {"model": OutcomeOut, "description": "The same outcome was recorded before: the stored one"},
+        409: {"description": "A different outcome was recorded for this prediction before", **ERROR_SCHEMA},
+        **error_responses(401, 403, 404, 422, 503),
+    },
+)
+async def post_outcome(body: OutcomeIn, predictor: PredictorDep, principal: WriteKey) -> OutcomeOut | JSONResponse:
+    """Record an external result of a served prediction, e.g. the PnL of the trade placed on it (role write).
+
+    201 with the stored outcome; the same body again answers 200 with the stored outcome (idempotent); a
+    different body for a prediction that has one answers 409 (outcomes are not rewritten). 404 for an unknown
+    prediction id. The outcome and its audit row (`outcome.record`, the key id as actor) commit together.
+    """
+    try:
+        stored, created = await record_outcome(predictor.pool, predictor.log, body, principal.key_id)
+    except DATABASE_DOWN as exc:
+        raise ServiceUnavailable(f"database unavailable: {type(exc).__name__}; try again later") from None
+    if created:
+        return stored
+    return JSONResponse(stored.model_dump(mode="json"), status_code=200)
+
+
+@router.get(
+    "/v1/performance",
+    tags=["outcomes"],
+    response_model=PerformanceOut,
+    responses=error_responses(401, 403, 404, 422, 503),
+)
+async def get_performance(
+    predictor: PredictorDep,
+    _: ReadKey,
+    symbol: Annotated[str, Query(description="series symbol, e.g. EURUSD")],
+    timeframe: Annotated[str, Query(description="series timeframe, e.g. H1")],
+    since: Annotated[
+        datetime | None,
+        Query(description="only bars opening (outcomes) and predictions served at or after this time (ISO 8601)"),
+    ] = None,
+) -> PerformanceOut:
+    """Live performance of every model version and variant that served a series, from settled outcomes (role
+    read): logged predictions, settled bars (one per version, variant and bar), hit rate with its 95 % Wilson
+    interval, Brier score, log loss, a calibration table, profit factor and return after costs of following the
+    signals, and the external outcomes recorded for them. 404 when no prediction was ever logged for the series.
+    """
+    check_symbol(symbol)
+    tf = parse_timeframe(timeframe)
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    try:
+        return await series_performance(predictor.pool, predictor.log, symbol, tf.value, since)
+    except DATABASE_DOWN as exc:
+        raise ServiceUnavailable(f"database unavailable: {type(exc).__name__}; try again later") from None

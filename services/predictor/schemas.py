@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 from typing import Any, Literal
 
@@ -29,7 +30,12 @@ class PredictionIn(BaseModel):
     timeframes: list[Timeframe] | None = Field(
         default=None, description="higher timeframes for the consensus, resampled from the same bars"
     )
-    user_id: str | None = Field(default=None, max_length=256, description="stored only as a salted sha256")
+    user_id: str | None = Field(
+        default=None,
+        max_length=256,
+        description="the A/B split's sticky key (a user in the rollout's test group gets the candidate) and "
+        "stored only as a salted sha256",
+    )
 
 
 class Probabilities(BaseModel):
@@ -79,7 +85,11 @@ class PredictionOut(BaseModel):
     confidence: float = Field(description="calibrated probability of the signal")
     probabilities: Probabilities
     model_version: str
-    variant: str = Field(description="which model variant served: 'production' until A/B routing exists")
+    variant: str = Field(
+        description="which model variant served: 'production', or 'candidate' when the series' rollout routes "
+        "this request to its candidate (test group, symbol in the rollout, or the sticky traffic split); "
+        "`model_version` names it"
+    )
     cached: bool
     timeframes: dict[str, TimeframeSignal]
     consensus: Consensus
@@ -147,6 +157,10 @@ class ModelOut(BaseModel):
     symbol: str
     timeframe: str
     version: str
+    role: Literal["production", "candidate"] = Field(
+        description="production serves the series; candidate is its rollout's candidate (A/B split, test group, "
+        "symbol rollout or shadow)"
+    )
     sha256: str
     sequence_length: int
     feature_names: list[str]
@@ -181,3 +195,83 @@ class ExplanationPending(BaseModel):
 
     prediction_id: str
     status: Literal["queued", "running"]
+
+
+# --- outcomes and live performance (services/predictor/performance.py) -----------------------------------------
+
+
+class OutcomeIn(BaseModel):
+    """A result a client observed for one served prediction, e.g. the PnL of the trade it placed on it."""
+
+    model_config = ConfigDict(
+        allow_inf_nan=False,
+        extra="forbid",
+        json_schema_extra={
+            "example": {
+                "prediction_id": "0192f3a4-5b6c-7d8e-9f00-112233445566",
+                "pnl": 0.0042,
+                "detail": {"trade_id": "T-1842", "entry": 1.0831, "exit": 1.0876},
+            }
+        },
+    )
+
+    prediction_id: uuid.UUID = Field(description="the prediction_id of a served prediction")
+    pnl: float | None = Field(default=None, description="the result as a return (e.g. 0.0042 = +0.42 %); optional")
+    detail: dict[str, Any] | None = Field(default=None, description="anything else worth keeping, as JSON")
+
+
+class OutcomeOut(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    prediction_id: str
+    symbol: str
+    timeframe: str
+    model_version: str
+    variant: str
+    pnl: float | None
+    detail: dict[str, Any]
+    recorded_by: str = Field(description="the API key id that recorded it")
+    recorded_at: datetime
+
+
+class CalibrationBucket(BaseModel):
+    confidence_low: float = Field(description="bucket lower edge (inclusive)")
+    confidence_high: float = Field(description="bucket upper edge (exclusive; the last bucket includes 1.0)")
+    bars: int = Field(description="settled bars whose signal's confidence falls in the bucket")
+    mean_confidence: float | None
+    hit_rate: float | None = Field(description="share of those bars whose signal was right")
+
+
+class VariantPerformance(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_version: str
+    variant: Literal["production", "candidate", "shadow"]
+    predictions: int = Field(description="logged predictions (every request, cached ones too)")
+    settled_bars: int = Field(description="settled outcomes: one per bar, however many requests asked for it")
+    first_bar: datetime | None
+    last_bar: datetime | None
+    hits: int
+    hit_rate: float | None = Field(description="share of settled bars whose signal equals the realised label")
+    hit_rate_ci_low: float | None = Field(description="95 % Wilson interval, lower end")
+    hit_rate_ci_high: float | None = Field(description="95 % Wilson interval, upper end")
+    brier: float | None = Field(description="multiclass Brier score, mean of sum over classes of (p - onehot)^2")
+    log_loss: float | None = Field(description="mean -ln p(realised label), natural log, p clipped at 1e-15")
+    calibration: list[CalibrationBucket]
+    trades: int = Field(description="settled BUY or SELL signals (HOLD takes no position)")
+    profit_factor: float | None = Field(
+        description="sum of winning trades' pnl / |sum of losing trades' pnl|; null without a losing trade"
+    )
+    return_after_costs: float = Field(
+        description="sum of settled pnl: log returns from the next bar's open to the horizon bar's close, after "
+        "the round-trip cost"
+    )
+    external_outcomes: int = Field(description="outcomes recorded with POST /v1/outcomes")
+    external_pnl: float | None = Field(description="sum of their pnl (those that gave one)")
+
+
+class PerformanceOut(BaseModel):
+    symbol: str
+    timeframe: str
+    since: datetime | None
+    versions: list[VariantPerformance]

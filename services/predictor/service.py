@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import hashlib
+import logging
 import os
 import time
 import uuid
@@ -18,9 +20,11 @@ import numpy.typing as npt
 import orjson
 
 from services.predictor.cache import CacheEntry, PredictionCache, TimeframeResult, ttl_seconds
+from services.predictor.drift import DriftMonitor
 from services.predictor.features_client import IndicatorsClient, Rows, have_bars
 from services.predictor.model_manager import LoadedModel, ModelManager
 from services.predictor.prediction_log import LogRecord, PredictionLog
+from services.predictor.routing import CANDIDATE, PRODUCTION, SHADOW, route
 from services.predictor.series import SeriesStamps
 from services.predictor.settings import PredictorSettings
 from services.predictor.signals import (
@@ -47,7 +51,9 @@ from shared.warmup import WARMUP_BARS
 
 # Bump when the cached entry's shape changes, so a deploy never reads entries it does not understand.
 CACHE_SCHEMA = "v2"
-VARIANT_PRODUCTION = "production"
+VARIANT_PRODUCTION = PRODUCTION
+
+log = logging.getLogger("predictor.service")
 
 
 class NoModel(NotFoundError):
@@ -66,6 +72,9 @@ class PredictionRequest:
     bars: list[Any] | None
     user_id: str | None
     use_cache: bool = True
+    # Without a user id, the A/B split buckets the request id. A signal computed at bar close for every
+    # subscriber (services/predictor/streaming.py) turns that off: the shared event is production's.
+    split_by_request_id: bool = True
 
 
 class Inference(NamedTuple):
@@ -94,6 +103,16 @@ def _digest(*parts: object) -> str:
     return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()[:32]
 
 
+def _window_fields(window: npt.NDArray[np.float64]) -> tuple[str, list[int], str]:
+    """The logged form of a feature window: sha256 of the float32 values and shape, the shape, base64."""
+    w32 = np.ascontiguousarray(window, dtype=np.float32)
+    return (
+        hashlib.sha256(w32.tobytes() + str(w32.shape).encode()).hexdigest(),
+        list(w32.shape),
+        base64.b64encode(w32.tobytes()).decode(),
+    )
+
+
 def _no_signal(status: Literal["no_model", "insufficient_data"], version: str | None, detail: str) -> TimeframeResult:
     return {"status": status, "signal": None, "confidence": None, "model_version": version, "detail": detail}
 
@@ -118,7 +137,11 @@ class Predictor:
         self.log = log
         self.weights = weights
         self.series = series
+        # Set by the app (main.py); counts the newest feature row of each computed prediction for drift checks.
+        self.drift: DriftMonitor | None = None
         self.salt = settings.user_id_salt.get_secret_value().encode()
+        self.rollout_salt = settings.rollout_salt
+        self.shadow_failures = 0  # shadow scorings that raised (logged; they never touch a response)
         self.limits = RiskLimits(
             settings.risk_max_position_fraction,
             settings.risk_per_trade_fraction,
@@ -126,13 +149,32 @@ class Predictor:
             settings.risk_take_profit_atr_multiple,
         )
 
-    # The one place that picks what serves a request: a later A/B router replaces this method.
-    def select_model(self, symbol: str, timeframe: str, user_id: str | None) -> tuple[LoadedModel, str]:
-        del user_id  # the A/B router will bucket on the hashed user id
+    def select_model(
+        self, symbol: str, timeframe: str, user_id: str | None, request_id: str | None
+    ) -> tuple[LoadedModel, str]:
+        """The model that serves a request and its variant, "production" or "candidate": the series' rollout
+        decides (services/predictor/routing.py) when its candidate is loaded; otherwise production. Only the
+        request's own timeframe is routed: the other timeframes of a consensus are always production."""
+        candidate = self.models.candidate(symbol, timeframe)
+        if candidate is not None:
+            rollout = self.models.rollout(symbol, timeframe)
+            if route(rollout, symbol, user_id, request_id, self.rollout_salt) == CANDIDATE:
+                return candidate, CANDIDATE
         model = self.models.get(symbol, timeframe)
         if model is None:
             raise NoModel(f"no production model for {symbol} {timeframe}; train and promote one first")
-        return model, VARIANT_PRODUCTION
+        return model, PRODUCTION
+
+    def shadow_model(self, symbol: str, timeframe: str, variant: str) -> LoadedModel | None:
+        """The candidate that shadows a production-served request: when the rollout has shadow on and its
+        candidate is loaded."""
+        if variant != PRODUCTION:
+            return None
+        candidate = self.models.candidate(symbol, timeframe)
+        if candidate is None:
+            return None
+        rollout = self.models.rollout(symbol, timeframe)
+        return candidate if rollout is not None and rollout.shadow else None
 
     def hash_user(self, user_id: str | None) -> str | None:
         if user_id is None:
@@ -142,7 +184,9 @@ class Predictor:
     async def predict(self, req: PredictionRequest, request_id: str | None) -> bytes:
         """The JSON response body of one prediction (PredictionOut)."""
         tf = req.timeframe.value
-        primary, variant = self.select_model(req.symbol, tf, req.user_id)
+        route_key = request_id if req.split_by_request_id else None
+        primary, variant = self.select_model(req.symbol, tf, req.user_id, route_key)
+        shadow = self.shadow_model(req.symbol, tf, variant)
         models = self._models_for(req, primary)
         weights = self.weights.lookup(req.symbol, tf)
         versions = ",".join(f"{t}={m.version if m else '-'}" for t, m in models.items())
@@ -160,7 +204,9 @@ class Predictor:
             # one, and nothing computed on old bars is served once the notification is processed. Look again.
             if req.bars is not None or self.series.epoch == epoch:
                 return self._serve(hit, primary, req, variant, True, request_id)
-        entry, _shared = await self.cache.single_flight(key, lambda: self._compute(req, models, weights, close, key))
+        entry, _shared = await self.cache.single_flight(
+            key, lambda: self._compute(req, models, weights, close, key, shadow, request_id)
+        )
         return self._serve(entry, primary, req, variant, False, request_id)
 
     def _models_for(self, req: PredictionRequest, primary: LoadedModel) -> dict[str, LoadedModel | None]:
@@ -200,11 +246,20 @@ class Predictor:
         weights: Weights,
         close: float,
         key: str,
+        shadow: LoadedModel | None = None,
+        request_id: str | None = None,
     ) -> CacheEntry:
-        """Features, inference per timeframe, decision rules; the entry is cached before it is returned."""
+        """Features, inference per timeframe, decision rules; the entry is cached before it is returned.
+
+        With a `shadow` model, it scores the request timeframe's rows too, after the response is built
+        (`_shadow_soon`). This runs once per computed entry (a cache miss or a no-cache request), never for a
+        cached hit, so a shadow logs one prediction per bar and input, not one per request."""
         tf = req.timeframe.value
         served = {t: m for t, m in models.items() if m is not None}
-        rows = await self._features(req, list(served), max(m.sequence_length for m in served.values()))
+        need = max([m.sequence_length for m in served.values()] + ([shadow.sequence_length] if shadow else []))
+        rows = await self._features(req, list(served), need)
+        if self.drift is not None:
+            self.drift.observe(req.symbol, rows)  # queued in memory; its own loop writes Redis
         per_tf: dict[str, TimeframeResult] = {}
         signals: dict[str, tuple[str, float]] = {}
         primary: Inference | None = None
@@ -224,7 +279,55 @@ class Predictor:
         entry = self._entry(req, served[tf], primary, per_tf, signals, weights, close, time.time() + ttl_s)
         # A no-cache request still refreshes the entry for the requests after it.
         await self.cache.store(key, entry, ttl_s)
+        if shadow is not None:
+            self._shadow_soon(req, shadow, primary.rows, request_id)
         return entry
+
+    def _shadow_soon(self, req: PredictionRequest, model: LoadedModel, rows: Rows, request_id: str | None) -> None:
+        """Score `model` on the request's rows in a callback of its own. Nothing awaits between here and the
+        response being rendered (and, with uvicorn, usually written), so the callback runs after that, on the
+        same event loop: it adds its CPU (about 45 µs) to the process, not to this response's latency
+        (benchmarks/bench_shadow.py measures both)."""
+        asyncio.get_running_loop().call_soon(self._score_shadow, req, model, rows, request_id)
+
+    def _score_shadow(self, req: PredictionRequest, model: LoadedModel, rows: Rows, request_id: str | None) -> None:
+        """Log the shadow's prediction (variant shadow, the candidate's version); it is never returned."""
+        try:
+            missing = [n for n in model.feature_names if n not in rows.names]
+            if missing or len(rows) < model.sequence_length:
+                log.warning(
+                    "shadow skipped: the rows do not fit the candidate",
+                    extra={"version": model.version, "missing": missing, "rows": len(rows)},
+                )
+                return
+            window = rows.window(model.feature_names, model.sequence_length)
+            p = model.predict(window)
+            signal, confidence = decide(p.tolist())
+            window_hash, shape, b64 = _window_fields(window)
+            self.log.append(
+                LogRecord(
+                    uuid7(),
+                    time.time(),
+                    req.symbol,
+                    req.timeframe.value,
+                    rows.ts[-1],
+                    model.version,
+                    SHADOW,
+                    self.hash_user(req.user_id),
+                    window_hash,
+                    b64,
+                    shape,
+                    [round(float(x), 6) for x in p],
+                    signal,
+                    round(confidence, 6),
+                    signal,  # one timeframe scored: its consensus is its own signal
+                    False,
+                    request_id,
+                )
+            )
+        except Exception:  # a shadow must never disturb serving
+            self.shadow_failures += 1
+            log.exception("shadow scoring failed", extra={"version": model.version})
 
     def _run_timeframe(
         self, req: PredictionRequest, t: str, model: LoadedModel, got: Rows | AppError
@@ -273,7 +376,7 @@ class Predictor:
         """The decision rules on the request timeframe's newest feature row, and the window to log."""
         rows = primary.rows
         latest = dict(zip(rows.names, rows.values[-1].tolist(), strict=True))
-        w32 = np.ascontiguousarray(primary.window, dtype=np.float32)
+        window_hash, window_shape, window_b64 = _window_fields(primary.window)
         return CacheEntry(
             symbol=req.symbol,
             timeframe=req.timeframe.value,
@@ -290,9 +393,9 @@ class Predictor:
             ),
             bar_ts=rows.ts[-1],
             generated_at=datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-            window_hash=hashlib.sha256(w32.tobytes() + str(w32.shape).encode()).hexdigest(),
-            window_shape=list(w32.shape),
-            window_b64=base64.b64encode(w32.tobytes()).decode(),
+            window_hash=window_hash,
+            window_shape=window_shape,
+            window_b64=window_b64,
             expires_at=expires_at,
         )
 

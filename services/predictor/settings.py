@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr, model_validator
 
+from shared import drift
 from shared.settings import Settings
 
 
@@ -70,14 +71,59 @@ class PredictorSettings(Settings):
     drift_flush_seconds: float = Field(default=30.0, gt=0)
     # PSI and KS per feature are computed this often over the rolling window below.
     drift_check_interval_seconds: float = Field(default=3600.0, gt=0)
-    drift_window_hours: float = Field(default=24.0, gt=0)
+    # Defaults shared with the trainer, which calibrates each feature's null threshold at this window size.
+    drift_window_hours: float = Field(default=drift.DEFAULT_WINDOW_HOURS, gt=0)
     # Slow timeframes (few bars in 24 h): the window widens to the last N bars of the timeframe.
-    drift_min_bars: int = Field(default=50, ge=5)
+    drift_min_bars: int = Field(default=drift.DEFAULT_MIN_BARS, ge=5)
     drift_psi_threshold: float = Field(default=0.25, gt=0)
     drift_ks_threshold: float = Field(default=0.3, gt=0, le=1)
 
     # Live performance gauges (ml_model_accuracy ...) are refreshed from settled outcomes every N seconds.
     performance_refresh_seconds: float = Field(default=60.0, gt=0)
+
+    # --- webhooks (docs/STREAMING.md, "Webhooks"); the delivery worker (webhook_worker.py) reads these too ---
+    # Loopback, private, link-local, multicast and reserved targets are refused unless this is true (trusted
+    # networks and tests only: it lets an admin key make the service call anything it can reach).
+    webhook_allow_private_targets: bool = False
+    # The Celery queue of deliveries, on CELERY_BROKER_URL (else REDIS_URL); the worker consumes it with -Q.
+    webhook_queue: str = "webhooks"
+    # Tries per event and webhook (the first one included); retry n waits base * 2**(n-1), capped.
+    webhook_max_attempts: int = Field(default=5, ge=1, le=20)
+    webhook_retry_base_seconds: float = Field(default=2.0, gt=0)
+    webhook_retry_max_delay_seconds: float = Field(default=300.0, gt=0)
+    # Consecutive deliveries that spent every try; then the webhook is paused until an admin unpauses it.
+    webhook_pause_after_failures: int = Field(default=5, ge=1)
+    # Whole-request limit of one delivery attempt (connect + send + answer).
+    webhook_timeout_seconds: float = Field(default=5.0, gt=0)
+    webhook_resolve_timeout_seconds: float = Field(default=2.0, gt=0)
+    # Bound of one publish to the broker from the predictor (a broker that accepts and never answers).
+    webhook_publish_timeout_seconds: float = Field(default=2.0, gt=0)
+    # Delivery attempts and dispatch claims older than this are deleted by the predictor's hourly prune.
+    webhook_log_retention_days: int = Field(default=30, ge=1)
+
+    # --- signal stream (docs/STREAMING.md) ---
+    # Off: no bar-close signals are computed here and GET /v1/signals/stream answers 503.
+    stream_enabled: bool = True
+    # Redis keys of the stream (`{prefix}:events`, `{prefix}:last:...`, `{prefix}:lease:...`); every replica
+    # of one deployment must use the same prefix (tests use one per run to share a Redis).
+    stream_key_prefix: str = Field(default="signals", pattern=r"^[A-Za-z0-9:_.-]{1,64}$")
+    # Events held per SSE connection; a subscriber that falls this far behind is cut (it can resume).
+    stream_queue_events: int = Field(default=256, ge=1)
+    # Keep-alive comment interval on an idle stream (proxies close silent connections).
+    stream_ping_seconds: float = Field(default=15.0, gt=0)
+    # A write to one subscriber that blocks this long (it reads nothing) ends that connection.
+    stream_send_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Replay window for Last-Event-ID: the Redis stream keeps about this many events (all series), and a
+    # resume reads back no further than the hours below.
+    stream_replay_events: int = Field(default=10_000, ge=1)
+    stream_replay_hours: float = Field(default=24.0, gt=0)
+    # Every served series is checked this often for a completed bar nobody signalled (a lost NOTIFY, Redis
+    # back after an outage); notifications trigger a check at once.
+    stream_sweep_seconds: float = Field(default=5.0, gt=0)
+    # The compute lease of one bar: a replica that died while computing is replaced after this long.
+    stream_lease_seconds: int = Field(default=60, ge=1)
+    # Series one connection may subscribe to.
+    stream_max_series: int = Field(default=50, ge=1)
 
     @model_validator(mode="after")
     def _salt_in_production(self) -> PredictorSettings:

@@ -1,18 +1,21 @@
-"""`aicash train`, `validate`, `backtest`, `optimize-weights`, `report` and `models list|show`; shared/cli.py
-calls `register(app)`.
+"""`aicash train`, `validate`, `backtest`, `optimize-weights`, `report`, `models list|show|promote|rollback`,
+`rollout show|set` and `audit`; shared/cli.py calls `register(app)`.
 
 The job commands create the job row and send the Celery message directly (the same code path as
 POST /v1/jobs, without the HTTP hop: the CLI runs where DATABASE_URL and the broker are reachable).
 `--local` runs the job in this process instead, without a broker; `backtest` always runs in this process
-(it takes well under a second) and stores its result like the worker would.
+(it takes well under a second) and stores its result like the worker would. The lifecycle commands call
+services.trainer.lifecycle on the database too (the code behind the API's routes), and audit as `cli:<user>`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -88,18 +91,29 @@ def _run_here(job_id: str, follow: Any) -> Job:
     return _get_job(job_id)
 
 
+def _actor() -> str:
+    """Who the audit trail names for a CLI action: the CLI reaches PostgreSQL directly, without an API key, so
+    the operating-system user it runs as."""
+    return f"cli:{getpass.getuser()}"
+
+
 def _submit(kind: str, symbol: str, tf: Timeframe, params: dict[str, Any], *, local: bool) -> str:
     """Create the job (and send it unless local); a refused job exits 2 with the reason."""
     from services.trainer.celery_app import create_celery
     from services.trainer.service import create_job, enqueue_job
 
     settings = get_trainer_settings()
+    actor = _actor()
     try:
         if local:
-            return str(asyncio.run(_with_conn(lambda c: create_job(c, kind, symbol, tf, params, settings))))
+            return str(
+                asyncio.run(_with_conn(lambda c: create_job(c, kind, symbol, tf, params, settings, actor=actor)))
+            )
         app = create_celery(settings)
         try:
-            return str(asyncio.run(_with_conn(lambda c: enqueue_job(c, kind, symbol, tf, params, settings, app))))
+            return str(
+                asyncio.run(_with_conn(lambda c: enqueue_job(c, kind, symbol, tf, params, settings, app, actor=actor)))
+            )
         finally:
             app.close()
     except AppError as exc:
@@ -300,7 +314,15 @@ def validate(
     console.print(render_validation(stored["report"]))
     verdict = job.result.get("gate")
     colour = "green" if verdict == "passed" else "red"
-    console.print(f"gate: [{colour}]{verdict}[/]" + (" (promoted to production)" if job.result.get("promoted") else ""))
+    placed = job.result.get("rollout")
+    note = (
+        " (promoted to production)"
+        if job.result.get("promoted")
+        else f" (now the rollout's {placed} candidate: aicash rollout show)"
+        if placed in ("canary", "manual")
+        else ""
+    )
+    console.print(f"gate: [{colour}]{verdict}[/]" + note)
     for reason in job.result.get("reasons", []):
         console.print(f"  - {reason}")
 
@@ -413,6 +435,216 @@ def report(
     console.print(f"wrote {', '.join(str(p) for p in written)}")
 
 
+# --- the lifecycle: promote, rollback, rollouts, the audit trail -----------------------------------------------
+
+
+def _lifecycle_call(fn: Any) -> Any:
+    """Run one lifecycle change on its own connection; a refused one (404, 409, 422) exits 2 with the reason."""
+    try:
+        return asyncio.run(_with_conn(fn))
+    except AppError as exc:
+        console.print(f"[red]{exc.code}[/]: {exc.message}")
+        raise typer.Exit(2) from None
+
+
+def _print_version(v: ModelVersion, verb: str, as_json: bool) -> None:
+    if as_json:
+        typer.echo(v.model_dump_json())
+        return
+    console.print(f"{verb} {v.symbol}/{v.timeframe}/{v.version} (id {v.id}): now {v.status}, gate {_gate(v)}")
+
+
+def promote_model(
+    model_id: Annotated[int, typer.Argument(help="registry id of the version (aicash models list)")],
+    reason: Annotated[str | None, typer.Option(help="why; stored in the audit row")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="the promoted version as JSON")] = False,
+) -> None:
+    """Make a version production (the previous one is archived; a rollback can return to it)."""
+    from services.trainer import lifecycle
+
+    v = _lifecycle_call(lambda c: lifecycle.promote_by_admin(c, model_id, actor=_actor(), reason=reason))
+    _print_version(v, "promoted", as_json)
+
+
+def rollback_model(
+    symbol: Annotated[str, typer.Option(help="symbol")],
+    timeframe: Annotated[str, typer.Option(help="timeframe")],
+    reason: Annotated[str | None, typer.Option(help="why; stored in the audit row")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="the version that now serves, as JSON")] = False,
+) -> None:
+    """Put the previous production version back into production (the current one is marked rolled back)."""
+    from services.trainer import lifecycle
+
+    tf = parse_timeframe(timeframe).value
+    v = _lifecycle_call(
+        lambda c: lifecycle.rollback(c, symbol, tf, actor=_actor(), reason=reason or "rolled back by an admin")
+    )
+    _print_version(v, "rolled back to", as_json)
+
+
+async def _rollout_view(c: asyncpg.Connection, symbol: str, tf: str, rollout: Any) -> dict[str, Any]:
+    production = await repo.production_version(c, symbol, tf)
+    candidate = await repo.get_version(c, rollout.candidate_model_id) if rollout.candidate_model_id else None
+    return {
+        **rollout.model_dump(mode="json"),
+        "production_model_id": production.id if production else None,
+        "production_version": production.version if production else None,
+        "candidate_version": candidate.version if candidate else None,
+    }
+
+
+def _print_rollout(view: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(view))
+        return
+    table = Table("field", "value", title=f"rollout of {view['symbol']} {view['timeframe']}")
+    production = (
+        f"{view['production_version']} (id {view['production_model_id']})" if view["production_version"] else "-"
+    )
+    candidate = f"{view['candidate_version']} (id {view['candidate_model_id']})" if view["candidate_model_id"] else "-"
+    rows = {
+        "policy": view["policy"],
+        "production": production,
+        "candidate": candidate,
+        "candidate traffic %": f"{view['candidate_traffic_percent']:g}",
+        "test group": ", ".join(view["test_group_user_ids"]) or "-",
+        "rollout symbols": ", ".join(view["rollout_symbols"]) or "-",
+        "shadow": "on" if view["shadow"] else "off",
+        "updated": f"{view['updated_at'] or 'never (defaults)'} by {view['updated_by'] or '-'}",
+    }
+    for k, v in rows.items():
+        table.add_row(k, str(v))
+    console.print(table)
+
+
+def show_rollout(
+    symbol: Annotated[str, typer.Option(help="symbol")],
+    timeframe: Annotated[str, typer.Option(help="timeframe")],
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table")] = False,
+) -> None:
+    """A series' rollout: policy, production and candidate, traffic, test group, symbols, shadow."""
+    from services.trainer import lifecycle
+
+    tf = parse_timeframe(timeframe).value
+    settings = get_trainer_settings()
+
+    async def go(c: asyncpg.Connection) -> dict[str, Any]:
+        return await _rollout_view(c, symbol, tf, await lifecycle.get_rollout(c, symbol, tf, settings))
+
+    _print_rollout(_lifecycle_call(go), as_json)
+
+
+def _csv_list(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def set_rollout(
+    symbol: Annotated[str, typer.Option(help="symbol")],
+    timeframe: Annotated[str, typer.Option(help="timeframe")],
+    policy: Annotated[str | None, typer.Option(help="direct, canary or manual")] = None,
+    candidate: Annotated[
+        str | None, typer.Option(help="registry id of a candidate version of this series; 'none' clears it")
+    ] = None,
+    traffic: Annotated[float | None, typer.Option(help="candidate traffic percent, 0..100")] = None,
+    test_users: Annotated[str | None, typer.Option(help="comma-separated user ids ('' clears)")] = None,
+    rollout_symbols: Annotated[str | None, typer.Option(help="comma-separated symbols ('' clears)")] = None,
+    shadow: Annotated[bool | None, typer.Option("--shadow/--no-shadow", help="candidate scores in shadow")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="the rollout after the change, as JSON")] = False,
+) -> None:
+    """Change a series' rollout; options left out keep their value."""
+    from services.trainer import lifecycle
+
+    tf = parse_timeframe(timeframe).value
+    changes: dict[str, Any] = {}
+    if policy is not None:
+        changes["policy"] = policy
+    if candidate is not None:
+        if candidate.strip().lower() == "none":
+            changes["candidate_model_id"] = None
+        elif candidate.strip().isdigit():
+            changes["candidate_model_id"] = int(candidate)
+        else:
+            console.print(f"[red]validation_error[/]: --candidate {candidate!r}: give a registry id or 'none'")
+            raise typer.Exit(2)
+    if traffic is not None:
+        changes["candidate_traffic_percent"] = traffic
+    if test_users is not None:
+        changes["test_group_user_ids"] = _csv_list(test_users)
+    if rollout_symbols is not None:
+        changes["rollout_symbols"] = _csv_list(rollout_symbols)
+    if shadow is not None:
+        changes["shadow"] = shadow
+    if not changes:
+        console.print("[red]validation_error[/]: nothing to change; give at least one option (see --help)")
+        raise typer.Exit(2)
+    settings = get_trainer_settings()
+
+    async def go(c: asyncpg.Connection) -> dict[str, Any]:
+        r = await lifecycle.update_rollout(c, symbol, tf, changes, actor=_actor(), settings=settings)
+        return await _rollout_view(c, symbol, tf, r)
+
+    _print_rollout(_lifecycle_call(go), as_json)
+
+
+def _when(value: str | None, name: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        console.print(f"[red]validation_error[/]: --{name} {value!r} is not an ISO 8601 time, e.g. 2026-12-01T10:00Z")
+        raise typer.Exit(2) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def audit_log(
+    symbol: Annotated[str | None, typer.Option(help="only this symbol")] = None,
+    timeframe: Annotated[str | None, typer.Option(help="only this timeframe")] = None,
+    action: Annotated[str | None, typer.Option(help="e.g. model.promote, rollout.update, job.create")] = None,
+    actor: Annotated[str | None, typer.Option(help="an API key id, system, or cli:<user>")] = None,
+    since: Annotated[str | None, typer.Option(help="rows at or after this ISO 8601 time (UTC if no zone)")] = None,
+    until: Annotated[str | None, typer.Option(help="rows before this ISO 8601 time")] = None,
+    before_id: Annotated[int | None, typer.Option(min=1, help="only rows with a smaller id (paging)")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="rows at most")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="the rows as one JSON array")] = False,
+) -> None:
+    """The audit trail, newest first: who changed what, before and after, and why."""
+    tf = parse_timeframe(timeframe).value if timeframe else None
+    start, end = _when(since, "since"), _when(until, "until")
+    rows = _lifecycle_call(
+        lambda c: repo.list_audit(
+            c,
+            symbol=symbol,
+            timeframe=tf,
+            action=action,
+            actor=actor,
+            since=start,
+            until=end,
+            before_id=before_id,
+            limit=limit,
+        )
+    )
+    if as_json:
+        typer.echo(json.dumps([r.model_dump(mode="json") for r in rows]))
+        return
+    table = Table("id", "at", "actor", "action", "series", "target", "evidence")
+    for r in rows:
+        evidence = json.dumps(r.evidence, default=str) if r.evidence is not None else "-"
+        series = f"{r.symbol} {r.timeframe}" if r.symbol else "-"
+        table.add_row(
+            str(r.id),
+            r.at.strftime("%Y-%m-%d %H:%M:%S"),
+            r.actor,
+            r.action,
+            series,
+            r.target or "-",
+            evidence[:80] + ("..." if len(evidence) > 80 else ""),
+        )
+    console.print(table)
+    if len(rows) == limit:
+        console.print(f"older rows: --before-id {rows[-1].id}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
     app.command("validate")(validate)
@@ -422,4 +654,11 @@ def register(app: typer.Typer) -> None:
     models = typer.Typer(help="The model registry.", no_args_is_help=True)
     models.command("list")(list_models)
     models.command("show")(show_model)
+    models.command("promote")(promote_model)
+    models.command("rollback")(rollback_model)
     app.add_typer(models, name="models")
+    rollout = typer.Typer(help="Rollouts: who gets the candidate of a series.", no_args_is_help=True)
+    rollout.command("show")(show_rollout)
+    rollout.command("set")(set_rollout)
+    app.add_typer(rollout, name="rollout")
+    app.command("audit")(audit_log)

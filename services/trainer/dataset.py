@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from services.trainer.hyperparameters import MIN_SPLIT_SEQUENCES, TrainConfig
+from shared import drift
 from shared.errors import NotEnoughBars
 from shared.features import FEATURE_NAMES, N_FEATURES, compute_features
 from shared.model_metadata import CLASSES, ReferenceDistribution
@@ -105,17 +106,25 @@ def class_weights(y: IntArray) -> dict[int, float]:
     return weights
 
 
-def reference_distribution(values: FloatArray, bins: int) -> ReferenceDistribution:
+def reference_distribution(values: FloatArray, bins: int, null_window_bars: int | None = None) -> ReferenceDistribution:
+    """Quantile bins of one feature's training rows (in time order) and their shares; with `null_window_bars`,
+    also the PSI/KS null thresholds of windows of that many consecutive rows (shared/drift.py)."""
     edges = np.unique(np.quantile(values, np.linspace(0.0, 1.0, bins + 1)))
     if edges.size < 2:  # a constant feature: one bin around the value
         edges = np.array([edges[0] - 0.5, edges[0] + 0.5])
     hist, _ = np.histogram(values, bins=edges)
-    return ReferenceDistribution(
+    ref = ReferenceDistribution(
         edges=edges.tolist(),
         shares=(hist / max(len(values), 1)).tolist(),
         mean=float(values.mean()),
         std=float(values.std()),
     )
+    return drift.calibrated(ref, values, null_window_bars)
+
+
+def drift_window_bars(timeframe: Timeframe) -> int:
+    """The predictor's drift window in bars of `timeframe`, at its default settings (shared/drift.py)."""
+    return drift.window_bars(timeframe, drift.DEFAULT_WINDOW_HOURS, drift.DEFAULT_MIN_BARS)
 
 
 @dataclass(frozen=True)
@@ -180,8 +189,9 @@ def make_dataset(
 ) -> Dataset:
     """The dataset of three sequence sets (positions in `series.ends`, each in time order, training first).
 
-    Scaler, class weights and reference distributions come from the feature rows the training sequences
-    read, nothing later. `train_y` / `val_y` replace the true labels (the shuffled-label leakage control).
+    Scaler, class weights, reference distributions and their drift null thresholds come from the feature rows
+    the training sequences read, nothing later. `train_y` / `val_y` replace the true labels (the shuffled-label
+    leakage control).
     """
     length, h = cfg.sequence_length, cfg.horizon
     train_ends, val_ends, test_ends = series.ends[train_seq], series.ends[val_seq], series.ends[test_seq]
@@ -214,7 +224,8 @@ def make_dataset(
         scaler_scale=scale,
         class_weights=class_weights(train.y),
         reference={
-            name: reference_distribution(fit_rows[:, i], cfg.reference_bins) for i, name in enumerate(FEATURE_NAMES)
+            name: reference_distribution(fit_rows[:, i], cfg.reference_bins, drift_window_bars(series.timeframe))
+            for i, name in enumerate(FEATURE_NAMES)
         },
         first_ts=int(series.bars.ts[series.rows_idx[train_ends[0] - length + 1]]),
         last_ts=int(series.bars.ts[series.rows_idx[test_ends[-1]] + h]),

@@ -72,7 +72,7 @@ def _version(db: SyncDb, symbol: str, tf: Timeframe, name: str | None, *, defaul
 
 def validate(db: SyncDb, job: Job, ctx: JobContext) -> dict[str, Any]:
     """Walk-forward validation of a version's recipe, stored; the gate's verdict set on the version; a candidate
-    that passes is promoted (the previous production model archived)."""
+    that passes follows its series' rollout policy (lifecycle.apply_policy: promoted, or the rollout's candidate)."""
     from services.trainer import gate
     from services.trainer.validation import walk_forward
 
@@ -117,16 +117,19 @@ def validate(db: SyncDb, job: Job, ctx: JobContext) -> dict[str, Any]:
     }
     if version is None:
         return result
-    db.run(
-        repo.set_quality(
-            db.conn, version.id, {"gate": decision.gate, "reasons": decision.reasons, "validation_id": validation_id}
-        )
-    )
+    quality = {"gate": decision.gate, "reasons": decision.reasons, "validation_id": validation_id}
+    db.run(repo.set_quality(db.conn, version.id, quality))
     serving = version.status == "production"
     if decision.promote and version.status == "candidate":
-        db.run(repo.promote(db.conn, version.id))
-        result["promoted"] = serving = True
-        log.info("job %s: %s passed the gate and is now production", job.id, version.version)
+        # The series' rollout policy decides what a passing candidate does (a failing one is never placed):
+        # direct promotes it now, canary and manual make it the rollout's candidate (docs/LIFECYCLE.md).
+        from services.trainer import lifecycle
+
+        action = db.run(lifecycle.apply_policy(db.conn, version, ctx.settings))
+        result["rollout"] = action
+        if action == "promoted":
+            result["promoted"] = serving = True
+        log.info("job %s: %s passed the gate; rollout policy: %s", job.id, version.version, action)
     result["status"] = "production" if serving else version.status
     if serving and ctx.settings.trainer_weights_after_validate:
         result["weights_job_id"] = queue_follow_up(db, job, ctx, "optimize_weights", {"model_version": version.version})
@@ -284,7 +287,11 @@ def optimize(db: SyncDb, job: Job, ctx: JobContext) -> dict[str, Any]:
         raise NotFoundError(f"no production model for {symbol} {tf.value}: name a version")
     model, metadata = load_keras_verified(ctx.store, symbol, tf.value, version.version, version.sha256)
     ds = training_dataset(db, version, metadata)
-    result = optimize_weights(model, ds)
+    # The hit-rate term from the version's settled live bars once there are enough of them (settlement.py).
+    from services.trainer.settlement import live_rows
+
+    live = db.run(live_rows(db.conn, symbol, tf.value, version.version, metadata.feature_names))
+    result = optimize_weights(model, ds, live=live, min_live_bars=ctx.settings.trainer_performance_min_bars)
     inputs = {
         **result.inputs,
         "importances": result.importances,

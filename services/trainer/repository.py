@@ -4,11 +4,13 @@ indicator weights, prediction explanations, model flags and retrain decisions.""
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from services.trainer.schemas import EpochLog, Job, ModelFlags, ModelVersion, Quality
+from services.trainer.schemas import AuditEntry, EpochLog, Job, ModelFlags, ModelVersion, Quality
+from shared.rollouts import ROLLOUT_COLUMNS, Rollout
 
 type Conn = asyncpg.Connection | asyncpg.Pool
 
@@ -19,7 +21,8 @@ _JOB_COLUMNS = (
 # Partial unique index of migration 0002: one queued or running job per series.
 ONE_ACTIVE_JOB_INDEX = "training_jobs_one_active"
 _VERSION_COLUMNS = (
-    "id, symbol, timeframe, version, status, metrics, artifact_uri, sha256, created_at, training_job_id, quality"
+    "id, symbol, timeframe, version, status, metrics, artifact_uri, sha256, created_at, training_job_id, quality, "
+    "promoted_at, retired_at, rolled_back_at"
 )
 
 
@@ -59,6 +62,9 @@ def _version(row: asyncpg.Record) -> ModelVersion:
         created_at=row["created_at"],
         training_job_id=row["training_job_id"],
         quality=Quality.model_validate(_json(row["quality"])),
+        promoted_at=row["promoted_at"],
+        retired_at=row["retired_at"],
+        rolled_back_at=row["rolled_back_at"],
     )
 
 
@@ -396,28 +402,124 @@ async def set_quality(conn: Conn, version_id: int, quality: dict[str, Any]) -> N
     await conn.execute("UPDATE model_versions SET quality = $2::jsonb WHERE id = $1", version_id, json.dumps(quality))
 
 
-async def promote(conn: asyncpg.Connection, version_id: int) -> ModelVersion:
-    """Make a version its series' production model: the previous one is archived, the flags cleared (they
-    described the model that no longer serves). One transaction, serialised per series."""
-    async with conn.transaction():
-        row = await conn.fetchrow("SELECT symbol, timeframe FROM model_versions WHERE id = $1 FOR UPDATE", version_id)
-        assert row is not None
-        symbol, timeframe = row["symbol"], row["timeframe"]
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended('series:' || $1 || '/' || $2, 0))", symbol, timeframe
-        )
-        await conn.execute(
-            "UPDATE model_versions SET status = 'archived' "
-            "WHERE symbol = $1 AND timeframe = $2 AND status = 'production' AND id <> $3",
-            symbol,
-            timeframe,
-            version_id,
-        )
-        await conn.execute("UPDATE model_versions SET status = 'production' WHERE id = $1", version_id)
-        await clear_flags(conn, symbol, timeframe)
-    promoted = await get_version(conn, version_id)
-    assert promoted is not None
-    return promoted
+# --- the model lifecycle: series lock, status changes, rollouts, the audit trail ---------------------------------
+
+
+async def lock_series(conn: asyncpg.Connection, symbol: str, timeframe: str) -> None:
+    """Transaction-level advisory lock of the series: registration, promotion, rollback and rollout changes of
+    one series run one at a time (the same key as register_version)."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended('series:' || $1 || '/' || $2, 0))", symbol, timeframe
+    )
+
+
+async def set_status(conn: Conn, version_id: int, status: str, *, rolled_back: bool = False) -> None:
+    """Change a version's status (the trigger of migration 0005 keeps promoted_at/retired_at); `rolled_back`
+    also stamps rolled_back_at, which takes the version out of every later rollback's reach."""
+    await conn.execute(
+        "UPDATE model_versions SET status = $2, "
+        "rolled_back_at = CASE WHEN $3 THEN clock_timestamp() ELSE rolled_back_at END WHERE id = $1",
+        version_id,
+        status,
+        rolled_back,
+    )
+
+
+async def rollback_target(conn: Conn, symbol: str, timeframe: str, current_id: int | None) -> ModelVersion | None:
+    """The version a rollback returns to: the one that served most recently before the current production
+    version and was not itself rolled back."""
+    row = await conn.fetchrow(
+        f"SELECT {_VERSION_COLUMNS} FROM model_versions "  # noqa: S608
+        "WHERE symbol = $1 AND timeframe = $2 AND status = 'archived' AND promoted_at IS NOT NULL "
+        "AND rolled_back_at IS NULL AND ($3::bigint IS NULL OR id <> $3) "
+        "ORDER BY retired_at DESC NULLS LAST, id DESC LIMIT 1",
+        symbol,
+        timeframe,
+        current_id,
+    )
+    return _version(row) if row else None
+
+
+def _rollout(row: asyncpg.Record) -> Rollout:
+    return Rollout(
+        symbol=row["symbol"],
+        timeframe=row["timeframe"],
+        policy=row["policy"],
+        candidate_model_id=row["candidate_model_id"],
+        candidate_traffic_percent=row["candidate_traffic_percent"],
+        test_group_user_ids=list(row["test_group_user_ids"]),
+        rollout_symbols=list(row["rollout_symbols"]),
+        shadow=row["shadow"],
+        updated_at=row["updated_at"],
+        updated_by=row["updated_by"],
+    )
+
+
+async def get_rollout_row(conn: Conn, symbol: str, timeframe: str) -> Rollout | None:
+    row = await conn.fetchrow(
+        f"SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE symbol = $1 AND timeframe = $2",  # noqa: S608
+        symbol,
+        timeframe,
+    )
+    return _rollout(row) if row else None
+
+
+async def upsert_rollout(conn: Conn, r: Rollout, updated_by: str) -> Rollout:
+    row = await conn.fetchrow(
+        f"""
+        INSERT INTO rollouts (symbol, timeframe, policy, candidate_model_id, candidate_traffic_percent,
+                              test_group_user_ids, rollout_symbols, shadow, updated_at, updated_by)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now(), $9)
+        ON CONFLICT (symbol, timeframe) DO UPDATE SET
+            policy = EXCLUDED.policy, candidate_model_id = EXCLUDED.candidate_model_id,
+            candidate_traffic_percent = EXCLUDED.candidate_traffic_percent,
+            test_group_user_ids = EXCLUDED.test_group_user_ids, rollout_symbols = EXCLUDED.rollout_symbols,
+            shadow = EXCLUDED.shadow, updated_at = now(), updated_by = EXCLUDED.updated_by
+        RETURNING {ROLLOUT_COLUMNS}
+        """,  # noqa: S608
+        r.symbol,
+        r.timeframe,
+        r.policy,
+        r.candidate_model_id,
+        r.candidate_traffic_percent,
+        r.test_group_user_ids,
+        r.rollout_symbols,
+        r.shadow,
+        updated_by,
+    )
+    assert row is not None
+    return _rollout(row)
+
+
+async def list_audit(
+    conn: Conn,
+    *,
+    symbol: str | None = None,
+    timeframe: str | None = None,
+    action: str | None = None,
+    actor: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    before_id: int | None = None,
+    limit: int = 100,
+) -> list[AuditEntry]:
+    """Audit rows matching every filter given, newest (highest id) first; `before_id` pages to older rows."""
+    rows = await conn.fetch(
+        "SELECT id, at, actor, action, symbol, timeframe, target, before, after, evidence, request_id "
+        "FROM audit_log WHERE ($1::text IS NULL OR symbol = $1) AND ($2::text IS NULL OR timeframe = $2) "
+        "AND ($3::text IS NULL OR action = $3) AND ($4::text IS NULL OR actor = $4) "
+        "AND ($5::timestamptz IS NULL OR at >= $5) AND ($6::timestamptz IS NULL OR at < $6) "
+        "AND ($7::bigint IS NULL OR id < $7) ORDER BY id DESC LIMIT $8",
+        symbol,
+        timeframe,
+        action,
+        actor,
+        since,
+        until,
+        before_id,
+        limit,
+    )
+    return [AuditEntry(**{**dict(r), **{k: _json(r[k]) for k in ("before", "after", "evidence")}}) for r in rows]
 
 
 # --- validation reports ---------------------------------------------------------------------------------------
@@ -652,3 +754,107 @@ async def fail_explanation(conn: Conn, prediction_id: str, error: str) -> None:
         prediction_id,
         error[:4000],
     )
+
+
+# --- the automatic decision (services/trainer/judge.py) -----------------------------------------------------------
+
+
+async def rollouts_with_candidate(conn: Conn) -> list[Rollout]:
+    rows = await conn.fetch(
+        f"SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE candidate_model_id IS NOT NULL ORDER BY symbol, timeframe"  # noqa: S608
+    )
+    return [_rollout(r) for r in rows]
+
+
+async def try_lock_judge(conn: asyncpg.Connection, symbol: str, timeframe: str) -> bool:
+    """Transaction-level advisory lock of one series' judgement: a second, overlapping judge run skips the
+    series instead of deciding it twice."""
+    locked: bool = await conn.fetchval(
+        "SELECT pg_try_advisory_xact_lock(hashtextextended('judge:' || $1 || '/' || $2, 0))", symbol, timeframe
+    )
+    return locked
+
+
+async def candidate_entered_at(conn: Conn, symbol: str, timeframe: str, model_id: int) -> datetime | None:
+    """When `model_id` last became the series' rollout candidate (its audit row: rollout.candidate by the
+    policy, rollout.update by an admin)."""
+    at: datetime | None = await conn.fetchval(
+        "SELECT max(at) FROM audit_log WHERE symbol = $1 AND timeframe = $2 "
+        "AND action IN ('rollout.candidate', 'rollout.update') "
+        "AND (after ->> 'candidate_model_id') = $3::bigint::text "
+        "AND (before ->> 'candidate_model_id') IS DISTINCT FROM $3::bigint::text",
+        symbol,
+        timeframe,
+        model_id,
+    )
+    return at
+
+
+async def paired_outcomes(
+    conn: Conn, symbol: str, timeframe: str, candidate: str, production: str, since: datetime
+) -> list[asyncpg.Record]:
+    """The bars both versions settled, in bar order: the candidate's outcome (variant candidate or shadow, one
+    per bar; settled at or after `since`) next to the production version's production-variant outcome."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        """
+        WITH c AS (
+            SELECT DISTINCT ON (bar_ts) bar_ts, probabilities, signal, realised_label, realised_log_return, horizon
+            FROM bar_outcomes
+            WHERE symbol = $1 AND timeframe = $2 AND model_version = $3 AND variant IN ('candidate', 'shadow')
+              AND settled_at >= $5
+            ORDER BY bar_ts, variant   -- 'candidate' before 'shadow': the same model on the same bar
+        )
+        SELECT c.bar_ts, c.probabilities AS c_probabilities, c.signal AS c_signal,
+               c.realised_label AS c_label, c.realised_log_return AS c_return, c.horizon AS c_horizon,
+               p.probabilities AS p_probabilities, p.realised_label AS p_label, p.horizon AS p_horizon
+        FROM c JOIN bar_outcomes p
+          ON p.symbol = $1 AND p.timeframe = $2 AND p.model_version = $4 AND p.variant = 'production'
+         AND p.bar_ts = c.bar_ts
+        ORDER BY c.bar_ts
+        """,
+        symbol,
+        timeframe,
+        candidate,
+        production,
+        since,
+    )
+    return rows
+
+
+async def insert_rollout_evaluation(
+    conn: Conn,
+    *,
+    symbol: str,
+    timeframe: str,
+    candidate_version: str,
+    production_version: str,
+    decision: str,
+    pairs: int,
+    evidence: dict[str, Any],
+) -> int:
+    row_id: int = await conn.fetchval(
+        "INSERT INTO rollout_evaluations (symbol, timeframe, candidate_version, production_version, decision, "
+        "pairs, evidence) VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb) RETURNING id",
+        symbol,
+        timeframe,
+        candidate_version,
+        production_version,
+        decision,
+        pairs,
+        json.dumps(evidence, default=str),
+    )
+    return row_id
+
+
+async def list_rollout_evaluations(
+    conn: Conn, symbol: str | None = None, timeframe: str | None = None, limit: int = 100
+) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT id, symbol, timeframe, candidate_version, production_version, decision, pairs, evidence, "
+        "evaluated_at FROM rollout_evaluations WHERE ($1::text IS NULL OR symbol = $1) "
+        "AND ($2::text IS NULL OR timeframe = $2) ORDER BY evaluated_at DESC, id DESC LIMIT $3",
+        symbol,
+        timeframe,
+        limit,
+    )
+    return [{**dict(r), "evidence": _json(r["evidence"])} for r in rows]

@@ -1,17 +1,21 @@
 """HTTP routes of the trainer: queue jobs (train, validate, backtest, optimize_weights), follow them, the model
-registry with each version's gate verdict and validation report, backtests, weights, explanations."""
+registry with each version's gate verdict and validation report, backtests, weights, explanations, and the
+lifecycle control plane (rollouts, promotion, rollback, the audit trail)."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+import asyncpg
+from fastapi import APIRouter, Body, Query
 from fastapi.responses import JSONResponse, Response
 
-from services.trainer import publisher, service
+from services.trainer import lifecycle, publisher, service
 from services.trainer import repository as repo
 from services.trainer.deps import AdminKey, PoolDep, PublisherDep, ReadKey, SettingsDep, WriteKey
 from services.trainer.schemas import (
+    AuditPage,
     BacktestOut,
     ExplanationIn,
     ExplanationOut,
@@ -21,13 +25,18 @@ from services.trainer.schemas import (
     ModelDetail,
     ModelStatus,
     ModelVersion,
+    PromoteIn,
     RetrainDecision,
+    RollbackIn,
+    RolloutIn,
+    RolloutOut,
     TargetResult,
     ValidationOut,
 )
 from shared.db import with_retry
 from shared.errors import NotFoundError, ServiceUnavailable, error_responses
-from shared.timeframes import Timeframe
+from shared.rollouts import Rollout
+from shared.timeframes import Timeframe, check_symbol
 
 router = APIRouter()
 
@@ -39,7 +48,9 @@ router = APIRouter()
     response_model=JobCreated,
     responses=error_responses(401, 403, 404, 409, 422, 503),
 )
-async def post_job(body: JobIn, pool: PoolDep, settings: SettingsDep, app: PublisherDep, _: AdminKey) -> JobCreated:
+async def post_job(
+    body: JobIn, pool: PoolDep, settings: SettingsDep, app: PublisherDep, principal: AdminKey
+) -> JobCreated:
     """Queue a job (role admin): `train` a model, `validate` a version walk-forward against baselines (the
     promotion gate's evidence), `backtest` a version's or uploaded signals, `optimize_weights` (SHAP weights).
 
@@ -50,8 +61,12 @@ async def post_job(body: JobIn, pool: PoolDep, settings: SettingsDep, app: Publi
       `lstm_units` elements 1..1024, validate `folds` 2..20, backtest `cost_bps` 0..1000, a malformed
       `signals_csv` line.
     - 503 when the broker does not take the message within TRAINER_PUBLISH_TIMEOUT_SECONDS; the job is then
-      marked failed (submit it again later)."""
-    job_id = await service.enqueue_job(pool, body.kind, body.symbol, body.timeframe, body.params, settings, app)
+      marked failed (submit it again later).
+
+    The job row and its `job.create` audit row (actor: the API key id) are written in one transaction."""
+    job_id = await service.enqueue_job(
+        pool, body.kind, body.symbol, body.timeframe, body.params, settings, app, actor=principal.key_id
+    )
     return JobCreated(job_id=job_id)
 
 
@@ -141,24 +156,139 @@ async def get_model_validation(model_id: int, pool: PoolDep, _: ReadKey) -> Vali
     "/v1/models/{model_id}/promote",
     tags=["models"],
     response_model=ModelVersion,
-    responses=error_responses(401, 403, 404, 409),
+    responses=error_responses(401, 403, 404, 409, 422),
 )
-async def promote_model(model_id: int, pool: PoolDep, _: AdminKey) -> ModelVersion:
+async def promote_model(
+    model_id: int, pool: PoolDep, principal: AdminKey, body: Annotated[PromoteIn | None, Body()] = None
+) -> ModelVersion:
     """Make a version its series' production model by an admin's explicit decision, whatever the gate said
-    (role admin). The previous production model is archived. The version keeps its verdict, with a reason
-    added that says an admin promoted it, so clients still see e.g. `gate: failed`."""
-    v = await _version_or_404(pool, model_id)
-    if v.status == "failed":
-        from shared.errors import ConflictError
+    (role admin; the body and its `reason` are optional). The previous production model is archived (a later
+    rollback returns to it); if the version was the rollout's candidate it leaves the rollout (traffic 0). The
+    version keeps its verdict, with a reason added that says an admin promoted it, so clients still see e.g.
+    `gate: failed`. One transaction with its `model.promote` audit row; promoting the version that serves
+    already changes nothing.
 
-        raise ConflictError(f"model version {model_id} failed and cannot serve")
-    quality = v.quality.model_dump()
-    note = "promoted to production by an admin"
-    if note not in quality["reasons"]:
-        quality["reasons"] = [*quality["reasons"], note]
+    - 404 for an unknown id.
+    - 409 for a failed version (train a new one) or an archived one (a previous production version is reached
+      by `POST /v1/models/{symbol}/{timeframe}/rollback`)."""
     async with pool.acquire() as conn:
-        await repo.set_quality(conn, model_id, quality)
-        return await repo.promote(conn, model_id)
+        return await lifecycle.promote_by_admin(
+            conn, model_id, actor=principal.key_id, reason=body.reason if body else None
+        )
+
+
+@router.post(
+    "/v1/models/{symbol}/{timeframe}/rollback",
+    tags=["models"],
+    response_model=ModelVersion,
+    responses=error_responses(401, 403, 409, 422),
+)
+async def rollback_model(
+    symbol: str,
+    timeframe: Timeframe,
+    pool: PoolDep,
+    principal: AdminKey,
+    body: Annotated[RollbackIn | None, Body()] = None,
+) -> ModelVersion:
+    """Put the previous production version of the series back into production (role admin; the body and its
+    `reason` are optional). The previous one is the newest archived version that served before the current one
+    and was not itself rolled back; the current one is archived with `rolled_back_at` set, so rolling back
+    again goes one further back, never forth. Returns the version that now serves. One transaction with its
+    `model.rollback` audit row.
+
+    - 409 when the series has no production version or no previous one: promote a version instead."""
+    reason = body.reason if body and body.reason else "rolled back by an admin"
+    async with pool.acquire() as conn:
+        return await lifecycle.rollback(conn, symbol, timeframe.value, actor=principal.key_id, reason=reason)
+
+
+async def _rollout_out(conn: asyncpg.Connection, r: Rollout) -> RolloutOut:
+    production = await repo.production_version(conn, r.symbol, r.timeframe)
+    candidate = await repo.get_version(conn, r.candidate_model_id) if r.candidate_model_id is not None else None
+    return RolloutOut(
+        **r.model_dump(),
+        production_model_id=production.id if production else None,
+        production_version=production.version if production else None,
+        candidate_version=candidate.version if candidate else None,
+    )
+
+
+@router.get(
+    "/v1/rollouts/{symbol}/{timeframe}",
+    tags=["rollouts"],
+    response_model=RolloutOut,
+    responses=error_responses(401, 403, 422),
+)
+async def get_rollout(
+    symbol: str, timeframe: Timeframe, pool: PoolDep, settings: SettingsDep, _: AdminKey
+) -> RolloutOut:
+    """A series' rollout (role admin): its policy, the production and candidate versions, the candidate's
+    traffic percent, test-group user ids, symbols in rollout and the shadow flag. A series nobody configured
+    shows the defaults (policy TRAINER_ROLLOUT_DEFAULT_POLICY, no candidate; `updated_at` null)."""
+    check_symbol(symbol)
+    async with pool.acquire() as conn:
+        r = await lifecycle.get_rollout(conn, symbol, timeframe.value, settings)
+        return await _rollout_out(conn, r)
+
+
+@router.put(
+    "/v1/rollouts/{symbol}/{timeframe}",
+    tags=["rollouts"],
+    response_model=RolloutOut,
+    responses=error_responses(401, 403, 404, 409, 422),
+)
+async def put_rollout(
+    symbol: str, timeframe: Timeframe, body: RolloutIn, pool: PoolDep, settings: SettingsDep, principal: AdminKey
+) -> RolloutOut:
+    """Change a series' rollout (role admin): any of `policy`, `candidate_model_id` (null clears it),
+    `candidate_traffic_percent`, `test_group_user_ids`, `rollout_symbols`, `shadow`; absent fields keep their
+    value. Predictors see the change within seconds (NOTIFY on `model_registry`). One transaction with its
+    `rollout.update` audit row (before and after).
+
+    - 404 for an unknown candidate id.
+    - 409 for a candidate that is not `candidate` (failed, archived or production already).
+    - 422 for an unknown field, a null for a field other than the candidate, a traffic percent outside 0..100,
+      or a candidate of another series."""
+    async with pool.acquire() as conn:
+        r = await lifecycle.update_rollout(
+            conn, symbol, timeframe.value, body.changes(), actor=principal.key_id, settings=settings
+        )
+        return await _rollout_out(conn, r)
+
+
+@router.get("/v1/audit", tags=["audit"], response_model=AuditPage, responses=error_responses(401, 403, 422))
+async def get_audit(
+    pool: PoolDep,
+    _: AdminKey,
+    symbol: str | None = None,
+    timeframe: Timeframe | None = None,
+    action: Annotated[str | None, Query(max_length=100, description="e.g. model.promote")] = None,
+    actor: Annotated[str | None, Query(max_length=200, description="an API key id or `system`")] = None,
+    since: Annotated[datetime | None, Query(description="rows at or after this time (ISO 8601)")] = None,
+    until: Annotated[datetime | None, Query(description="rows before this time (ISO 8601)")] = None,
+    before_id: Annotated[int | None, Query(ge=1, description="only rows with a smaller id: the paging cursor")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> AuditPage:
+    """The append-only audit trail (role admin): every admin action (promote, rollback, rollout change, job
+    creation, manual outcome) and every automatic decision, with who (API key id or `system`), what, the
+    affected rows before and after, the evidence and the request id. Newest first (by id, the order rows were
+    appended); every filter given must match. Paging: pass the page's `next_before_id` as `before_id` for the
+    next, older page (null on the last page); a cursor, so rows appended meanwhile never shift a page."""
+    tf = timeframe.value if timeframe else None
+    entries = await with_retry(
+        lambda: repo.list_audit(
+            pool,
+            symbol=symbol,
+            timeframe=tf,
+            action=action,
+            actor=actor,
+            since=since,
+            until=until,
+            before_id=before_id,
+            limit=limit,
+        )
+    )
+    return AuditPage(entries=entries, next_before_id=entries[-1].id if len(entries) == limit else None)
 
 
 @router.get(

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from shared.model_metadata import ModelQuality
+from shared.rollouts import Rollout, RolloutPolicy
 from shared.timeframes import Timeframe
 
 JobStatus = Literal["queued", "running", "succeeded", "failed"]
@@ -89,6 +90,17 @@ class ModelVersion(BaseModel):
     created_at: datetime
     training_job_id: str | None
     quality: Quality
+    promoted_at: datetime | None = Field(
+        default=None, description="when the version last became production (none if it never served)"
+    )
+    retired_at: datetime | None = Field(
+        default=None, description="when it last stopped being production (none while it serves or if it never did)"
+    )
+    rolled_back_at: datetime | None = Field(
+        default=None,
+        description="when it was rolled back (as production) or rejected (as candidate); such a version is never "
+        "a rollback target again",
+    )
 
 
 class TargetResult(BaseModel):
@@ -175,3 +187,103 @@ class ModelFlags(BaseModel):
     performance: bool
     reason: str | None
     updated_at: datetime
+
+
+# --- the model lifecycle: rollouts, promotion, rollback, the audit trail (docs/LIFECYCLE.md) -------------------
+
+UserId = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+RolloutSymbol = Annotated[str, StringConstraints(pattern=r"^[A-Z0-9._-]{1,20}$")]
+
+
+class RolloutIn(BaseModel):
+    """A change to a series' rollout: only the fields present change, absent ones keep their value."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"candidate_model_id": 12, "candidate_traffic_percent": 10, "shadow": True},
+                {"policy": "manual"},
+                {"test_group_user_ids": ["alice", "bob"], "rollout_symbols": ["EURUSD"]},
+                {"candidate_model_id": None},
+            ]
+        },
+    )
+
+    policy: RolloutPolicy | None = Field(
+        default=None,
+        description="what a version that passes the promotion gate does: direct, canary or manual (null refused)",
+    )
+    candidate_model_id: int | None = Field(
+        default=None,
+        description="registry id of a `candidate` version of this series; null clears the candidate",
+    )
+    candidate_traffic_percent: float | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        allow_inf_nan=False,
+        description="share (0..100) of the series' other traffic the candidate gets, split by a salted hash of the "
+        "user id (null refused)",
+    )
+    test_group_user_ids: list[UserId] | None = Field(
+        default=None, max_length=10_000, description="user ids that always get the candidate (replaces the list)"
+    )
+    rollout_symbols: list[RolloutSymbol] | None = Field(
+        default=None, max_length=1_000, description="symbols whose every request gets the candidate (replaces the list)"
+    )
+    shadow: bool | None = Field(
+        default=None, description="the candidate also scores production traffic, logged as variant shadow"
+    )
+
+    @model_validator(mode="after")
+    def _null_only_clears_the_candidate(self) -> Self:
+        for name in sorted(self.model_fields_set - {"candidate_model_id"}):
+            if getattr(self, name) is None:
+                raise ValueError(f"{name} may not be null: leave it out to keep its value")
+        return self
+
+    def changes(self) -> dict[str, Any]:
+        """The fields the client sent, with their values (what update_rollout changes)."""
+        return {name: getattr(self, name) for name in self.model_fields_set}
+
+
+class RolloutOut(Rollout):
+    """A series' rollout with the versions it routes between."""
+
+    production_model_id: int | None = Field(description="registry id of the production version, if any")
+    production_version: str | None = Field(description="version name of the production version")
+    candidate_version: str | None = Field(description="version name of the candidate, if any")
+
+
+class PromoteIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"reason": "canary looked good"}]})
+
+    reason: str | None = Field(default=None, max_length=1000, description="why; stored in the audit row")
+
+
+class RollbackIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"reason": "live hit rate fell"}]})
+
+    reason: str | None = Field(default=None, max_length=1000, description="why; stored in the audit row")
+
+
+class AuditEntry(BaseModel):
+    id: int
+    at: datetime
+    actor: str = Field(description="API key id of the caller, `system` for an automatic decision, `cli:<user>`")
+    action: str = Field(description="e.g. model.promote, model.rollback, rollout.update, rollout.candidate, job.create")
+    symbol: str | None
+    timeframe: str | None
+    target: str | None = Field(description="what the action was about, e.g. `model_version:12`")
+    before: Any = Field(description="the affected rows before the change (JSON)")
+    after: Any = Field(description="the affected rows after the change (JSON)")
+    evidence: Any = Field(description="why: the reason given, the gate's verdict, a test's statistics")
+    request_id: str | None
+
+
+class AuditPage(BaseModel):
+    entries: list[AuditEntry] = Field(description="newest first (by id, the order rows were appended)")
+    next_before_id: int | None = Field(
+        description="pass as `before_id` for the next (older) page; null when this page is the last"
+    )

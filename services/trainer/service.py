@@ -9,6 +9,7 @@ message in any other way is re-sent by the sweeper.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from typing import Any
@@ -25,6 +26,7 @@ from services.trainer.job_params import ValidateParams, parse_job_params
 from services.trainer.schemas import ModelVersion
 from services.trainer.settings import TrainerSettings
 from services.trainer.source import resolve_base
+from shared import audit
 from shared.errors import NotEnoughBars, NotFoundError, ServiceUnavailable
 from shared.market_repository import count_bars
 from shared.timeframes import Timeframe, check_symbol
@@ -39,10 +41,14 @@ async def create_job(
     timeframe: Timeframe,
     params: dict[str, Any],
     settings: TrainerSettings,
+    *,
+    actor: str = audit.SYSTEM,
 ) -> str:
     """Validate, check that bars exist (404 otherwise) and insert the queued job; returns its id.
 
-    Raises JobInProgress (409) when the series already has a queued or running job of this kind.
+    The job row and its `job.create` audit row are written in one transaction; the actor is an API key id,
+    `cli:<user>`, or `system` for the schedules and follow-up jobs. Raises JobInProgress (409) when the series
+    already has a queued or running job of this kind.
     """
     check_symbol(symbol)
     parsed = parse_job_params(kind, params, fault_injection=settings.trainer_fault_injection)
@@ -51,7 +57,7 @@ async def create_job(
         await _check_bars_for_folds(conn, symbol, timeframe, base, parsed)
     job_id = uuid.uuid4().hex
     try:
-        await repo.create_job(conn, job_id, kind, symbol, timeframe.value, params)
+        await _create_audited(conn, job_id, kind, symbol, timeframe.value, params, actor)
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name != repo.ONE_ACTIVE_JOB_INDEX:
             raise
@@ -63,6 +69,36 @@ async def create_job(
             active,
         ) from None
     return job_id
+
+
+async def _create_audited(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    job_id: str,
+    kind: str,
+    symbol: str,
+    timeframe: str,
+    params: dict[str, Any],
+    actor: str,
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        c = await stack.enter_async_context(conn.acquire()) if isinstance(conn, asyncpg.Pool) else conn
+        async with c.transaction():
+            job = await repo.create_job(c, job_id, kind, symbol, timeframe, params)
+            await audit.record(
+                c,
+                actor=actor,
+                action="job.create",
+                symbol=symbol,
+                timeframe=timeframe,
+                target=f"job:{job_id}",
+                after={"id": job.id, "kind": job.kind, "status": job.status, "params": _audit_params(job.params)},
+            )
+
+
+def _audit_params(params: dict[str, Any]) -> dict[str, Any]:
+    # An uploaded signals CSV can be megabytes: the audit row keeps its size, the job row keeps the text.
+    csv = params.get("signals_csv")
+    return {**params, "signals_csv": f"<{len(csv)} characters>"} if isinstance(csv, str) else params
 
 
 async def recipe_of(conn: asyncpg.Connection | asyncpg.Pool, version: ModelVersion | None) -> TrainConfig:
@@ -107,9 +143,11 @@ async def enqueue_job(
     params: dict[str, Any],
     settings: TrainerSettings,
     app: Celery,
+    *,
+    actor: str = audit.SYSTEM,
 ) -> str:
     """create_job, then publish its message; a publish that fails marks the job failed and is a 503."""
-    job_id = await create_job(pool, kind, symbol, timeframe, params, settings)
+    job_id = await create_job(pool, kind, symbol, timeframe, params, settings, actor=actor)
     try:
         await publisher.publish(app, publisher.JOB_TASKS[kind], [job_id], settings)
     except Exception as exc:

@@ -84,8 +84,9 @@ class TrainerSettings(Settings):
     # The sequential test: overall false-decision rate and the settled pairs needed before any decision.
     trainer_judge_alpha: float = Field(default=0.05, gt=0, lt=0.5)
     trainer_judge_min_pairs: int = Field(default=100, ge=2)
-    # A candidate whose wrong-way rate (a BUY or SELL the market moved against) exceeds this over at least
-    # min_pairs settled bars is rolled back whatever the test says.
+    # A candidate whose wrong-way rate (a BUY or SELL the market moved against) significantly exceeds this (the
+    # lower end of its always-valid interval is above it) over at least min_pairs settled bars is rolled back
+    # whatever the log-loss test says.
     trainer_judge_max_error_rate: float = Field(default=0.6, gt=0, le=1)
     # Lets a job's params carry {"fault": "exit" | "raise"} to crash on purpose; test suites only.
     trainer_fault_injection: bool = False

@@ -37,6 +37,18 @@ FloatArray = npt.NDArray[np.float64]
 
 
 @dataclass(frozen=True)
+class LiveRows:
+    """Settled live bars of the model version (services.trainer.settlement.live_rows): the raw newest feature row
+    of each bar's logged input window (FEATURE_NAMES order) and the realised label (SELL, HOLD, BUY indices)."""
+
+    raw: FloatArray  # (n, 17)
+    y: npt.NDArray[np.int64]  # (n,)
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass(frozen=True)
 class WeightsResult:
     weights: dict[str, float]  # the 17 FEATURE_NAMES, each >= 0, summing to 1
     importances: dict[str, float]  # mean |SHAP| (see optimize_weights), held-out data
@@ -149,12 +161,29 @@ def vote_hit_rates(raw_rows: FloatArray, y: npt.NDArray[np.int64]) -> dict[str, 
     return out
 
 
+def hit_rate_votes(
+    held_raw: FloatArray, held_y: npt.NDArray[np.int64], live: LiveRows | None, min_live_bars: int
+) -> tuple[dict[str, dict[str, float | int | None]], str]:
+    """The historical-performance term's votes and where they come from: the version's settled live bars
+    ("live") when there are at least `min_live_bars`, else the held-out validation rows (SPLIT)."""
+    if live is not None and len(live) >= min_live_bars:
+        return vote_hit_rates(live.raw, live.y), "live"
+    return vote_hit_rates(held_raw, held_y), SPLIT
+
+
 def _utc(epoch_s: int) -> datetime:
     return datetime.fromtimestamp(epoch_s, UTC)
 
 
 def optimize_weights(
-    model: Any, ds: Dataset, *, background: int = 100, explained: int = 200, seed: int = 0
+    model: Any,
+    ds: Dataset,
+    *,
+    background: int = 100,
+    explained: int = 200,
+    seed: int = 0,
+    live: LiveRows | None = None,
+    min_live_bars: int = 100,
 ) -> WeightsResult:
     """Weights of the 17 features for `model` trained on `ds.train`, measured on the validation split.
 
@@ -162,7 +191,9 @@ def optimize_weights(
       explaining `explained` validation sequences (drawn with `seed`); importance_f = mean over explained
       sequences and the three class probabilities of sum over the window's steps of |SHAP(f, step)|.
     - correlation: Pearson over the newest bar's features of every validation sequence.
-    - hit rates: vote_hit_rates on the same rows (unscaled with the dataset's scaler) and labels.
+    - hit rates (the historical-performance term): vote_hit_rates on the version's settled live bars when `live`
+      holds at least `min_live_bars` of them (TRAINER_PERFORMANCE_MIN_BARS), else on the validation rows
+      (unscaled with the dataset's scaler) and labels; `inputs["hit_rate_source"]` says which.
     - weights: combine(importances, correlation, hit rates, chance=the hit rates' chance levels).
     The test split is never read: it stays untouched for judging the model and these weights.
     """
@@ -184,7 +215,7 @@ def optimize_weights(
 
     raw = held.x[:, -1, :].astype(np.float64) * ds.scaler_scale + ds.scaler_mean
     corr = _correlation(raw)
-    votes = vote_hit_rates(raw, held.y)
+    votes, source = hit_rate_votes(raw, held.y, live, min_live_bars)
     hit = np.full(N_FEATURES, np.nan)
     chance = np.full(N_FEATURES, np.nan)
     for name, v in votes.items():
@@ -200,6 +231,9 @@ def optimize_weights(
         method=METHOD,
         inputs={
             "split": SPLIT,
+            "hit_rate_source": source,
+            "live_bars": len(live) if live is not None else 0,
+            "min_live_bars": min_live_bars,
             "held_out_sequences": len(held),
             "explained_sequences": n_ex,
             "background_sequences": n_bg,

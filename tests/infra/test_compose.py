@@ -30,6 +30,7 @@ APP_SERVICES = {
     "trainer-api",
     "trainer-worker",
     "trainer-beat",
+    "webhook-worker",
 }
 
 
@@ -60,6 +61,7 @@ def test_config_q_passes_with_the_example_env(tool: Callable[[str], str]) -> Non
         "REDIS_PASSWORD",
         "API_KEYS",
         "MODEL_STORE_URL",
+        "BACKUP_URL",
         "IMAGE_TAG",
         "GRAFANA_ADMIN_PASSWORD",
         "AWS_SECRET_ACCESS_KEY",
@@ -81,9 +83,12 @@ def test_no_secret_is_written_in_the_compose_file() -> None:
             assert "${" in value, f"{key} must come from the env file, found {value!r}"
 
 
+BACKUP_SERVICES = {"backup-dump", "backup"}
+
+
 def test_services(rendered: dict[str, Any]) -> None:
     services = rendered["services"]
-    assert set(services) == APP_SERVICES | {"postgres", "redis", "nginx", "prometheus", "grafana"}
+    assert set(services) == APP_SERVICES | {"postgres", "redis", "nginx", "prometheus", "grafana", *BACKUP_SERVICES}
 
 
 def test_images_are_pinned(rendered: dict[str, Any]) -> None:
@@ -124,7 +129,7 @@ def test_migrate_is_one_shot(rendered: dict[str, Any]) -> None:
 
 def test_every_long_running_service_has_a_healthcheck(rendered: dict[str, Any]) -> None:
     for name, svc in rendered["services"].items():
-        if name in {"migrate", "trainer-beat"}:
+        if name in {"migrate", "trainer-beat", *BACKUP_SERVICES}:
             continue
         assert svc.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
     for name in ("indicators", "predictor-1", "trainer-api"):
@@ -167,3 +172,25 @@ def test_trainer_api_enqueues_to_the_queue_the_worker_consumes(rendered: dict[st
     queue = worker["command"][worker["command"].index("-Q") + 1]
     for name in ("trainer-api", "trainer-worker", "trainer-beat"):
         assert rendered["services"][name]["environment"]["TRAINER_QUEUE"] == queue, name
+
+
+def test_backup_is_a_one_shot_pair_in_its_own_profile(rendered: dict[str, Any]) -> None:
+    """pg_dump from the server's image into a scratch volume, then `aicash db backup --dump-file` uploads it."""
+    services = rendered["services"]
+    dump, upload = services["backup-dump"], services["backup"]
+    assert dump["profiles"] == upload["profiles"] == ["backup"]
+    assert dump["restart"] == upload["restart"] == "no"
+    assert dump["image"] == services["postgres"]["image"], "pg_dump must match the server's major version"
+    assert "pg_dump --format=custom" in " ".join(dump["command"])
+    assert dump["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert upload["command"] == ["aicash", "db", "backup", "--dump-file", "/backup/aicash.dump"]
+    assert upload["depends_on"]["backup-dump"]["condition"] == "service_completed_successfully"
+    assert re.search(r"/aicash-predictor:", upload["image"])
+    assert upload["environment"]["BACKUP_URL"].startswith("s3://")
+    assert upload["environment"]["DATABASE_URL"] == dump["environment"]["DATABASE_URL"]
+    assert upload["read_only"] is True
+
+    def mounts(svc: dict[str, Any]) -> dict[str, str]:  # docker-compose v1 renders "source:target[:mode]"
+        return {v.split(":")[1]: v.split(":")[0] for v in svc["volumes"]}
+
+    assert mounts(dump)["/backup"] == mounts(upload)["/backup"] == "backup_scratch"

@@ -95,9 +95,12 @@ def test_runtime_stage(image: str) -> None:
 
 @pytest.mark.parametrize("image", sorted(IMAGES))
 def test_installs_its_own_extra_only(image: str) -> None:
-    pips = [a for k, a in instructions(DOCKER / f"Dockerfile.{image}") if k == "RUN" and "pip install" in a]
-    extras = {m for a in pips for m in re.findall(r"\[(\w+)\]", a)}
+    runs = [a for k, a in instructions(DOCKER / f"Dockerfile.{image}") if k == "RUN"]
+    syncs = [a for a in runs if "uv sync" in a]
+    assert len(syncs) == 1 and "--frozen" in syncs[0], f"{image} must install from uv.lock (uv sync --frozen)"
+    extras = set(re.findall(r"--extra[= ](\w+)", syncs[0]))
     assert extras == {image}, f"{image} installs extras {extras}"
+    assert not [a for a in runs if "pip install" in a and "uv==" not in a], f"{image} installs around the lock"
 
 
 @pytest.mark.parametrize("image", sorted(IMAGES))

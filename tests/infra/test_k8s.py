@@ -1,4 +1,4 @@
-"""k8s/: the kustomize base builds, validates strictly against Kubernetes 1.30, and keeps its promises.
+"""k8s/base: the kustomize base builds, validates strictly against Kubernetes 1.30, and keeps its promises.
 
 `kubectl kustomize` renders the base (when kubectl is absent, the resources are read and namespaced the
 way kustomize would, as a fallback); `kubernetes-validate --strict` rejects unknown or misspelled fields.
@@ -16,9 +16,9 @@ import yaml
 from tests.infra.contract import APP_ENV, SECRET_ENV, SERVICES
 from tests.infra.helpers import REPO, run, which
 
-K8S = REPO / "k8s"
+K8S = REPO / "k8s" / "base"
 K8S_VERSION = "1.30.0"
-DEPLOYMENTS = {"predictor", "indicators", "trainer-api", "trainer-worker", "trainer-beat"}
+DEPLOYMENTS = {"predictor", "indicators", "trainer-api", "trainer-worker", "trainer-beat", "webhook-worker"}
 
 
 def build_without_kubectl() -> str:

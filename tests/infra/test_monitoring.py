@@ -34,6 +34,7 @@ REQUIRED_ALERTS = {
     "TrainingJobFailures",
     "ServiceDown",
     "PredictionCacheErrors",
+    "FeatureDrift",
 }
 
 
@@ -89,6 +90,9 @@ METRIC_MODULES = {
         "ml_prediction_cache_total",
         "ml_model_load_failures_total",
         "ml_prediction_log_dropped_total",
+        "ml_feature_drift",
+        "ml_feature_drift_ks",
+        "ml_feature_drifted",
     },
     "services.indicators.metrics": {
         "market_bars_rejected_total",
@@ -161,6 +165,8 @@ def test_alert_unit_tests_cover_the_required_cases() -> None:
         ("PredictionLatencyHigh", False),
         ("MarketDataStale", True),
         ("ServiceDown", True),
+        ("FeatureDrift", True),
+        ("FeatureDrift", False),
     ]:
         assert required in cases, f"alerts_test.yml has no case {required}"
 

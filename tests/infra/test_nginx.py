@@ -267,6 +267,24 @@ def test_request_id_is_created_when_missing(stack: Stack) -> None:
     assert second.json()["request_id"] != rid
 
 
+def test_the_signal_stream_is_passed_on_unbuffered(stack: Stack) -> None:
+    """Each event reaches the client when the predictor writes it, not when the stream ends."""
+    with stack.client() as c, c.stream("GET", "/v1/signals/stream", params={"series": "EURUSD:H1"}) as r:
+        assert r.status_code == 200
+        start = time.monotonic()
+        chunks = r.iter_bytes()
+        first = next(chunks)
+        took = time.monotonic() - start
+        rest = b"".join(chunks)
+    assert first.startswith(b"event: signal") and b"second" not in first
+    assert took < 1.0, f"the first event took {took:.2f} s: nginx held it until the stream ended"
+    assert b"second" in rest
+    # An idle stream carries only the predictor's 15 s pings: the location must outwait far more than that.
+    block = re.search(r"location = /v1/signals/stream \{(.*?)\}", (NGINX_DIR / "nginx.conf").read_text(), re.S)
+    assert block is not None
+    assert "proxy_buffering off;" in block[1] and "proxy_read_timeout 1h;" in block[1]
+
+
 def test_a_50000_bar_upload_fits_and_a_larger_one_is_refused(stack: Stack) -> None:
     # 50,000 bars as JSON objects of about 200 bytes each.
     body = b"x" * (10 * 1024 * 1024)

@@ -1,10 +1,11 @@
-"""CI/CD workflows (structure; GitHub runs them) and scripts/ensure-system-tools.sh (really run)."""
+"""CI/CD workflows (structure and actionlint; GitHub runs them) and scripts/ensure-system-tools.sh (really run)."""
 
 from __future__ import annotations
 
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +88,36 @@ def test_ensure_system_tools_refuses_to_install_without_root(tmp_path: Path) -> 
     out = run(["bash", str(script)], env={**os.environ, "FAKE_UID": "1000"}, check=False)
     assert out.returncode == 1
     assert "aicash-no-such-package" in out.stderr and "apt-get install" in out.stderr
+
+
+def test_actionlint_passes_on_the_workflows(tool: Callable[[str], str]) -> None:
+    """actionlint (with shellcheck on every `run:` script) finds nothing in .github/workflows."""
+    tool("shellcheck")
+    files = sorted(str(p) for p in WORKFLOWS.glob("*.yml"))
+    out = run([tool("actionlint"), "-no-color", "-oneline", *files], check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_actionlint_finds_a_broken_workflow(tool: Callable[[str], str], tmp_path: Path) -> None:
+    """The check can fail: an undefined step output and a shell quoting slip are both reported."""
+    tool("shellcheck")
+    text = (WORKFLOWS / "deploy.yml").read_text()
+    bad = text.replace("${{ steps.image.outputs.name }}", "${{ steps.imgae.outputs.name }}", 1)
+    bad = bad.replace('cat "$RUNNER_TEMP/existing-deployments"', "cat $RUNNER_TEMP/existing-deployments", 1)
+    assert bad.count("imgae") == 1 and "cat $RUNNER_TEMP" in bad
+    path = tmp_path / ".github" / "workflows" / "deploy.yml"
+    path.parent.mkdir(parents=True)
+    path.write_text(bad)
+    out = run([tool("actionlint"), "-no-color", "-oneline", str(path)], check=False)
+    assert out.returncode == 1
+    assert "imgae" in out.stdout and "SC2086" in out.stdout, out.stdout
+
+
+def test_deploy_applies_the_production_overlay() -> None:
+    deploy = workflow("deploy.yml")
+    assert deploy["env"]["OVERLAY"] == "production"
+    pin = next(s for s in deploy["jobs"]["deploy"]["steps"] if s.get("name", "").startswith("Pin images"))["run"]
+    assert 'cd "k8s/overlays/$OVERLAY"' in pin and 'kustomize build "k8s/overlays/$OVERLAY"' in pin
+    rollout = next(s for s in deploy["jobs"]["deploy"]["steps"] if s.get("name") == "Roll out")["run"]
+    for name in ("predictor", "indicators", "trainer-api", "trainer-worker", "trainer-beat", "webhook-worker"):
+        assert f" {name}" in rollout, f"deploy.yml does not wait for {name}"

@@ -31,6 +31,9 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         body_bytes += len(message.get("body", b""))
         more = message.get("more_body", False)
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    if scope["path"] == "/v1/signals/stream":
+        await _stream(send)
+        return
     payload = json.dumps(
         {
             "name": NAME,
@@ -54,6 +57,20 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         }
     )
     await send({"type": "http.response.body", "body": payload})
+
+
+async def _stream(send: Any) -> None:
+    """Like the signal stream: an event now, another after STREAM_GAP_SECONDS, with no header asking the
+    proxy not to buffer (the nginx location must not buffer on its own)."""
+    import asyncio
+
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    await send({"type": "http.response.body", "body": f"event: signal\ndata: {NAME}\n\n".encode(), "more_body": True})
+    await asyncio.sleep(STREAM_GAP_SECONDS)
+    await send({"type": "http.response.body", "body": b"event: signal\ndata: second\n\n", "more_body": False})
+
+
+STREAM_GAP_SECONDS = 1.5
 
 
 def main() -> None:

@@ -135,6 +135,17 @@ async def test_validation_stores_a_report_and_a_verdict_on_the_version(
 async def test_a_candidate_is_promoted_only_when_the_gate_passes(
     validated: dict[str, Any], first: ModelVersion, trainer_settings: TrainerSettings, database_url: str
 ) -> None:
+    # Rollout policy direct: a passing candidate replaces production at once (canary and manual, which make it
+    # the rollout's candidate instead, are tested in test_lifecycle.py).
+    from services.trainer import lifecycle
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        await lifecycle.update_rollout(
+            conn, SYMBOL, "D1", {"policy": "direct"}, actor="test", settings=trainer_settings
+        )
+    finally:
+        await conn.close()
     # A second model of the series is a candidate; its validation compares it with production on the same folds.
     job_id = await new_job(database_url, SYMBOL, "D1", {**TINY, "seed": 7})
     trained = await asyncio.to_thread(run_job, job_id, settings=trainer_settings)
@@ -155,9 +166,11 @@ async def test_a_candidate_is_promoted_only_when_the_gate_passes(
     assert cand.quality.gate == result["gate"]
     if result["gate"] == "passed":
         assert result["promoted"] and cand.status == "production" and prod.status == "archived"
+        assert result["rollout"] == "promoted"
     else:
         assert not result["promoted"] and cand.status == "candidate" and prod.status == "production"
         assert any("log loss" in r or "log_loss" in r for r in cand.quality.reasons), cand.quality.reasons
+        assert "rollout" not in result  # a failing candidate is never placed in the rollout
 
 
 async def test_backtest_of_the_model_trades_only_bars_it_never_trained_on(
