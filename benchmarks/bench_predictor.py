@@ -240,9 +240,38 @@ class _OpenLoop:
         }
 
 
-def open_loop(url: str, body: dict[str, Any], rate: float, seconds: float) -> dict[str, float]:
+def predictor_env(env: dict[str, str], redis_url: str, indicators_url: str, store_url: str) -> dict[str, str]:
+    """The predictor's environment: the indicators service's (`env`) plus Redis, the indicators URL and key, and
+    the model store."""
+    return {
+        **env,
+        "REDIS_URL": redis_url,
+        "INDICATORS_URL": indicators_url,
+        "INDICATORS_API_KEY": READ_KEY,
+        "MODEL_STORE_URL": store_url,
+    }
+
+
+def first_prediction(url: str, body: dict[str, Any], timeout_s: float = 60.0) -> httpx.Response:
+    """POST /v1/predictions until it answers 200; exits when it does not within `timeout_s`. With several workers
+    /health answers as soon as one is up; the others may still be loading models and the indicators service
+    warming up: the first prediction gets time before anything is measured."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        first = httpx.post(url + "/v1/predictions", json=body, headers={"X-API-Key": READ_KEY}, timeout=10)
+        if first.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if first.status_code != 200:
+        raise SystemExit(f"first prediction failed: {first.status_code} {first.text}")
+    return first
+
+
+def open_loop(
+    url: str, body: dict[str, Any], rate: float, seconds: float, *, no_cache: bool = True
+) -> dict[str, float]:
     """Runs the open-loop generator in its own process (uvloop), so it neither shares this process's GIL nor
-    slows because of it."""
+    slows because of it. `no_cache`: every request sends `Cache-Control: no-cache` (each one computes)."""
     out = subprocess.run(
         [
             sys.executable,
@@ -253,6 +282,7 @@ def open_loop(url: str, body: dict[str, Any], rate: float, seconds: float) -> di
             str(rate),
             str(seconds),
             json.dumps(body),
+            "1" if no_cache else "0",
         ],
         cwd=ROOT,
         capture_output=True,
@@ -263,14 +293,16 @@ def open_loop(url: str, body: dict[str, Any], rate: float, seconds: float) -> di
     return dict(json.loads(out.strip().splitlines()[-1]))
 
 
-def loadgen_main(url: str, rate: float, seconds: float, body_json: str) -> None:
+def loadgen_main(url: str, rate: float, seconds: float, body_json: str, no_cache: bool = True) -> None:
+    """The generator's process: `rate` POST /v1/predictions a second for `seconds`; prints its result as JSON."""
     import uvloop
 
     host, port = url.removeprefix("http://").split(":")
     body = body_json.encode()
+    cache = "Cache-Control: no-cache\r\n" if no_cache else ""
     request = (
-        f"POST /v1/predictions HTTP/1.1\r\nHost: {host}:{port}\r\nX-API-Key: {READ_KEY}\r\n"
-        f"Cache-Control: no-cache\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"POST /v1/predictions HTTP/1.1\r\nHost: {host}:{port}\r\nX-API-Key: {READ_KEY}\r\n{cache}"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode() + body
     result = uvloop.run(_OpenLoop(host, int(port), request).run(rate, seconds))
     print(json.dumps(result))
@@ -383,11 +415,13 @@ def main() -> None:
     parser.add_argument("--indicators-workers", type=int, default=1, help="uvicorn workers of the indicators service")
     parser.add_argument("--rates", default="200,400,600,800,1000", help="open-loop rates (req/s), comma-separated")
     parser.add_argument("--no-keras", action="store_true", help="skip the Keras-vs-onnxruntime row")
-    parser.add_argument("--loadgen", nargs=4, metavar=("URL", "RATE", "SECONDS", "BODY"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--loadgen", nargs=5, metavar=("URL", "RATE", "SECONDS", "BODY", "NO_CACHE"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.loadgen:
-        url, rate, seconds, body_json = args.loadgen
-        loadgen_main(url, float(rate), float(seconds), body_json)
+        url, rate, seconds, body_json, no_cache = args.loadgen
+        loadgen_main(url, float(rate), float(seconds), body_json, no_cache == "1")
         return
     dur = 3 if args.quick else 10
     rounds = 1 if args.quick else 3
@@ -417,13 +451,7 @@ def main() -> None:
                 c.post(f"/v1/bars/{s}/H1", json={"bars": bars_json(bars)}).raise_for_status()
         values = feature_rows(bars).values
         asyncio.run(setup_models(db_url, store_url, (values.mean(0).tolist(), values.std(0).tolist())))
-        penv = {
-            **env,
-            "REDIS_URL": redis_url,
-            "INDICATORS_URL": ind_url,
-            "INDICATORS_API_KEY": READ_KEY,
-            "MODEL_STORE_URL": store_url,
-        }
+        penv = predictor_env(env, redis_url, ind_url, store_url)
         pred, pred_url = start("services.predictor.main:app", penv, tmp / "predictor.log", args.workers)
         procs.append(pred)
         p, bare_url = start("benchmarks.bench_predictor:bare_app", {}, tmp / "bare.log", args.workers)
@@ -431,16 +459,7 @@ def main() -> None:
 
         body = {"symbol": SYMBOLS[0], "timeframe": "H1"}
         h = {"X-API-Key": READ_KEY}
-        # With several workers /health answers as soon as one is up; the others may still be loading models
-        # and the indicators service warming up: give the first prediction time before measuring.
-        deadline = time.monotonic() + 60
-        while True:
-            first = httpx.post(pred_url + "/v1/predictions", json=body, headers=h, timeout=10)
-            if first.status_code == 200 or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        if first.status_code != 200:
-            raise SystemExit(f"first prediction failed: {first.status_code} {first.text}")
+        first_prediction(pred_url, body)
         assert httpx.post(pred_url + "/v1/predictions", json=body, headers=h).json()["cached"] is True
 
         # Bare, floor and cached are measured in alternation, ROUNDS times, and each reported as its median:

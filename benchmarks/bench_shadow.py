@@ -25,7 +25,6 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,44 +32,24 @@ from pathlib import Path
 import asyncpg
 import httpx
 
-from benchmarks.bench_predictor import API_KEYS, READ_KEY, ROOT, WRITE_KEY, _OpenLoop, _stop_all, start
+from benchmarks.bench_predictor import (
+    API_KEYS,
+    WRITE_KEY,
+    _stop_all,
+    first_prediction,
+    open_loop,
+    predictor_env,
+    start,
+)
 
 SYMBOL, TF = "SHADOW1", "H1"
 
 
 def run_load(url: str, rate: float, seconds: float, no_cache: bool) -> dict[str, float]:
-    """One open-loop run in its own process (uvloop), so the generator does not share this one's GIL."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.bench_shadow",
-            "--loadgen",
-            url,
-            str(rate),
-            str(seconds),
-            "1" if no_cache else "0",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=seconds + 120,
-    ).stdout
-    return dict(json.loads(out.strip().splitlines()[-1]))
-
-
-def loadgen_main(url: str, rate: float, seconds: float, no_cache: bool) -> None:
-    import uvloop
-
-    host, port = url.removeprefix("http://").split(":")
-    body = json.dumps({"symbol": SYMBOL, "timeframe": TF, "user_id": "bench-user"}).encode()
-    cache = "Cache-Control: no-cache\r\n" if no_cache else ""
-    request = (
-        f"POST /v1/predictions HTTP/1.1\r\nHost: {host}:{port}\r\nX-API-Key: {READ_KEY}\r\n{cache}"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
-    print(json.dumps(uvloop.run(_OpenLoop(host, int(port), request).run(rate, seconds))))
+    """One open-loop run in its own process (bench_predictor's generator)."""
+    return open_loop(
+        url, {"symbol": SYMBOL, "timeframe": TF, "user_id": "bench-user"}, rate, seconds, no_cache=no_cache
+    )
 
 
 async def setup(db_url: str, store_url: str, scaler: tuple[list[float], list[float]]) -> None:
@@ -178,12 +157,7 @@ def main() -> None:
     # what survives another job's burst.
     parser.add_argument("--rounds", type=int, default=9, help="off/on pairs (1 with --quick)")
     parser.add_argument("--seconds", type=float, default=6.0, help="seconds per run (3 with --quick)")
-    parser.add_argument("--loadgen", nargs=4, metavar=("URL", "RATE", "SECONDS", "NO_CACHE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.loadgen:
-        url, rate, seconds, no_cache = args.loadgen
-        loadgen_main(url, float(rate), float(seconds), no_cache == "1")
-        return
     dur = 3.0 if args.quick else args.seconds
     rounds = 1 if args.quick else args.rounds
 
@@ -210,25 +184,10 @@ def main() -> None:
             c.post(f"/v1/bars/{SYMBOL}/{TF}", json={"bars": bars_to_rows(bars)}).raise_for_status()
         values = feature_rows(bars).values
         asyncio.run(setup(db_url, store_url, (values.mean(0).tolist(), values.std(0).tolist())))
-        penv = {
-            **env,
-            "REDIS_URL": redis_url,
-            "INDICATORS_URL": ind_url,
-            "INDICATORS_API_KEY": READ_KEY,
-            "MODEL_STORE_URL": store_url,
-        }
+        penv = predictor_env(env, redis_url, ind_url, store_url)
         pred, url = start("services.predictor.main:app", penv, tmp / "predictor.log", args.workers)
         procs.append(pred)
-        body = {"symbol": SYMBOL, "timeframe": TF}
-        h = {"X-API-Key": READ_KEY}
-        deadline = time.monotonic() + 60
-        while True:  # every worker has loaded both models once a few predictions answer
-            first = httpx.post(url + "/v1/predictions", json=body, headers=h, timeout=10)
-            if first.status_code == 200 or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        if first.status_code != 200:
-            raise SystemExit(f"first prediction failed: {first.status_code} {first.text}")
+        first = first_prediction(url, {"symbol": SYMBOL, "timeframe": TF})
         assert first.json()["variant"] == "production"
 
         # Warm-up (not reported): the first runs after start pay for connection pools and caches filling.

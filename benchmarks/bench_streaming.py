@@ -33,7 +33,7 @@ import asyncpg
 import httpx
 import numpy as np
 
-from benchmarks.bench_predictor import API_KEYS, READ_KEY, ROOT, WRITE_KEY, _OpenLoop, _stop_all, rss_mb, start
+from benchmarks.bench_predictor import API_KEYS, READ_KEY, ROOT, WRITE_KEY, _stop_all, loadgen_main, rss_mb, start
 
 SYMBOL = "STREAMB"
 SERIES = f"{SYMBOL}:H1"
@@ -201,15 +201,7 @@ async def stream_phase(
 
 def poll_main(url: str, rate: float, seconds: float) -> None:
     """Child process: `rate` cached POST /v1/predictions a second, open loop (the clients' polls)."""
-    import uvloop
-
-    host, port = url.removeprefix("http://").split(":")
-    body = json.dumps({"symbol": SYMBOL, "timeframe": "H1"}).encode()
-    request = (
-        f"POST /v1/predictions HTTP/1.1\r\nHost: {host}:{port}\r\nX-API-Key: {READ_KEY}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
-    print(json.dumps(uvloop.run(_OpenLoop(host, int(port), request).run(rate, seconds))))
+    loadgen_main(url, rate, seconds, json.dumps({"symbol": SYMBOL, "timeframe": "H1"}), no_cache=False)
 
 
 async def poll_phase(

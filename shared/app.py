@@ -21,6 +21,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.auth import Authenticator
+from shared.background import cancel_and_wait
 from shared.errors import PayloadTooLarge, install_error_handlers
 from shared.health import ReadinessChecks, install_health
 from shared.logging import request_id_var
@@ -86,9 +87,7 @@ async def periodic(what: str, interval_s: float, fn: Callable[[], Awaitable[None
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait([task])
 
 
 _RID_PREFIX = secrets.token_hex(10)

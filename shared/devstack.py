@@ -243,6 +243,22 @@ def main(argv: list[str] | None = None) -> None:
                 "predictor",
                 [*uvicorn, "services.predictor.main:app", "--port", str(PORTS["predictor"]), "--workers", "2"],
             )
+            # Webhook deliveries (docs/STREAMING.md): their own queue, so a training job never holds them back.
+            start(
+                "webhook-worker",
+                [
+                    str(BIN / "celery"),
+                    "-A",
+                    "services.predictor.webhook_worker",
+                    "worker",
+                    "-Q",
+                    "webhooks",
+                    "-c",
+                    "2",
+                    "--loglevel",
+                    "INFO",
+                ],
+            )
 
         csv_path = _sample_csv()
         subprocess.run(

@@ -114,10 +114,23 @@ def render_performance(body: dict[str, Any]) -> list[Table]:
     return tables
 
 
-def _get(url: str, path: str, params: dict[str, Any], timeout: float, console: Console) -> dict[str, Any]:
+def _call(
+    method: str,
+    url: str,
+    path: str,
+    timeout: float,
+    console: Console,
+    *,
+    params: dict[str, Any] | None = None,
+    body: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One request to the predictor with the key from AICASH_API_KEY; exit 2 when it is unreachable, 1 on an
+    error answer (its detail printed)."""
     key = os.environ.get("AICASH_API_KEY", "")
     try:
-        r = httpx.get(f"{url.rstrip('/')}{path}", params=params, headers={"X-API-Key": key}, timeout=timeout)
+        r = httpx.request(
+            method, f"{url.rstrip('/')}{path}", params=params, json=body, headers={"X-API-Key": key}, timeout=timeout
+        )
     except httpx.HTTPError as exc:
         console.print(f"[red]predictor at {url} is unreachable: {exc}[/red]")
         raise typer.Exit(2) from None
@@ -128,8 +141,8 @@ def _get(url: str, path: str, params: dict[str, Any], timeout: float, console: C
             detail = r.text
         console.print(f"[red]{r.status_code}: {detail}[/red]")
         raise typer.Exit(1)
-    body: dict[str, Any] = r.json()
-    return body
+    answer: dict[str, Any] = r.json()
+    return answer
 
 
 def register(app: typer.Typer) -> None:
@@ -144,24 +157,11 @@ def register(app: typer.Typer) -> None:
         timeout: Annotated[float, typer.Option(help="seconds")] = 10.0,
     ) -> None:
         """Signal of a series from its stored bars, by the running predictor (key from AICASH_API_KEY)."""
-        key = os.environ.get("AICASH_API_KEY", "")
         body: dict[str, Any] = {"symbol": symbol, "timeframe": timeframe}
         if timeframes:
             body["timeframes"] = timeframes
         console = Console()
-        try:
-            r = httpx.post(f"{url.rstrip('/')}/v1/predictions", json=body, headers={"X-API-Key": key}, timeout=timeout)
-        except httpx.HTTPError as exc:
-            console.print(f"[red]predictor at {url} is unreachable: {exc}[/red]")
-            raise typer.Exit(2) from None
-        if r.status_code != 200:
-            try:
-                detail = r.json().get("detail", r.text)
-            except ValueError:
-                detail = r.text
-            console.print(f"[red]{r.status_code}: {detail}[/red]")
-            raise typer.Exit(1)
-        console.print(render(r.json()))
+        console.print(render(_call("POST", url, "/v1/predictions", timeout, console, body=body)))
 
     @app.command("performance")
     def performance(
@@ -177,7 +177,7 @@ def register(app: typer.Typer) -> None:
         AICASH_API_KEY)."""
         console = Console()
         params = {"symbol": symbol, "timeframe": timeframe, **({"since": since} if since else {})}
-        body = _get(url, "/v1/performance", params, timeout, console)
+        body = _call("GET", url, "/v1/performance", timeout, console, params=params)
         if as_json:
             typer.echo(json.dumps(body, indent=2))
             return

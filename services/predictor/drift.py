@@ -40,6 +40,7 @@ from services.predictor.metrics import FEATURE_DRIFT, FEATURE_DRIFT_KS, FEATURE_
 from services.predictor.model_manager import ModelManager
 from services.predictor.settings import PredictorSettings
 from shared import drift as rules
+from shared.background import cancel_and_wait
 from shared.errors import AppError
 from shared.model_metadata import ReferenceDistribution
 from shared.timeframes import Timeframe
@@ -451,11 +452,7 @@ class DriftMonitor:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.flush(), 2.0)

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from services.predictor import repository
 from services.predictor.metrics import ACTIVE_MODELS, MODEL_LOAD_FAILURES
 from services.predictor.repository import RegistryRow
+from shared.background import cancel_and_wait
 from shared.db import PgListener
 from shared.model_metadata import CLASSES, ModelMetadata, ModelQuality, artifact_prefix
 from shared.rollouts import Rollout
@@ -313,10 +314,7 @@ class ModelManager:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait([self._task])
         await self._listener.close()
 
     async def _ensure_listener(self) -> None:

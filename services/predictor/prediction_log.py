@@ -25,6 +25,7 @@ import numpy as np
 
 from services.predictor import repository
 from services.predictor.metrics import LOG_DROPPED, LOG_PRUNED, LOG_WRITTEN
+from shared.background import cancel_and_wait
 
 log = logging.getLogger("predictor.log")
 
@@ -232,11 +233,7 @@ class PredictionLog:
         with contextlib.suppress(Exception):
             if writer is not None:
                 await asyncio.wait_for(asyncio.shield(writer), 5.0)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         try:
             await asyncio.wait_for(self.flush(), 5.0)
         except Exception as exc:

@@ -18,6 +18,7 @@ import time
 import asyncpg
 import orjson
 
+from shared.background import cancel_and_wait
 from shared.db import PgListener
 from shared.market_repository import SERIES_CHANNEL, SeriesStamp, series_stamp, series_stamps
 
@@ -144,8 +145,5 @@ class SeriesStamps:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait([self._task])
         await self._close_listener()

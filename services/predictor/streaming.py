@@ -47,6 +47,7 @@ from redis.typing import EncodableT, FieldT
 from services.predictor.metrics import STREAM_CUT, STREAM_SIGNALS, STREAM_SUBSCRIBERS
 from services.predictor.service import PredictionRequest, Predictor
 from services.predictor.settings import PredictorSettings
+from shared.background import cancel_and_wait
 from shared.bars import bars_to_rows
 from shared.db import PgListener
 from shared.errors import NotFoundError, ValidationFailed
@@ -339,11 +340,7 @@ class SignalHub:
             self._tasks.append(asyncio.create_task(self._run()))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         for sub in list(self._everyone):
             sub.close("the server is shutting down; reconnect with Last-Event-ID to resume")
         if self.redis is not None:
@@ -594,10 +591,7 @@ class BarCloser:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait([self._task])
         if self._listener is not None:
             await self._listener.close()
 

@@ -31,7 +31,7 @@ from services.predictor.settings import PredictorSettings
 from services.predictor.streaming import SignalEvent
 from services.predictor.webhook_repository import Delivery, Webhook
 from services.predictor.webhook_targets import check_target
-from shared import audit
+from shared import audit, celery_config
 from shared.app import periodic
 from shared.auth import AdminKey
 from shared.errors import NotFoundError, ValidationFailed, error_responses
@@ -50,22 +50,14 @@ PRUNE_INTERVAL_SECONDS = 3600.0
 # --- the Celery app (publisher here, worker in webhook_worker.py) ---
 
 
-def broker_url(settings: PredictorSettings) -> str:
-    return settings.celery_broker_url or settings.redis_url or "redis://127.0.0.1:6379/0"
-
-
 def _transport_options(url: str, settings: PredictorSettings) -> dict[str, Any]:
-    timeout = settings.webhook_publish_timeout_seconds
-    if url.split("://", 1)[0].lower() in ("amqp", "amqps", "pyamqp"):
-        return {"read_timeout": timeout, "write_timeout": timeout}
-    return {
+    return celery_config.transport_options(
+        url,
+        timeout_seconds=settings.webhook_publish_timeout_seconds,
         # A retry waits in the worker as an ETA message, unacknowledged: the Redis transport hands it out again
         # after visibility_timeout, so it must exceed the longest backoff plus one attempt.
-        "visibility_timeout": settings.webhook_retry_max_delay_seconds + settings.webhook_timeout_seconds + 600,
-        "socket_timeout": timeout,
-        "socket_connect_timeout": timeout,
-        "socket_keepalive": True,
-    }
+        visibility_timeout_seconds=settings.webhook_retry_max_delay_seconds + settings.webhook_timeout_seconds + 600,
+    )
 
 
 def create_celery(settings: PredictorSettings, *, current: bool = False) -> Celery:
@@ -74,28 +66,16 @@ def create_celery(settings: PredictorSettings, *, current: bool = False) -> Cele
     # deployment without webhooks never do; tests/test_architecture.py keeps `main` free of it).
     from celery import Celery
 
-    url = broker_url(settings)
+    url = celery_config.broker_url(settings)
     app = Celery("aicash-webhooks", set_as_current=current)
     app.conf.update(
-        broker_url=url,
-        broker_connection_retry_on_startup=True,
-        broker_connection_timeout=settings.webhook_publish_timeout_seconds,
-        # JSON only: a pickle message is code execution for whoever can write to the broker.
-        task_serializer="json",
-        accept_content=["json"],
-        # The outcome of each attempt is a webhook_deliveries row; no result backend.
-        task_ignore_result=True,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_default_queue=settings.webhook_queue,
-        task_routes={"webhooks.*": {"queue": settings.webhook_queue}},
-        task_publish_retry=True,
-        task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5},
-        broker_transport_options=_transport_options(url, settings),
-        worker_hijack_root_logger=False,
-        timezone="UTC",
-        enable_utc=True,
+        celery_config.base_conf(
+            url,
+            queue=settings.webhook_queue,
+            task_prefix="webhooks",
+            connection_timeout_seconds=settings.webhook_publish_timeout_seconds,
+            transport=_transport_options(url, settings),
+        )
     )
     return app
 

@@ -20,33 +20,21 @@ from celery import Celery
 from celery.schedules import crontab
 
 from services.trainer.settings import TrainerSettings, get_trainer_settings
-from shared.settings import Settings
-
-
-def broker_url(settings: Settings) -> str:
-    return settings.celery_broker_url or settings.redis_url or "redis://127.0.0.1:6379/0"
-
-
-def is_amqp(url: str) -> bool:
-    return url.split("://", 1)[0].lower() in ("amqp", "amqps", "pyamqp")
+from shared import celery_config
 
 
 def transport_options(url: str, t: TrainerSettings) -> dict[str, Any]:
-    """Per broker: socket timeouts on every connection (a silent broker must not block a publish forever)."""
-    if is_amqp(url):
-        # py-amqp: connect_timeout comes from broker_connection_timeout; these bound every frame read/write.
-        # (RabbitMQ has no visibility timeout: set the server's consumer_timeout above the longest job.)
-        return {"read_timeout": t.trainer_broker_timeout_seconds, "write_timeout": t.trainer_broker_timeout_seconds}
-    return {
-        # An unacknowledged message is handed out again after visibility_timeout; it must exceed the longest
-        # job. unacked_restore_* make a dead worker's message come back promptly once due.
-        "visibility_timeout": t.trainer_visibility_timeout_seconds,
-        "unacked_restore_interval": t.trainer_unacked_restore_interval_seconds,
-        "unacked_restore_throttle": 1,
-        "socket_timeout": t.trainer_broker_timeout_seconds,
-        "socket_connect_timeout": t.trainer_broker_timeout_seconds,
-        "socket_keepalive": True,
-    }
+    """Per broker (shared/celery_config.py); on Redis the message of a job outlives the longest job."""
+    # An unacknowledged message is handed out again after visibility_timeout; it must exceed the longest
+    # job. unacked_restore_* make a dead worker's message come back promptly once due.
+    # (RabbitMQ has no visibility timeout: set the server's consumer_timeout above the longest job.)
+    return celery_config.transport_options(
+        url,
+        timeout_seconds=t.trainer_broker_timeout_seconds,
+        visibility_timeout_seconds=t.trainer_visibility_timeout_seconds,
+        unacked_restore_interval=t.trainer_unacked_restore_interval_seconds,
+        unacked_restore_throttle=1,
+    )
 
 
 def create_celery(settings: TrainerSettings, *, current: bool = False) -> Celery:
@@ -55,32 +43,18 @@ def create_celery(settings: TrainerSettings, *, current: bool = False) -> Celery
     The worker's app (`celery_app`) is the current app; publishers (the API) build their own from their
     settings and close it in their lifespan.
     """
-    url = broker_url(settings)
+    url = celery_config.broker_url(settings)
     app = Celery("aicash-trainer", set_as_current=current, include=["services.trainer.tasks"])
     app.conf.update(
-        broker_url=url,
-        broker_connection_retry_on_startup=True,
-        broker_connection_timeout=settings.trainer_broker_timeout_seconds,
-        # JSON only: a pickle message is code execution for whoever can write to the broker.
-        task_serializer="json",
+        **celery_config.base_conf(
+            url,
+            queue=settings.trainer_queue,
+            task_prefix="trainer",
+            connection_timeout_seconds=settings.trainer_broker_timeout_seconds,
+            transport=transport_options(url, settings),
+        ),
         result_serializer="json",
-        accept_content=["json"],
-        # Results live in PostgreSQL (training_jobs); no result backend to run or to leak.
-        task_ignore_result=True,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_default_queue=settings.trainer_queue,
-        task_routes={"trainer.*": {"queue": settings.trainer_queue}},
         task_track_started=False,
-        # A publish that cannot reach the broker is retried once, quickly; the caller bounds the whole send
-        # (publisher.publish) and the sweeper recovers a job whose message was never sent.
-        task_publish_retry=True,
-        task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5},
-        broker_transport_options=transport_options(url, settings),
-        worker_hijack_root_logger=False,
-        timezone="UTC",
-        enable_utc=True,
         beat_schedule={
             "trainer-auto-retrain": {
                 "task": "trainer.auto_retrain",

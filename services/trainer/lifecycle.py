@@ -77,6 +77,30 @@ async def _version(conn: asyncpg.Connection, model_id: int) -> ModelVersion:
     return v
 
 
+async def _record_version(
+    conn: asyncpg.Connection,
+    action: str,
+    v: ModelVersion,
+    *,
+    actor: str,
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+    evidence: dict[str, Any],
+) -> None:
+    """The audit row of `action` on model version `v` (its series; target `model_version:<id>`)."""
+    await audit.record(
+        conn,
+        actor=actor,
+        action=action,
+        symbol=v.symbol,
+        timeframe=v.timeframe,
+        target=f"model_version:{v.id}",
+        before=before,
+        after=after,
+        evidence=evidence,
+    )
+
+
 async def get_rollout(conn: asyncpg.Connection, symbol: str, timeframe: str, settings: TrainerSettings) -> Rollout:
     """The series' rollout; the defaults (policy TRAINER_ROLLOUT_DEFAULT_POLICY, no candidate) without a row."""
     return await repo.get_rollout_row(conn, symbol, timeframe) or _defaults(symbol, timeframe, settings)
@@ -227,13 +251,11 @@ async def promote(
         rollout_before, rollout_after = await _clear_candidate_if(conn, v.symbol, v.timeframe, v.id, actor)
         promoted = await _version(conn, model_id)
         archived = await repo.get_version(conn, old.id) if old is not None else None
-        await audit.record(
+        await _record_version(
             conn,
+            "model.promote",
+            v,
             actor=actor,
-            action="model.promote",
-            symbol=v.symbol,
-            timeframe=v.timeframe,
-            target=f"model_version:{v.id}",
             before={"production": _brief(old), "promoted": _brief(v), "rollout": _rollout_json(rollout_before)},
             after={
                 "production": _brief(promoted),
@@ -299,13 +321,11 @@ async def rollback(
         await repo.clear_flags(conn, symbol, timeframe)
         restored = await _version(conn, target.id)
         rolled_back = await _version(conn, current.id)
-        await audit.record(
+        await _record_version(
             conn,
+            "model.rollback",
+            current,
             actor=actor,
-            action="model.rollback",
-            symbol=symbol,
-            timeframe=timeframe,
-            target=f"model_version:{current.id}",
             before={"production": _brief(current), "previous": _brief(target)},
             after={"production": _brief(restored), "rolled_back": _brief(rolled_back)},
             evidence=_evidence(reason, evidence),
@@ -343,13 +363,11 @@ async def reject_candidate(
             conn, row.model_copy(update={"candidate_model_id": None, "candidate_traffic_percent": 0.0}), actor
         )
         rejected = await _version(conn, cand.id)
-        await audit.record(
+        await _record_version(
             conn,
+            "rollout.reject",
+            cand,
             actor=actor,
-            action="rollout.reject",
-            symbol=symbol,
-            timeframe=timeframe,
-            target=f"model_version:{cand.id}",
             before={"candidate": _brief(cand), "rollout": _rollout_json(row)},
             after={"candidate": _brief(rejected), "rollout": _rollout_json(after_rollout)},
             evidence=_evidence(reason, evidence),
@@ -405,13 +423,11 @@ async def apply_policy(
                 f"model version {current.candidate_model_id} keeps status candidate but no longer routes"
             )
         updated = await repo.upsert_rollout(conn, current.model_copy(update=update), actor)
-        await audit.record(
+        await _record_version(
             conn,
+            "rollout.candidate",
+            v,
             actor=actor,
-            action="rollout.candidate",
-            symbol=v.symbol,
-            timeframe=v.timeframe,
-            target=f"model_version:{v.id}",
             before=_rollout_json(row),
             after=_rollout_json(updated),
             evidence=evidence,

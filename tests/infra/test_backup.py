@@ -26,8 +26,8 @@ from shared.market_repository import upsert_bars
 from shared.storage import ObjectStore, store_from_url
 from shared.timeframes import Timeframe
 from tests.data import generate_bars
-from tests.infra.s3 import CREDENTIALS, seaweed_s3
 from tests.support import REPO
+from tests.support.s3 import CREDENTIALS, seaweed_s3
 
 BUCKET = "aicash-backups"
 

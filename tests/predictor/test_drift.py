@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
 import asyncpg
@@ -266,31 +266,39 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     await p.close()
 
 
-def observe_rows(monitor: DriftMonitor, symbol: str, ts: Ints, values: Array) -> None:
+def observe_rows(monitor: DriftMonitor, symbol: str, ts: Ints, values: Array, timeframe: str = "M1") -> None:
     """Every live bar as the predictor sees it: one computed prediction per bar, newest row last."""
     for t, row in zip(ts, values, strict=True):
         iso = datetime.fromtimestamp(int(t), UTC).isoformat().replace("+00:00", "Z")
-        monitor.observe(symbol, {"M1": Rows([iso], list(FEATURE_NAMES), row[np.newaxis, :])})
+        monitor.observe(symbol, {timeframe: Rows([iso], list(FEATURE_NAMES), row[np.newaxis, :])})
+
+
+MonitorOn = Callable[[str, Array, tuple[str, ...]], Awaitable[DriftMonitor]]
+
+
+@pytest.fixture
+def monitor_on(database_url: str, redis_url: str, store: ObjectStore, store_url: str, pool: asyncpg.Pool) -> MonitorOn:
+    """`await monitor_on(timeframe, train, symbols)`: a drift monitor (its own Redis keys) over `symbols`, each
+    served by a model whose reference distribution is `train`. The test closes its Redis client."""
+
+    async def make(timeframe: str, train: Array, symbols: tuple[str, ...]) -> DriftMonitor:
+        for sym in symbols:
+            await register_with_reference(database_url, store, sym, timeframe, train)
+        settings = predictor_settings(database_url, redis_url, "http://127.0.0.1:1", store_url)
+        models = ModelManager(store, pool, database_url, 60)
+        await models.refresh()
+        redis = create_redis(settings, "drift-test")
+        return DriftMonitor(settings, pool, redis, models, key_prefix=unique("drift-test-"))
+
+    return make
 
 
 async def test_planted_volatility_shift_is_flagged_and_steady_bars_are_not(
-    database_url: str,
-    redis_url: str,
-    store: ObjectStore,
-    store_url: str,
-    pool: asyncpg.Pool,
-    now: int,
-    m1_series: dict[str, tuple[Ints, Array]],
+    monitor_on: MonitorOn, pool: asyncpg.Pool, now: int, m1_series: dict[str, tuple[Ints, Array]]
 ) -> None:
     steady_sym, shifted_sym = unique("DRS"), unique("DRV")
     train = m1_series["steady"][1][:TRAIN_BARS]
-    for sym in (steady_sym, shifted_sym):
-        await register_with_reference(database_url, store, sym, "M1", train)
-    settings = predictor_settings(database_url, redis_url, "http://127.0.0.1:1", store_url)
-    models = ModelManager(store, pool, database_url, 60)
-    await models.refresh()
-    redis = create_redis(settings, "drift-test")
-    monitor = DriftMonitor(settings, pool, redis, models, key_prefix=unique("drift-test-"))
+    monitor = await monitor_on("M1", train, (steady_sym, shifted_sym))
     for sym, name in ((steady_sym, "steady"), (shifted_sym, "shifted")):
         ts, values = m1_series[name]
         observe_rows(monitor, sym, ts[TRAIN_BARS:], values[TRAIN_BARS:])
@@ -339,18 +347,12 @@ async def test_planted_volatility_shift_is_flagged_and_steady_bars_are_not(
     later = await monitor.check(now=now + 2 * 86400)
     assert {r.symbol: r.status for r in later}[shifted_sym] == "insufficient"
     assert await pool.fetchval("SELECT drift FROM model_flags WHERE symbol = $1", shifted_sym) is True
-    assert redis is not None
-    await redis.aclose()
+    assert monitor.redis is not None
+    await monitor.redis.aclose()
 
 
 async def test_a_shift_that_began_seven_hours_ago_shows_in_the_next_check(
-    database_url: str,
-    redis_url: str,
-    store: ObjectStore,
-    store_url: str,
-    pool: asyncpg.Pool,
-    now: int,
-    m1_series: dict[str, tuple[Ints, Array]],
+    monitor_on: MonitorOn, now: int, m1_series: dict[str, tuple[Ints, Array]]
 ) -> None:
     """The last 7 of the 24 h shifted (volatility x3 since 7 h): under 30 % of the window is enough. (The fixed
     threshold caught it at 6 h; the calibrated ones, higher for the slow features, at 7 h, bb_bandwidth first.)"""
@@ -360,22 +362,17 @@ async def test_a_shift_that_began_seven_hours_ago_shows_in_the_next_check(
     # Same walk: the steady bars until 7 h ago, then the shifted generator's rows (their ATR already x3 after
     # 14 bars, as it would be live).
     live = np.vstack([steady[TRAIN_BARS:-420], shifted[-420:]])
-    await register_with_reference(database_url, store, sym, "M1", steady[:TRAIN_BARS])
-    settings = predictor_settings(database_url, redis_url, "http://127.0.0.1:1", store_url)
-    models = ModelManager(store, pool, database_url, 60)
-    await models.refresh()
-    redis = create_redis(settings, "drift-test")
-    monitor = DriftMonitor(settings, pool, redis, models, key_prefix=unique("drift-test-"))
+    monitor = await monitor_on("M1", steady[:TRAIN_BARS], (sym,))
     observe_rows(monitor, sym, steady_ts[TRAIN_BARS:], live)
     await monitor.flush(now=now)
     (result,) = [r for r in await monitor.check(now=now) if r.symbol == sym]
     assert "bb_bandwidth" in {f.feature for f in result.drifted}
-    assert redis is not None
-    await redis.aclose()
+    assert monitor.redis is not None
+    await monitor.redis.aclose()
 
 
 async def test_the_check_on_a_day_of_m5_bars_flags_the_shift_and_not_the_steady_series(
-    database_url: str, redis_url: str, store: ObjectStore, store_url: str, pool: asyncpg.Pool
+    monitor_on: MonitorOn, pool: asyncpg.Pool
 ) -> None:
     """Through the monitor (Redis counts, PostgreSQL rows and flags): 288 M5 bars, where the fixed PSI 0.25 alone
     marked the steady series drifted; its null thresholds do not, and the shifted series is still flagged."""
@@ -389,18 +386,10 @@ async def test_the_check_on_a_day_of_m5_bars_flags_the_shift_and_not_the_steady_
         series[name] = (rows.ts, rows.values)
     train = series["steady"][1][:20_000]
     steady_sym, shifted_sym = unique("DMS"), unique("DMV")
-    for sym in (steady_sym, shifted_sym):
-        await register_with_reference(database_url, store, sym, "M5", train)
-    settings = predictor_settings(database_url, redis_url, "http://127.0.0.1:1", store_url)
-    models = ModelManager(store, pool, database_url, 60)
-    await models.refresh()
-    redis = create_redis(settings, "drift-test")
-    monitor = DriftMonitor(settings, pool, redis, models, key_prefix=unique("drift-test-"))
+    monitor = await monitor_on("M5", train, (steady_sym, shifted_sym))
     for sym, name in ((steady_sym, "steady"), (shifted_sym, "shifted")):
         ts, values = series[name]
-        for t, row in zip(ts[-288:], values[-288:], strict=True):
-            iso = datetime.fromtimestamp(int(t), UTC).isoformat().replace("+00:00", "Z")
-            monitor.observe(sym, {"M5": Rows([iso], list(FEATURE_NAMES), row[np.newaxis, :])})
+        observe_rows(monitor, sym, ts[-288:], values[-288:], "M5")
     assert await monitor.flush(now=now) == 2 * 288
     results = {r.symbol: r for r in await monitor.check(now=now)}
     steady, shifted = results[steady_sym], results[shifted_sym]
@@ -412,8 +401,8 @@ async def test_the_check_on_a_day_of_m5_bars_flags_the_shift_and_not_the_steady_
     reason = await pool.fetchval("SELECT reason FROM model_flags WHERE symbol = $1", shifted_sym)
     assert "atr_14_pct (PSI" in reason and " of " in reason
     assert await pool.fetchval("SELECT count(*) FROM model_flags WHERE symbol = $1", steady_sym) == 0
-    assert redis is not None
-    await redis.aclose()
+    assert monitor.redis is not None
+    await monitor.redis.aclose()
 
 
 # --- counting through the predictor ---------------------------------------------------------------------

@@ -14,21 +14,9 @@ from typer.testing import CliRunner
 
 from services.predictor import cli
 from tests.support import REPO
-from tests.support.keys import API_KEYS, READ_KEY
+from tests.support.keys import READ_KEY
 from tests.support.net import free_port, start_uvicorn, stop
-from tests.support.predictor import SYMBOL
-
-
-def _env(database_url: str, redis_url: str, indicators_url: str, store_url: str) -> dict[str, str]:
-    return {
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "INDICATORS_URL": indicators_url,
-        "INDICATORS_API_KEY": READ_KEY,
-        "API_KEYS": API_KEYS,
-        "MODEL_STORE_URL": store_url,
-        "ENVIRONMENT": "test",
-    }
+from tests.support.predictor import SYMBOL, predictor_env
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +31,7 @@ def predictor_url(
     port = free_port()
     log = tmp_path_factory.mktemp("predictor") / "predictor.log"
     proc = start_uvicorn(
-        "services.predictor.main:app", port, _env(database_url, redis_url, indicators_url, store_url), log
+        "services.predictor.main:app", port, predictor_env(database_url, redis_url, indicators_url, store_url), log
     )
     yield f"http://127.0.0.1:{port}"
     stop(proc)
@@ -92,7 +80,7 @@ SCRIPT = textwrap.dedent(
 def test_serving_never_imports_tensorflow(
     database_url: str, redis_url: str, indicators_url: str, store_url: str, models: dict[str, str]
 ) -> None:
-    env = {**os.environ, **_env(database_url, redis_url, indicators_url, store_url)}
+    env = {**os.environ, **predictor_env(database_url, redis_url, indicators_url, store_url)}
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT, READ_KEY, SYMBOL],
         cwd=REPO,

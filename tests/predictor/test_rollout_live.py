@@ -15,8 +15,9 @@ import pytest
 
 from services.predictor.routing import bucket
 from shared.storage import ObjectStore
-from tests.support.keys import API_KEYS, READ_KEY
+from tests.support.keys import READ_KEY
 from tests.support.net import free_port, start_uvicorn, stop_all
+from tests.support.predictor import predictor_env
 from tests.support.routing import ingest, production_and_candidate, set_rollout
 
 SYM = "ROUT2"
@@ -63,19 +64,16 @@ def two_predictors(
     store_url: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[list[str]]:
-    env = {
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "INDICATORS_URL": indicators_url,
-        "INDICATORS_API_KEY": READ_KEY,
-        "API_KEYS": API_KEYS,
-        "MODEL_STORE_URL": store_url,
-        "MODEL_POLL_SECONDS": str(POLL_SECONDS),
-        "USER_ID_SALT": "test-salt",
-        "ROLLOUT_SALT": ROLLOUT_SALT,
-        "ENVIRONMENT": "test",
-        "LOG_LEVEL": "WARNING",
-    }
+    env = predictor_env(
+        database_url,
+        redis_url,
+        indicators_url,
+        store_url,
+        MODEL_POLL_SECONDS=str(POLL_SECONDS),
+        USER_ID_SALT="test-salt",
+        ROLLOUT_SALT=ROLLOUT_SALT,
+        LOG_LEVEL="WARNING",
+    )
     logs = tmp_path_factory.mktemp("rollout-live")
     procs = []
     urls = []

@@ -180,14 +180,19 @@ async def test_test_group_and_symbol_rollout(
     _served_by((await client.get(f"/v1/signals/{SYM}/H1")).json(), "candidate")
 
 
-async def test_without_a_user_id_the_request_id_splits(
-    candidate_id: int, predictor: Predictor, client: httpx.AsyncClient, database_url: str, settings: PredictorSettings
-) -> None:
+async def _half_on_candidate(database_url: str, predictor: Predictor, candidate_id: int) -> Rollout | None:
+    """The candidate at 50 % traffic (no test group, no shadow), once `predictor` has read it: its rollout."""
     at = await set_rollout(
         database_url, SYM, **{**OFF, "candidate_model_id": candidate_id, "candidate_traffic_percent": 50.0}
     )
     await _seen(predictor, at)
-    rollout = predictor.models.rollout(SYM, "H1")
+    return predictor.models.rollout(SYM, "H1")
+
+
+async def test_without_a_user_id_the_request_id_splits(
+    candidate_id: int, predictor: Predictor, client: httpx.AsyncClient, database_url: str, settings: PredictorSettings
+) -> None:
+    rollout = await _half_on_candidate(database_url, predictor, candidate_id)
     seen: set[str] = set()
     for i in range(30):
         rid = f"split-request-{i}"
@@ -218,11 +223,7 @@ async def _logged(database_url: str, predictor: Predictor, where: str, *args: ob
 async def test_a_cached_answer_never_crosses_variants(
     candidate_id: int, predictor: Predictor, client: httpx.AsyncClient, database_url: str, settings: PredictorSettings
 ) -> None:
-    at = await set_rollout(
-        database_url, SYM, **{**OFF, "candidate_model_id": candidate_id, "candidate_traffic_percent": 50.0}
-    )
-    await _seen(predictor, at)
-    rollout = predictor.models.rollout(SYM, "H1")
+    rollout = await _half_on_candidate(database_url, predictor, candidate_id)
     on_candidate = next(u for u in USERS if route(rollout, SYM, u, None, settings.rollout_salt) == "candidate")
     on_production = next(u for u in USERS if route(rollout, SYM, u, None, settings.rollout_salt) == "production")
 

@@ -36,8 +36,9 @@ from shared.storage import ObjectStore
 from shared.timeframes import OHLCV, Timeframe
 from tests.data import generate_bars
 from tests.predictor.model_factory import feature_scaler, register, write_model
-from tests.support.keys import API_KEYS, READ_KEY, WRITE_KEY
+from tests.support.keys import READ_KEY, WRITE_KEY
 from tests.support.net import free_port, start_uvicorn, stop, stop_all
+from tests.support.predictor import predictor_env
 from tests.support.routing import production_and_candidate, set_rollout
 
 pytestmark = pytest.mark.slow
@@ -113,24 +114,23 @@ async def feed(indicators_url: str, bars: OHLCV, database_url: str, store: Objec
 def _env(
     database_url: str, redis_url: str, indicators_url: str, store_url: str, prefix: str, **extra: str
 ) -> dict[str, str]:
-    return {
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "INDICATORS_URL": indicators_url,
-        "INDICATORS_API_KEY": READ_KEY,
-        "API_KEYS": API_KEYS,
-        "MODEL_STORE_URL": store_url,
-        "ENVIRONMENT": "test",
-        "MODEL_POLL_SECONDS": "1",
-        "PREDICTION_LOG_FLUSH_SECONDS": "0.05",
-        "REDIS_SOCKET_TIMEOUT_SECONDS": "1",
-        "REDIS_CONNECT_TIMEOUT_SECONDS": "1",
-        "STREAM_KEY_PREFIX": prefix,
-        "STREAM_SWEEP_SECONDS": "1",
-        "STREAM_QUEUE_EVENTS": "16",
-        "STREAM_SEND_TIMEOUT_SECONDS": "3",
-        **extra,
-    }
+    return predictor_env(
+        database_url,
+        redis_url,
+        indicators_url,
+        store_url,
+        **{
+            "MODEL_POLL_SECONDS": "1",
+            "PREDICTION_LOG_FLUSH_SECONDS": "0.05",
+            "REDIS_SOCKET_TIMEOUT_SECONDS": "1",
+            "REDIS_CONNECT_TIMEOUT_SECONDS": "1",
+            "STREAM_KEY_PREFIX": prefix,
+            "STREAM_SWEEP_SECONDS": "1",
+            "STREAM_QUEUE_EVENTS": "16",
+            "STREAM_SEND_TIMEOUT_SECONDS": "3",
+            **extra,
+        },
+    )
 
 
 def _wait(cond: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:

