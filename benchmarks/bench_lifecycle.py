@@ -97,7 +97,7 @@ async def load(
     predictors: list[str], trainer: str, ids: dict[str, int], requests: int, concurrency: int
 ) -> tuple[list[Sample], dict[str, float]]:
     """Send `requests` predictions; promote v2 at 30 % and roll back at 65 %. Returns the samples and the
-    monotonic time at which each admin call answered."""
+    monotonic time at which each admin call was sent (`*_sent`) and answered."""
     sent = 0
     samples: list[Sample] = []
     # Set by the workers when the request count crosses 30 % and 65 %.
@@ -136,9 +136,11 @@ async def load(
             h = {"X-API-Key": ADMIN_KEY}
             async with httpx.AsyncClient(base_url=trainer, timeout=10, headers=h) as c:
                 await marks[0][1].wait()
+                actions["promote_sent"] = time.monotonic()
                 (await c.post(f"/v1/models/{ids['v2']}/promote")).raise_for_status()
                 actions["promote"] = time.monotonic()
                 await marks[1][1].wait()
+                actions["rollback_sent"] = time.monotonic()
                 (await c.post(f"/v1/models/{SYMBOL}/{TF}/rollback")).raise_for_status()
                 actions["rollback"] = time.monotonic()
 
@@ -147,13 +149,22 @@ async def load(
 
 
 def switch_seconds(samples: list[Sample], at: float, until: float, old: str, new: str, proc: int) -> float | None:
-    """Per process: from `at` until the last response sent after `at` (and before `until`) that still had the
-    old version; 0 when none did. None when no request reached the new version before `until`."""
-    after = [s for s in samples if s.proc == proc and at <= s.sent < until and s.status == 200]
+    """Per process: from `at` until the last response sent after `at` that still had the old version; 0 when none
+    did. None when no request reached the new version. Only responses answered before `until` (the next admin call
+    was sent) count: on this loaded client a request stamped as sent may go out hundreds of ms later, after the
+    next change, and rightly carry the version that change restored."""
+    after = [s for s in samples if s.proc == proc and at <= s.sent and s.done < until and s.status == 200]
     if not any(s.version == new for s in after):
         return None
     stale = [s.done - at for s in after if s.version == old]
     return max(stale, default=0.0)
+
+
+def first_new_seconds(samples: list[Sample], sent: float, new: str, proc: int) -> float | None:
+    """Per process: from the admin call being sent until the first response carrying the new version (the
+    commit, the NOTIFY, the reload and one request, as this client saw them)."""
+    done = [s.done for s in samples if s.proc == proc and s.sent >= sent and s.version == new]
+    return min(done) - sent if done else None
 
 
 def summarise(samples: list[Sample], actions: dict[str, float]) -> dict[str, Any]:
@@ -167,10 +178,18 @@ def summarise(samples: list[Sample], actions: dict[str, float]) -> dict[str, Any
         "versions": versions,
         "seconds": max(s.done for s in samples) - min(s.sent for s in samples),
     }
-    promote, rollback = actions["promote"], actions["rollback"]
+    # The promote window ends when the rollback call is *sent*: the rollback commits before its answer reaches this
+    # busy client, so responses sent in between may rightly carry v1 again.
+    promote, rollback, rollback_sent = actions["promote"], actions["rollback"], actions["rollback_sent"]
+    out["admin_call_ms"] = {
+        "promote": (promote - actions["promote_sent"]) * 1000,
+        "rollback": (rollback - rollback_sent) * 1000,
+    }
     for proc in sorted({s.proc for s in samples}):
-        out[f"promote_switch_s_{proc}"] = switch_seconds(samples, promote, rollback, "v1", "v2", proc)
+        out[f"promote_switch_s_{proc}"] = switch_seconds(samples, promote, rollback_sent, "v1", "v2", proc)
         out[f"rollback_switch_s_{proc}"] = switch_seconds(samples, rollback, end, "v2", "v1", proc)
+        out[f"promote_first_s_{proc}"] = first_new_seconds(samples, actions["promote_sent"], "v2", proc)
+        out[f"rollback_first_s_{proc}"] = first_new_seconds(samples, rollback_sent, "v1", proc)
     return out
 
 
@@ -192,7 +211,10 @@ def markdown(r: dict[str, Any], concurrency: int) -> list[str]:
         f"{r['requests']:,} predictions ({concurrency} in flight, alternating between two predictor processes, a user "
         f"id each) in {r['seconds']:.1f} s; the trainer API promoted v2 at 30 % and rolled back at 65 % "
         "(`benchmarks/bench_lifecycle.py`). Switch time: from the admin call's answer until the last response sent "
-        "after it that still carried the old version.",
+        "after it that still carried the old version (for the promote, among the responses received before the "
+        "rollback call was sent). "
+        f"The admin calls took {r['admin_call_ms']['promote']:.0f} ms (promote) and "
+        f"{r['admin_call_ms']['rollback']:.0f} ms (rollback) as this loaded client saw them.",
         "",
         "| measure | value | target |",
         "| --- | --- | --- |",
@@ -200,7 +222,9 @@ def markdown(r: dict[str, Any], concurrency: int) -> list[str]:
         f"| versions in responses | {', '.join(r['versions'])} | v1, v2 only |",
         *(
             f"| process {p}: promote switch / rollback switch | {_s(r[f'promote_switch_s_{p}'])} / "
-            f"{_s(r[f'rollback_switch_s_{p}'])} | < 5 s |"
+            f"{_s(r[f'rollback_switch_s_{p}'])} | < 5 s |\n"
+            f"| process {p}: call sent → first response with the new version, promote / rollback | "
+            f"{_s(r[f'promote_first_s_{p}'])} / {_s(r[f'rollback_first_s_{p}'])} | < 5 s |"
             for p in procs
         ),
         "",
