@@ -113,8 +113,8 @@ class PredictorSettings(Settings):
     stream_ping_seconds: float = Field(default=15.0, gt=0)
     # A write to one subscriber that blocks this long (it reads nothing) ends that connection.
     stream_send_timeout_seconds: float = Field(default=30.0, gt=0)
-    # Replay window for Last-Event-ID: the Redis stream keeps about this many events (all series), and a
-    # resume reads back no further than the hours below.
+    # Resume (Last-Event-ID) replays at most this many events from PostgreSQL (`signal_events`), no further back
+    # than the hours below; it is also the Redis stream's trim length (the live fan-out).
     stream_replay_events: int = Field(default=10_000, ge=1)
     stream_replay_hours: float = Field(default=24.0, gt=0)
     # Every served series is checked this often for a completed bar nobody signalled (a lost NOTIFY, Redis

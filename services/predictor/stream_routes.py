@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import anyio
+import asyncpg
 import orjson
 from fastapi import APIRouter, Header, Query, Request
-from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import Message, Receive, Scope, Send
 
@@ -28,6 +28,9 @@ stream_router = APIRouter()
 _CUT_GRACE_SECONDS = 1.0
 # The reconnect delay the stream asks of EventSource clients (ms).
 _RETRY_MS = 2_000
+# Ids a connection remembers to skip duplicates. The live events a backlog may also hold are those published
+# while it was read, i.e. its newest: the last 512 ids sent cover them unless 512 events came in that moment.
+_SENT_IDS = 512
 
 
 def streams_of(request: Request) -> SignalStreams:
@@ -95,20 +98,23 @@ async def _events(
     hub = streams.hub
     try:
         yield ServerSentEvent(comment="stream open", retry=_RETRY_MS)
-        replayed: set[str] = set()
+        # Ids sent lately: the replayed ones are skipped when they come live too, and so is an event a replica
+        # republished to a Redis that restarted empty (no gap, no duplicate).
+        sent: dict[str, None] = {}
         if last_id is not None:
-            # The subscriber is registered already: whatever is published while the backlog is read is
-            # queued, and the ids replayed are skipped when it comes (no gap, no duplicate).
+            # The subscriber is registered already: whatever is published while the backlog is read from
+            # PostgreSQL is queued, and skipped when it comes if the backlog had it.
             try:
                 backlog, gap = await hub.backlog(sub.series, last_id)
-            except (RedisError, OSError) as exc:
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
                 yield _notice(
                     Notice(
                         "error",
                         {
-                            "reason": "redis_unavailable",
-                            "detail": f"cannot replay after {last_id}: Redis is unreachable ({type(exc).__name__}); "
-                            "reconnect with the same Last-Event-ID later",
+                            "reason": "database_unavailable",
+                            "detail": f"cannot replay after {last_id}: PostgreSQL is unreachable "
+                            f"({type(exc).__name__}); live events follow, reconnect with the same Last-Event-ID "
+                            "later for the missed ones",
                         },
                     )
                 )
@@ -125,8 +131,8 @@ async def _events(
                         )
                     )
                 for event in backlog:
-                    replayed.add(event.id)
-                    yield _signal(event)
+                    _remember(sent, event.id)
+                    yield _signal(event if user_id is None else await _personal(streams, event, user_id))
         while True:
             item = await sub.next()
             if item is None:
@@ -134,10 +140,17 @@ async def _events(
                 return
             if isinstance(item, Notice):
                 yield _notice(item)
-            elif item.id not in replayed:
+            elif item.id not in sent:
+                _remember(sent, item.id)
                 yield _signal(item if user_id is None else await _personal(streams, item, user_id))
     finally:
         hub.unsubscribe(sub)
+
+
+def _remember(sent: dict[str, None], event_id: str) -> None:
+    sent[event_id] = None
+    if len(sent) > _SENT_IDS:
+        del sent[next(iter(sent))]  # the oldest (dicts keep insertion order)
 
 
 async def _personal(streams: SignalStreams, event: SignalEvent, user_id: str | None) -> SignalEvent:

@@ -14,13 +14,16 @@ Three parts, all per process (docs/STREAMING.md):
 - `SignalHub` reads `signals:events` once per process (`XREAD BLOCK`) and hands every event to the local
   subscribers of its series, each through a bounded queue: a subscriber whose queue is full is cut (it
   gets an `error` event when it can still take one), never waited for.
-- The same stream, trimmed to `STREAM_REPLAY_EVENTS` entries and read back no further than
-  `STREAM_REPLAY_HOURS`, is the replay window for `Last-Event-ID`. The predictions table records that a
-  stream signal was computed (request id prefix `stream:`) but not the full response body, so the body
-  that was sent is kept in the stream.
+- Every shared event is first written to PostgreSQL (`signal_events`, migration 0007: the prediction id, its
+  series and bar, and the exact bytes sent as `data`), then appended to Redis, under one transaction-level
+  advisory lock, so the rows' `created_at` order is the order of the Redis stream. A resume by
+  `Last-Event-ID` reads its backlog from that table (no further back than `STREAM_REPLAY_HOURS`, at most
+  `STREAM_REPLAY_EVENTS` events): Redis is the live fan-out and a cache, and may restart empty. The table's
+  unique (symbol, timeframe, bar_ts, variant) makes the once-per-bar rule durable: a lease lost with a Redis
+  restart finds the bar's row and republishes it instead of signalling the bar a second time.
 
-A Redis stream rather than pub/sub: the publish and the replay window are one `XADD`, and a process that
-reconnects after a Redis error reads on from the last entry it saw, so its subscribers miss nothing.
+A Redis stream rather than pub/sub: a process that reconnects after a Redis error reads on from the last
+entry it saw, so its subscribers miss nothing.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal, cast
 
 import asyncpg
@@ -58,9 +61,16 @@ from shared.warmup import WARMUP_BARS
 log = logging.getLogger("predictor.streaming")
 
 REQUEST_PREFIX = "stream:"
-# Stream entries are stamped by Redis when added, the prediction id by the computing process just before:
-# a resume reads from this much before the Last-Event-ID's time, so clock skew between hosts loses nothing.
-_REPLAY_SLACK_MS = 5_000
+# pg_advisory_xact_lock key of the publish (INSERT into signal_events, then XADD, then COMMIT): publishes of all
+# replicas take turns, so `created_at` order is the Redis stream's order and a resume after the last event
+# received misses nothing that was published before it. ("signals" as an int64.)
+_PUBLISH_LOCK = 0x7369676E616C73
+# How often the stream loop deletes signal_events rows older than STREAM_REPLAY_HOURS.
+_PRUNE_EVERY_S = 300.0
+# The columns every query of events selects (SignalEvent.from_row reads them).
+_SELECT_EVENT = (
+    "SELECT prediction_id::text AS id, symbol, timeframe, variant, body, extract(epoch FROM bar_ts)::bigint AS bar"
+)
 # Sets the last signalled bar only forward: two winners of consecutive bars may finish out of order.
 _ADVANCE = (
     "local cur = tonumber(redis.call('GET', KEYS[1]) or '-1') "
@@ -96,6 +106,13 @@ class SignalEvent:
     def from_fields(cls, raw: dict[bytes, bytes]) -> SignalEvent:
         return cls(
             raw[b"id"].decode(), raw[b"series"].decode(), raw[b"variant"].decode(), raw[b"data"], int(raw[b"bar"])
+        )
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> SignalEvent:
+        """From a `signal_events` row selected by `_SELECT_EVENT`."""
+        return cls(
+            row["id"], series_name(row["symbol"], row["timeframe"]), row["variant"], bytes(row["body"]), int(row["bar"])
         )
 
 
@@ -163,10 +180,11 @@ Callback = Callable[[SignalEvent], Awaitable[None]]
 
 
 class SignalHub:
-    """Fan-out of `signals:events` to this process's subscribers, and the replay window."""
+    """Fan-out of `signals:events` to this process's subscribers; publish and replay through `signal_events`."""
 
-    def __init__(self, settings: PredictorSettings) -> None:
+    def __init__(self, settings: PredictorSettings, pool: asyncpg.Pool) -> None:
         self.settings = settings
+        self.pool = pool
         self.stream_key = f"{settings.stream_key_prefix}:events"
         self.block_ms = 5_000
         # Its own client: XREAD BLOCK holds a connection, and the socket timeout must outlast the block.
@@ -239,34 +257,111 @@ class SignalHub:
 
     # --- publish and replay ---
 
-    async def publish(self, event: SignalEvent) -> None:
+    async def publish(self, event: SignalEvent) -> SignalEvent:
+        """Store the event in `signal_events`, then append it to the Redis stream, in one transaction under the
+        publish lock. When the bar already has a row for the variant (computed by a replica whose Redis lease
+        was lost), that row is published instead and returned. A Redis error rolls the row back (the bar is
+        tried again); a crash between XADD and COMMIT leaves a live event without its row (not replayable)."""
         if self.redis is None:
             raise RuntimeError("REDIS_URL is not set: signals cannot be published")
+        symbol, _, timeframe = event.series.partition(":")
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _PUBLISH_LOCK)
+            inserted = await conn.fetchval(
+                "INSERT INTO signal_events (prediction_id, symbol, timeframe, bar_ts, variant, body) "
+                "VALUES ($1, $2, $3, to_timestamp($4), $5, $6) "
+                "ON CONFLICT (symbol, timeframe, bar_ts, variant) DO NOTHING RETURNING true",
+                uuid.UUID(event.id),
+                symbol,
+                timeframe,
+                event.bar_ts,
+                event.variant,
+                event.data,
+            )
+            if not inserted:
+                row = await conn.fetchrow(
+                    _SELECT_EVENT + " FROM signal_events "
+                    "WHERE symbol = $1 AND timeframe = $2 AND bar_ts = to_timestamp($3) AND variant = $4",
+                    symbol,
+                    timeframe,
+                    event.bar_ts,
+                    event.variant,
+                )
+                if row is not None:
+                    event = SignalEvent.from_row(row)
+            await self._xadd(event)
+        return event
+
+    async def republish(self, event: SignalEvent) -> None:
+        """Append an event that `signal_events` holds already to the Redis stream (its row keeps its place)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _PUBLISH_LOCK)
+            await self._xadd(event)
+
+    async def _xadd(self, event: SignalEvent) -> None:
+        assert self.redis is not None
+        # The Redis stream is the live fan-out only: a short tail is enough for readers that reconnect.
         await self.redis.xadd(
             self.stream_key, event.fields(), maxlen=self.settings.stream_replay_events, approximate=True
         )
 
+    async def stored(self, symbol: str, timeframe: str, bar: int) -> SignalEvent | None:
+        """The shared event already stored for this bar (any variant, the first stored), if any."""
+        row = await self.pool.fetchrow(
+            _SELECT_EVENT + " FROM signal_events WHERE symbol = $1 AND timeframe = $2 "
+            "AND bar_ts = to_timestamp($3) ORDER BY created_at LIMIT 1",
+            symbol,
+            timeframe,
+            bar,
+        )
+        return None if row is None else SignalEvent.from_row(row)
+
     async def backlog(self, series: frozenset[str], last_event_id: str) -> tuple[list[SignalEvent], bool]:
-        """The events of `series` after `last_event_id` still in the replay window, oldest first, and whether
-        the window may lack some (the id is older than what the stream holds)."""
-        assert self.redis is not None
-        now_ms = int(time.time() * 1000)
-        floor_ms = now_ms - int(self.settings.stream_replay_hours * 3_600_000)
-        since = max(uuid7_ms(last_event_id) - _REPLAY_SLACK_MS, floor_ms, 0)
-        entries = _entries(await self.redis.xrange(self.stream_key, min=f"{since}-0", max="+"))
-        events = [SignalEvent.from_fields(fields) for _id, fields in entries]
-        found = next((i for i, e in enumerate(events) if e.id == last_event_id), None)
-        if found is not None:
-            after = events[found + 1 :]
-            gap = False
-        else:
-            # Not an event of the stream (a user's own prediction, or one trimmed away): what is newer than the
-            # id's time; some may be missing when the id is older than the oldest event still held.
-            after = [e for e in events if e.id > last_event_id]
-            oldest = _entries(await self.redis.xrange(self.stream_key, min="-", max="+", count=1))
-            held_from = _id_tuple(oldest[0][0])[0] if oldest else now_ms
-            gap = uuid7_ms(last_event_id) < max(held_from, floor_ms)
-        return [e for e in after if e.series in series], gap
+        """The events of `series` published after `last_event_id`, oldest first, from `signal_events`, and
+        whether some may be missing: the id is older than STREAM_REPLAY_HOURS, or more than STREAM_REPLAY_EVENTS
+        events followed it (then the newest of them are returned).
+
+        "After" is in publish order, `(created_at, prediction_id)`, counted from the row of `last_event_id`;
+        an id that has no row (a per-user event, or one pruned) counts from the time in its uuid7."""
+        window_s = self.settings.stream_replay_hours * 3600.0
+        limit = self.settings.stream_replay_events
+        pairs = [name.partition(":") for name in sorted(series)]
+        last = uuid.UUID(last_event_id)
+        async with self.pool.acquire() as conn:
+            anchor: datetime | None = await conn.fetchval(
+                "SELECT created_at FROM signal_events WHERE prediction_id = $1", last
+            )
+            now_s = time.time()
+            floor = datetime.fromtimestamp(now_s - window_s, UTC)
+            # Not a time-ordered id, or one from the future: all the window holds follows, flagged.
+            unknown = anchor is None and (last.version != 7 or uuid7_ms(last_event_id) > (now_s + 300) * 1000)
+            if unknown:
+                anchor = floor
+            elif anchor is None:
+                anchor = datetime.fromtimestamp(uuid7_ms(last_event_id) / 1000, UTC)
+            rows = await conn.fetch(
+                _SELECT_EVENT + ", created_at FROM signal_events "
+                "JOIN unnest($1::text[], $2::text[]) AS s (symbol, timeframe) USING (symbol, timeframe) "
+                "WHERE (created_at, prediction_id) > ($3, $4) AND created_at >= $5 "
+                "ORDER BY created_at DESC, prediction_id DESC LIMIT $6",
+                [p[0] for p in pairs],
+                [p[2] for p in pairs],
+                anchor,
+                last,
+                floor,
+                limit + 1,
+            )
+        overflow = len(rows) > limit
+        events = [SignalEvent.from_row(r) for r in reversed(rows[:limit])]
+        return events, unknown or anchor < floor or overflow
+
+    async def prune(self) -> int:
+        """Delete the `signal_events` rows older than the replay window; the number deleted."""
+        status = await self.pool.execute(
+            "DELETE FROM signal_events WHERE created_at < now() - make_interval(secs => $1)",
+            self.settings.stream_replay_hours * 3600.0,
+        )
+        return int(status.split()[-1])
 
     # --- the reader ---
 
@@ -457,7 +552,7 @@ class BarCloser:
 
     async def check(self, symbol: str, tf: Timeframe, base: Timeframe) -> SignalEvent | None:
         """Compute and publish the signal of the newest completed bar if nobody has; the event if this
-        process did."""
+        process published it (computed here, or stored already and republished to a Redis that lacked it)."""
         if self.redis is None or self._advance is None:
             return None
         bar = await self._completed_bar(symbol, tf, base)
@@ -483,7 +578,13 @@ class BarCloser:
         if not await self.redis.set(lease, "1", nx=True, ex=self.settings.stream_lease_seconds):
             return None  # another replica computes it; the next round finds it signalled (or the lease expired)
         try:
-            body = await self._compute(symbol, tf, base, bar)
+            stored = await self.hub.stored(symbol, tf.value, bar)
+            if stored is not None:
+                # Signalled already, but this Redis does not know it (it restarted empty, or the publisher died
+                # between its commit and XADD): publish the stored event again, never a second signal of the bar.
+                await self.hub.republish(stored)
+            else:
+                body = await self._compute(symbol, tf, base, bar)
         except (ValidationFailed, NotFoundError) as exc:
             # Too few bars, no model any more: retrying will not help until the next bar.
             log.info("no stream signal for %s bar %d", name, bar, extra={"error": exc.message})
@@ -491,24 +592,41 @@ class BarCloser:
             self._seen[(symbol, tf.value)] = bar
             return None
         except Exception:
-            await self.redis.delete(lease)  # a later round (here or elsewhere) tries again
+            with contextlib.suppress(RedisError, OSError):
+                await self.redis.delete(lease)  # a later round (here or elsewhere) tries again
             raise
+        if stored is not None:
+            await self._advance(keys=[last_key], args=[bar])
+            self._seen[(symbol, tf.value)] = bar
+            await self._handed_over(stored)
+            return stored
         head = orjson.loads(body)
         if _epoch_s(str(head["bar_ts"])) != bar:
             await self.redis.delete(lease)  # the window did not end at the bar (yet): try again next round
             raise RuntimeError(f"{name}: the prediction's window ends at {head['bar_ts']}, not at bar {bar}")
         event = SignalEvent(str(head["prediction_id"]), name, str(head.get("variant", "production")), body, bar)
-        await self.hub.publish(event)
+        try:
+            published = await self.hub.publish(event)
+        except Exception:
+            with contextlib.suppress(RedisError, OSError):
+                await self.redis.delete(lease)
+            raise
         await self._advance(keys=[last_key], args=[bar])
         self._seen[(symbol, tf.value)] = bar
-        self.computed += 1
-        STREAM_SIGNALS.inc()
+        if published.id == event.id:
+            self.computed += 1
+            STREAM_SIGNALS.inc()
+        await self._handed_over(published)
+        return published
+
+    async def _handed_over(self, event: SignalEvent) -> None:
+        # A republished event may reach the callbacks twice across replicas: the webhook dispatcher's claim
+        # (webhook_dispatches, keyed by the prediction id) enqueues its deliveries once.
         for callback in list(self._callbacks):
             try:
                 await callback(event)
             except Exception:
                 log.exception("signal callback failed for %s", event.id)
-        return event
 
     async def _compute(
         self, symbol: str, tf: Timeframe, base: Timeframe, bar: int, user_id: str | None = None
@@ -567,9 +685,22 @@ class BarCloser:
         except Exception as exc:  # the sweep covers meanwhile
             log.warning("stream: cannot LISTEN on %s", SERIES_CHANNEL, extra={"error": str(exc)})
 
+    async def _prune(self) -> None:
+        try:
+            deleted = await self.hub.prune()
+        except (asyncpg.PostgresError, OSError) as exc:
+            log.warning("stream: signal_events prune failed", extra={"error": str(exc)})
+            return
+        if deleted:
+            log.info("stream: %d signal events past the replay window deleted", deleted)
+
     async def _run(self) -> None:
         next_sweep = time.monotonic()
+        next_prune = time.monotonic()
         while True:
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + _PRUNE_EVERY_S
+                await self._prune()
             await self._ensure_listener()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(0.0, next_sweep - time.monotonic()))
@@ -602,7 +733,7 @@ class SignalStreams:
     def __init__(
         self, settings: PredictorSettings, pool: asyncpg.Pool, predictor: Predictor, database_url: str | None
     ) -> None:
-        self.hub = SignalHub(settings)
+        self.hub = SignalHub(settings, pool)
         self.closer = BarCloser(settings, pool, predictor, self.hub, database_url)
 
     def subscribe_internal(self, callback: Callback) -> Callable[[], None]:

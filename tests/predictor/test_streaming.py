@@ -15,9 +15,11 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import asyncpg
 import httpx
@@ -25,11 +27,15 @@ import numpy as np
 import pytest
 import redis
 from httpx_sse import ServerSentEvent, aconnect_sse
+from sse_starlette import ServerSentEvent as OutgoingEvent
 from typer import Typer
 from typer.testing import CliRunner
 
 from services.predictor import cli
 from services.predictor.service import uuid7
+from services.predictor.settings import PredictorSettings
+from services.predictor.stream_routes import _events, _signal
+from services.predictor.streaming import SignalEvent, SignalHub, SignalStreams
 from shared.bars import bars_to_rows
 from shared.features import feature_rows
 from shared.storage import ObjectStore
@@ -599,3 +605,198 @@ async def test_redis_down_is_announced_the_service_stays_up_and_the_stream_resum
     finally:
         client.close()
         stop(proc)
+
+
+# --- resume from PostgreSQL (signal_events, migration 0007) ---
+
+
+async def _signal_rows(database_url: str, series: str, bar: int) -> list[asyncpg.Record]:
+    symbol, tf = series.split(":")
+    conn = await asyncpg.connect(database_url)
+    try:
+        return list(
+            await conn.fetch(
+                "SELECT prediction_id::text AS id, variant, body FROM signal_events "
+                "WHERE symbol = $1 AND timeframe = $2 AND bar_ts = to_timestamp($3)",
+                symbol,
+                tf,
+                bar,
+            )
+        )
+    finally:
+        await conn.close()
+
+
+async def test_every_computed_event_has_its_row_with_the_bytes_that_were_sent(
+    predictors: tuple[str, str], feed: Feed, database_url: str
+) -> None:
+    a, b = predictors
+    async with listening(Listener(a, H1), Listener(b, H1)) as subs:
+        bars = []
+        for k in (1, 2):
+            bars += await feed.ingest(1)
+            for sub in subs:
+                await sub.until(_has(k), f"signal {k}")
+        await asyncio.sleep(1.5)  # a few more sweeps: nothing is stored (or sent) twice
+        for k, bar in enumerate(bars):
+            (row,) = await _signal_rows(database_url, H1, bar)
+            event = subs[0].signals()[k]
+            assert row["id"] == event.id == subs[1].ids()[k]
+            assert bytes(row["body"]).decode() == event.data, "the row holds exactly what was sent"
+            assert row["variant"] == json.loads(event.data)["variant"] == "production"
+        assert all(len(sub.signals()) == 2 for sub in subs)
+
+
+async def test_a_resume_after_redis_restarted_empty_replays_the_missed_events_from_postgresql_once(
+    database_url: str,
+    indicators_url: str,
+    store_url: str,
+    feed: Feed,
+    predictors: tuple[str, str],
+    own_redis: Callable[[], subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    # A third replica on a Redis of its own (the two others, on the shared Redis, witness every event).
+    port = own_redis.port  # type: ignore[attr-defined]
+    server = own_redis()
+    prefix = f"test-stream-empty-{secrets.token_hex(3)}"
+    proc = start_uvicorn(
+        "services.predictor.main:app",
+        (app_port := free_port()),
+        _env(database_url, f"redis://127.0.0.1:{port}/0", indicators_url, store_url, prefix),
+        tmp_path / "c.log",
+    )
+    url = f"http://127.0.0.1:{app_port}"
+    client = redis.Redis(port=port, socket_timeout=1)
+    a, _ = predictors
+    try:
+        await asyncio.to_thread(_wait, lambda: bool(client.exists(f"{prefix}:last:{H1}")), "the stream to see H1")
+        async with listening(Listener(a, H1)) as (witness,):
+            first = await Listener(url, H1).start()
+            await feed.ingest(1)
+            await witness.until(_has(1), "signal 1")
+            await first.until(_has(1), "signal 1 on the third replica")
+            assert first.ids() == witness.ids(), "one event per bar, whichever replica published it"
+            await first.close()
+            # Redis restarts EMPTY (no persistence) while the client is away, and two bars close.
+            server.terminate()
+            server.wait(10)
+            own_redis()
+            assert client.xlen(f"{prefix}:events") == 0
+            for k in (2, 3):
+                await feed.ingest(1)
+                await witness.until(_has(k), f"signal {k}")
+            # The third replica is on its new Redis again.
+            await asyncio.to_thread(_wait, lambda: bool(client.exists(f"{prefix}:last:{H1}")), "Redis in use again")
+            async with listening(Listener(url, H1, last_event_id=first.ids()[0])) as (back,):
+                await back.until(_has(2), "the two missed signals, from PostgreSQL")
+                assert back.ids() == witness.ids()[1:3]
+                await feed.ingest(1)
+                await witness.until(_has(4), "signal 4")
+                await back.until(_has(3), "the live signal after the replay")
+                await asyncio.sleep(1.5)
+                assert back.ids() == witness.ids()[1:4], "no gap, no duplicate"
+                assert not any(e.event == "error" for e in back.events)
+    finally:
+        client.close()
+        stop(proc)
+
+
+def _uuid7_at(ms: int) -> uuid.UUID:
+    return uuid.UUID(int=ms << 80 | 0x7 << 76 | 0b10 << 62 | secrets.randbits(62))
+
+
+@pytest.fixture
+async def crafted(database_url: str) -> AsyncIterator[tuple[asyncpg.Pool, dict[str, uuid.UUID]]]:
+    """signal_events rows of a series no model serves (ORDR1), placed in time: `e1` was published before `e2`
+    although its id sorts after e2's (ids are stamped before the compute, rows when published)."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    now = int(time.time() * 1000)
+    rows = {  # name: (timeframe, minutes ago the row was published, minutes ago its id was stamped)
+        "old": ("H1", 30 * 60, 30 * 60),
+        "e0": ("H1", 60, 60),
+        "e1": ("H1", 50, 44),
+        "e2": ("H1", 40, 45),
+        "h4": ("H4", 30, 30),
+    }
+    ids = {name: _uuid7_at(now - stamped * 60_000) for name, (_, _, stamped) in rows.items()}
+    for bar, (name, (tf, published, _)) in enumerate(rows.items()):
+        await pool.execute(
+            "INSERT INTO signal_events (prediction_id, symbol, timeframe, bar_ts, variant, body, created_at) "
+            "VALUES ($1, 'ORDR1', $2, to_timestamp($3), 'production', $4, now() - make_interval(mins => $5))",
+            ids[name],
+            tf,
+            bar * 3600,
+            json.dumps({"name": name}).encode(),
+            published,
+        )
+    try:
+        yield pool, ids
+    finally:
+        await pool.execute("DELETE FROM signal_events WHERE symbol = 'ORDR1'")
+        await pool.close()
+
+
+def _hub(pool: asyncpg.Pool, database_url: str, replay_events: int = 10_000) -> SignalHub:
+    settings = PredictorSettings(
+        environment="test", database_url=database_url, redis_url=None, stream_replay_events=replay_events
+    )
+    return SignalHub(settings, pool)
+
+
+async def test_the_backlog_follows_publish_order_within_the_window_and_the_count(
+    crafted: tuple[asyncpg.Pool, dict[str, uuid.UUID]], database_url: str
+) -> None:
+    pool, ids = crafted
+    assert ids["e2"] < ids["e1"], "the ids sort against the publish order"
+    names = {str(v): k for k, v in ids.items()}
+    hub = _hub(pool, database_url)
+    h1, both = frozenset({"ORDR1:H1"}), frozenset({"ORDR1:H1", "ORDR1:H4"})
+
+    async def backlog(series: frozenset[str], last: uuid.UUID, h: SignalHub = hub) -> tuple[list[str], bool]:
+        events, gap = await h.backlog(series, str(last))
+        assert all(json.loads(e.data)["name"] == names[e.id] for e in events), "the stored bytes come back"
+        return [names[e.id] for e in events], gap
+
+    assert await backlog(h1, ids["e0"]) == (["e1", "e2"], False)  # publish order, not id order
+    assert await backlog(h1, ids["e1"]) == (["e2"], False)
+    assert await backlog(both, ids["e0"]) == (["e1", "e2", "h4"], False)
+    assert await backlog(h1, ids["e2"]) == ([], False)
+    # Older than STREAM_REPLAY_HOURS (24 h): what the window holds, and the flag; never the old row itself.
+    assert await backlog(h1, ids["old"]) == (["e0", "e1", "e2"], True)
+    # More than STREAM_REPLAY_EVENTS after the id: the newest of them, and the flag.
+    assert await backlog(both, ids["e0"], _hub(pool, database_url, replay_events=2)) == (["e2", "h4"], True)
+    # An id with no row (a per-user event): counted from the time in its uuid7; a random uuid: the whole window.
+    assert await backlog(h1, _uuid7_at(int(time.time() * 1000) - 55 * 60_000)) == (["e1", "e2"], False)
+    for _ in range(20):  # random bits where a uuid7 has its time (any year, also past 9999)
+        assert await backlog(h1, uuid.uuid4()) == (["e0", "e1", "e2"], True)
+    assert await backlog(h1, _uuid7_at(int(time.time() * 1000) + 86_400_000)) == (["e0", "e1", "e2"], True)
+    # The prune deletes what is past the window only.
+    assert await hub.prune() >= 1
+    left = {r["id"] for r in await pool.fetch("SELECT prediction_id AS id FROM signal_events WHERE symbol = 'ORDR1'")}
+    assert left == {ids[n] for n in ("e0", "e1", "e2", "h4")}
+
+
+async def test_postgresql_down_at_resume_is_an_error_event_and_the_stream_stays_open(database_url: str) -> None:
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"  # nothing listens there
+    pool = await asyncpg.create_pool(dead, min_size=0, max_size=1)
+    hub = _hub(pool, dead)
+    sub = hub.subscribe(["ORDR1:H1"])
+    streams = cast(SignalStreams, SimpleNamespace(hub=hub))
+    events = cast("AsyncGenerator[OutgoingEvent | bytes, None]", _events(streams, sub, str(uuid7()), None))
+    try:
+        assert isinstance(await anext(events), OutgoingEvent)  # the opening comment
+        error = await anext(events)
+        assert isinstance(error, OutgoingEvent) and error.event == "error"
+        body = json.loads(str(error.data))
+        assert body["reason"] == "database_unavailable" and "PostgreSQL is unreachable" in body["detail"]
+        # Still open: a live event published meanwhile comes through (after the notice that this hub has no
+        # Redis, which a hub without REDIS_URL gives every new subscriber).
+        live = SignalEvent(str(uuid7()), "ORDR1:H1", "production", b'{"live": true}', 0)
+        hub.dispatch(live)
+        notice = await anext(events)
+        assert isinstance(notice, OutgoingEvent) and "REDIS_URL is not set" in str(notice.data)
+        assert await anext(events) == _signal(live)
+    finally:
+        await events.aclose()
+        await pool.close()
