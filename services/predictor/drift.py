@@ -429,7 +429,10 @@ class DriftMonitor:
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.drift_flush_seconds)
-            await self.flush()  # logs and keeps the queue on Redis errors
+            try:
+                await self.flush()  # logs and keeps the queue on Redis errors
+            except Exception:  # anything else: log it and go on counting; the loop must not die silently
+                log.exception("drift flush failed; the queued bars are kept for the next one")
 
     async def _check_loop(self) -> None:
         tick = min(TICK_SECONDS, self.settings.drift_check_interval_seconds)

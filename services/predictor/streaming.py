@@ -635,7 +635,9 @@ class BarCloser:
         if tf is base:
             # This listener and SeriesStamps' hear the NOTIFY on two connections, in no set order: drop the
             # series' stamp so the prediction reads the committed bars, not a cached window of the bar before.
-            self.predictor.series.invalidate((symbol, tf.value))
+            # Once per bar, for the shared event: a per-user computation of the same bar reads what it read.
+            if user_id is None:
+                self.predictor.series.invalidate((symbol, tf.value))
             req = PredictionRequest(symbol, tf, [tf], None, user_id, split_by_request_id=False)
             return await self.predictor.predict(req, request_id)
         model, _variant = self.predictor.select_model(symbol, tf.value, user_id, None)
@@ -656,6 +658,11 @@ class BarCloser:
         except NotFoundError:
             return event
         if variant == event.variant:
+            return event
+        newest = self._seen.get((symbol, tf_name))
+        if newest is not None and event.bar_ts < newest:
+            # An older bar (a replayed backlog): the stored bars have moved on, so computing now would log a
+            # prediction of the newest bar and throw it away. The shared event says which variant served it.
             return event
         tf = Timeframe(tf_name)
         base = self.bases.get((symbol, tf_name), tf)

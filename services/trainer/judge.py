@@ -179,7 +179,11 @@ async def judge_series(conn: asyncpg.Connection, rollout: Rollout, settings: Tra
 async def judge_all(conn: asyncpg.Connection, settings: TrainerSettings) -> dict[str, Any]:
     series = []
     for rollout in await repo.rollouts_with_candidate(conn):
-        series.append(await judge_series(conn, rollout, settings))
+        try:
+            series.append(await judge_series(conn, rollout, settings))
+        except Exception as exc:  # one series' failure must not stop the others, run after run
+            log.exception("judging %s %s failed; the other series go on", rollout.symbol, rollout.timeframe)
+            series.append({"symbol": rollout.symbol, "timeframe": rollout.timeframe, "error": str(exc)})
     return {"series": series}
 
 

@@ -474,7 +474,13 @@ async def check_performance(
             f"below its {reference[1]} {reference[0]:.3f}"
         )
         async with conn.transaction():
-            # Row lock: a concurrent writer of the drift flag neither loses nor overwrites this one.
+            # Row lock: a concurrent writer of the drift flag neither loses nor overwrites this one. The row is
+            # made first (all flags off), so that there is a row to lock even for a series never flagged before.
+            await conn.execute(
+                "INSERT INTO model_flags (symbol, timeframe) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                v.symbol,
+                v.timeframe,
+            )
             await conn.execute(
                 "SELECT 1 FROM model_flags WHERE symbol = $1 AND timeframe = $2 FOR UPDATE", v.symbol, v.timeframe
             )
@@ -508,15 +514,23 @@ async def settle(
         for s in series:
             if symbols is not None and s["symbol"] not in symbols:
                 continue
-            per_series.append(
-                await settle_series(conn, store, s["symbol"], Timeframe(s["timeframe"]), settings, batch=batch)
-            )
+            try:
+                per_series.append(
+                    await settle_series(conn, store, s["symbol"], Timeframe(s["timeframe"]), settings, batch=batch)
+                )
+            except Exception as exc:  # one series' failure must not stop the others, run after run
+                log.exception("settling %s %s failed; the other series go on", s["symbol"], s["timeframe"])
+                per_series.append(
+                    {"symbol": s["symbol"], "timeframe": s["timeframe"], "settled": 0, "pending": 0, "error": str(exc)}
+                )
         performance = await check_performance(conn, settings, symbols)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
     return {
         "settled": sum(s["settled"] for s in per_series),
-        "series": [s for s in per_series if s["settled"] or s["pending"] or s.get("skipped_versions")],
+        "series": [
+            s for s in per_series if s["settled"] or s["pending"] or s.get("skipped_versions") or s.get("error")
+        ],
         "performance": performance,
     }
 
