@@ -557,6 +557,28 @@ def _pings(client: redis.Redis) -> bool:
         return False
 
 
+def _third_replica(
+    own_redis: Callable[[], subprocess.Popen[bytes]],
+    name: str,
+    database_url: str,
+    indicators_url: str,
+    store_url: str,
+    tmp_path: Path,
+) -> tuple[int, subprocess.Popen[bytes], str, subprocess.Popen[bytes], str, redis.Redis]:
+    """A predictor on a redis-server of its own: (redis port, redis server, key prefix, predictor process, its
+    URL, a Redis client)."""
+    port: int = own_redis.port  # type: ignore[attr-defined]
+    server = own_redis()
+    prefix = f"test-stream-{name}-{secrets.token_hex(3)}"
+    proc = start_uvicorn(
+        "services.predictor.main:app",
+        (app_port := free_port()),
+        _env(database_url, f"redis://127.0.0.1:{port}/0", indicators_url, store_url, prefix),
+        tmp_path / "c.log",
+    )
+    return port, server, prefix, proc, f"http://127.0.0.1:{app_port}", redis.Redis(port=port, socket_timeout=1)
+
+
 async def test_redis_down_is_announced_the_service_stays_up_and_the_stream_resumes(
     database_url: str,
     indicators_url: str,
@@ -567,18 +589,9 @@ async def test_redis_down_is_announced_the_service_stays_up_and_the_stream_resum
     tmp_path: Path,
 ) -> None:
     # A third replica on a Redis of its own (the two others keep computing this symbol's bars on theirs).
-    port = own_redis.port  # type: ignore[attr-defined]
-    server = own_redis()
-    redis_url = f"redis://127.0.0.1:{port}/0"
-    prefix = f"test-stream-down-{secrets.token_hex(3)}"
-    proc = start_uvicorn(
-        "services.predictor.main:app",
-        (app_port := free_port()),
-        _env(database_url, redis_url, indicators_url, store_url, prefix),
-        tmp_path / "c.log",
+    port, server, prefix, proc, url, client = _third_replica(
+        own_redis, "down", database_url, indicators_url, store_url, tmp_path
     )
-    url = f"http://127.0.0.1:{app_port}"
-    client = redis.Redis(port=port, socket_timeout=1)
     try:
         _wait(lambda: bool(client.exists(f"{prefix}:last:{H1}")), "the stream to see the series")
         async with listening(Listener(url, H1)) as (sub,):
@@ -657,17 +670,9 @@ async def test_a_resume_after_redis_restarted_empty_replays_the_missed_events_fr
     tmp_path: Path,
 ) -> None:
     # A third replica on a Redis of its own (the two others, on the shared Redis, witness every event).
-    port = own_redis.port  # type: ignore[attr-defined]
-    server = own_redis()
-    prefix = f"test-stream-empty-{secrets.token_hex(3)}"
-    proc = start_uvicorn(
-        "services.predictor.main:app",
-        (app_port := free_port()),
-        _env(database_url, f"redis://127.0.0.1:{port}/0", indicators_url, store_url, prefix),
-        tmp_path / "c.log",
+    port, server, prefix, proc, url, client = _third_replica(
+        own_redis, "empty", database_url, indicators_url, store_url, tmp_path
     )
-    url = f"http://127.0.0.1:{app_port}"
-    client = redis.Redis(port=port, socket_timeout=1)
     a, _ = predictors
     try:
         await asyncio.to_thread(_wait, lambda: bool(client.exists(f"{prefix}:last:{H1}")), "the stream to see H1")
