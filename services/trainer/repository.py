@@ -213,9 +213,7 @@ async def register_version(
     """
     async with conn.transaction():
         # Serialise registrations of one series so "is there a production model?" cannot race.
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended('series:' || $1 || '/' || $2, 0))", symbol, timeframe
-        )
+        await lock_series(conn, symbol, timeframe)
         row = await conn.fetchrow(
             f"""
             INSERT INTO model_versions (symbol, timeframe, version, status, metrics, artifact_uri, sha256,
@@ -407,7 +405,7 @@ async def set_quality(conn: Conn, version_id: int, quality: dict[str, Any]) -> N
 
 async def lock_series(conn: asyncpg.Connection, symbol: str, timeframe: str) -> None:
     """Transaction-level advisory lock of the series: registration, promotion, rollback and rollout changes of
-    one series run one at a time (the same key as register_version)."""
+    one series run one at a time."""
     await conn.execute(
         "SELECT pg_advisory_xact_lock(hashtextextended('series:' || $1 || '/' || $2, 0))", symbol, timeframe
     )
