@@ -30,6 +30,7 @@ import httpx
 import numpy as np
 from fastapi import FastAPI
 
+from benchmarks.common import Paired, alternating, profile_top, warnings_of
 from shared.responses import JSON
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -319,9 +320,6 @@ KERAS_SCRIPT = textwrap.dedent(
     x = np.random.default_rng(1).normal(size=(1, 20, 17)).astype(np.float32)
     for _ in range(5):
         model.predict(x, verbose=0)
-    keras_ms = []
-    for _ in range(N_KERAS):
-        t = time.perf_counter(); model.predict(x, verbose=0); keras_ms.append((time.perf_counter() - t) * 1000)
     spec = (tf.TensorSpec((None, 20, 17), tf.float32, name="features"),)
     # from_keras trips over Keras 3 Sequential output names (tf2onnx 1.17); the traced function is the same graph.
     fn = tf.function(lambda t: model(t, training=False), input_signature=spec)
@@ -331,18 +329,27 @@ KERAS_SCRIPT = textwrap.dedent(
     name = sess.get_inputs()[0].name
     for _ in range(50):
         sess.run(None, {name: x})
-    ort_ms = []
-    for _ in range(2000):
-        t = time.perf_counter(); sess.run(None, {name: x}); ort_ms.append((time.perf_counter() - t) * 1000)
+    # Alternating pairs (the method of every side-by-side figure): each pair times a block of Keras calls, then
+    # a block of onnxruntime calls; the per-pair ratio is of the two blocks' medians.
+    keras_ms, ort_ms, keras_pair, ort_pair = [], [], [], []
+    for _ in range(N_PAIRS):
+        k = []
+        for _ in range(N_KERAS):
+            t = time.perf_counter(); model.predict(x, verbose=0); k.append((time.perf_counter() - t) * 1000)
+        o = []
+        for _ in range(200):
+            t = time.perf_counter(); sess.run(None, {name: x}); o.append((time.perf_counter() - t) * 1000)
+        keras_ms += k; ort_ms += o
+        keras_pair.append(float(np.median(k))); ort_pair.append(float(np.median(o)))
     diff = float(np.abs(sess.run(None, {name: x})[0] - model.predict(x, verbose=0)).max())
     print(json.dumps({"keras_p50_ms": float(np.median(keras_ms)), "ort_p50_ms": float(np.median(ort_ms)),
-                      "max_abs_diff": diff}))
+                      "max_abs_diff": diff, "keras_pair_ms": keras_pair, "ort_pair_ms": ort_pair}))
     """
 )
 
 
-def keras_vs_onnx(quick: bool) -> dict[str, float] | None:
-    script = KERAS_SCRIPT.replace("N_KERAS", "20" if quick else "100")
+def keras_vs_onnx(quick: bool) -> dict[str, Any] | None:
+    script = KERAS_SCRIPT.replace("N_KERAS", "4" if quick else "10").replace("N_PAIRS", "5" if quick else "10")
     try:
         out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, check=True)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
@@ -414,6 +421,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="uvicorn workers of the predictor and the bare app")
     parser.add_argument("--indicators-workers", type=int, default=1, help="uvicorn workers of the indicators service")
     parser.add_argument("--rates", default="200,400,600,800,1000", help="open-loop rates (req/s), comma-separated")
+    parser.add_argument("--step", type=float, default=200, help="after the last rate: step up by this much ...")
+    parser.add_argument("--max-rate", type=float, default=3000, help="... until p95 >= 100 ms or this rate")
     parser.add_argument("--no-keras", action="store_true", help="skip the Keras-vs-onnxruntime row")
     parser.add_argument(
         "--loadgen", nargs=5, metavar=("URL", "RATE", "SECONDS", "BODY", "NO_CACHE"), help=argparse.SUPPRESS
@@ -424,7 +433,8 @@ def main() -> None:
         loadgen_main(url, float(rate), float(seconds), body_json, no_cache == "1")
         return
     dur = 3 if args.quick else 10
-    rounds = 1 if args.quick else 3
+    tdur = 3 if args.quick else 6  # a throughput run: shorter, more rounds
+    rounds = 3 if args.quick else 7
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install -y wrk")
 
@@ -462,23 +472,42 @@ def main() -> None:
         first_prediction(pred_url, body)
         assert httpx.post(pred_url + "/v1/predictions", json=body, headers=h).json()["cached"] is True
 
-        # Bare, floor and cached are measured in alternation, ROUNDS times, and each reported as its median:
-        # one transient (a PostgreSQL checkpoint, another process) must not decide the ratio.
+        # Bare, floor and cached in alternating rounds (the order rotating); every ratio is the median of the
+        # per-round ratios, with their range: one slow moment hits one round's sides together, not one side.
         cached_lua = lua_post(tmp / "cached.lua", body, no_cache=False)
-        runs: dict[str, list[dict[str, float]]] = {"bare": [], "floor": [], "cached": []}
-        for _ in range(rounds):
-            runs["bare"].append(wrk(bare_url + "/bare", dur, 32, None))
-            runs["floor"].append(wrk(pred_url + "/health", dur, 32, None))
-            runs["cached"].append(wrk(pred_url + "/v1/predictions", dur, 32, cached_lua))
-        bare_r, floor_r, cached_r = (_median_run(runs[k]) for k in ("bare", "floor", "cached"))
-        # The predictor app's trivial /health: what the shared middleware stack (request id, Prometheus
-        # instrumentator, error handlers) costs before any prediction code runs.
+        runs = alternating(
+            {
+                "bare": lambda: wrk(bare_url + "/bare", tdur, 32, None),
+                "floor": lambda: wrk(pred_url + "/health", tdur, 32, None),
+                "cached": lambda: wrk(pred_url + "/v1/predictions", tdur, 32, cached_lua),
+            },
+            rounds,
+        )
+        rps = {k: [r["rps"] for r in v] for k, v in runs.items()}
+        cached_vs_bare = Paired(rps["bare"], rps["cached"])
+        cached_vs_floor = Paired(rps["floor"], rps["cached"])
+        floor_vs_bare = Paired(rps["bare"], rps["floor"])
+        cached_r = _median_run(runs["cached"])
+        profile_cached = profile_top(pred.pid, lambda: wrk(pred_url + "/v1/predictions", tdur, 32, cached_lua), tdur)
         uncached_closed = wrk(pred_url + "/v1/predictions", dur, 8, lua_post(tmp / "nc.lua", body, no_cache=True))
+        # Open loop: the given rates, then on in steps past the last until p95 crosses 100 ms (or the rate is
+        # not achieved): the saturation rate.
         rates = [float(r) for r in args.rates.split(",")]
         fixed = []
-        for r in rates:
-            fixed.append(open_loop(pred_url, body, r, dur))
+        rate = rates[0]
+        while True:
+            fixed.append(open_loop(pred_url, body, rate, dur))
             time.sleep(1)  # let the log writer and PostgreSQL catch up, so runs do not inherit backlog
+            if len(fixed) < len(rates):
+                rate = rates[len(fixed)]
+                continue
+            last = fixed[-1]
+            if last["p95_ms"] >= 100 or last["achieved"] < 0.95 * last["rate"] or rate >= args.max_rate:
+                break
+            rate += args.step
+        profile_uncached = profile_top(
+            pred.pid, lambda: open_loop(pred_url, body, rates[len(rates) // 2], dur), int(dur)
+        )
         # The 200 req/s run once more at the end: a drift from the first one is work accumulating.
         again = open_loop(pred_url, body, rates[0], dur)
         rss = worker_rss_mb(pred.pid)
@@ -487,7 +516,6 @@ def main() -> None:
         log_size = asyncio.run(_log_size(db_url))
         kv = None if args.no_keras else keras_vs_onnx(args.quick)
 
-    ratio = cached_r["rps"] / bare_r["rps"]
     print("## Predictor benchmark\n")
     print(
         f"Machine: {os.cpu_count()} cores, shared by every server, PostgreSQL, Redis and the load generator. "
@@ -496,21 +524,28 @@ def main() -> None:
         f"for throughput; for fixed rates an open-loop generator (raw asyncio protocols on uvloop, own process, "
         f"keep-alive connections opened as needed; latency from each request's scheduled send time, so no "
         f"coordinated omission). Uncached = the same stored-bars request with `Cache-Control: no-cache` (full "
-        f"pipeline each time: stamp, indicators over HTTP, ONNX, log). {dur} s per run.\n"
+        f"pipeline each time: stamp, indicators over HTTP, ONNX, log). {tdur} s per throughput run, {dur} s per "
+        f"fixed-rate run.\n"
     )
-    each = ", ".join(f"{k} " + "/".join(f"{r['rps']:.0f}" for r in v) for k, v in runs.items())
-    print(f"Throughput rows: {rounds} alternating round(s) of bare, floor and cached, median of each ({each} req/s).\n")
+    each = "; ".join(f"{k} " + " / ".join(f"{x:,.0f}" for x in v) for k, v in rps.items())
+    print(
+        f"Throughput: {rounds} rounds of bare, floor and cached, one after the other, the order rotating from "
+        f"round to round. Each ratio is the median of the {rounds} per-round ratios, with their range (a spread "
+        f"over 20 points is flagged ⚠); the req/s are the medians of each side, context only ({each} req/s).\n"
+    )
     print("| measurement | figure | target |")
     print("| --- | --- | --- |")
-    print(f"| bare FastAPI JSON endpoint, wrk 32 connections | {bare_r['rps']:.0f} req/s | |")
+    print(f"| bare FastAPI JSON endpoint, wrk 32 connections | {np.median(rps['bare']):.0f} req/s | |")
     print(
         f"| predictor app, trivial GET /health (its shared middleware, no prediction code), wrk 32 connections | "
-        f"{floor_r['rps']:.0f} req/s ({floor_r['rps'] / bare_r['rps']:.0%} of bare) | |"
+        f"{np.median(rps['floor']):.0f} req/s; {floor_vs_bare.percent()} of bare | |"
     )
     print(
-        f"| cached predictions (POST, stored bars), wrk 32 connections | {cached_r['rps']:.0f} req/s "
-        f"({ratio:.0%} of bare), p99 {cached_r.get('p99_ms', 0):.1f} ms | >= 50 % of bare |"
+        f"| cached predictions (POST, stored bars), wrk 32 connections | {np.median(rps['cached']):.0f} req/s, "
+        f"p99 {cached_r.get('p99_ms', 0):.1f} ms | |"
     )
+    print(f"| cached / bare | {cached_vs_bare.percent()} | ≥ 60 % |")
+    print(f"| cached / the predictor's /health floor | {cached_vs_floor.percent()} | ≥ 80 % |")
     print(
         f"| uncached predictions, wrk 8 connections (closed loop, highest load) | {uncached_closed['rps']:.0f} "
         f"req/s, p50 {uncached_closed.get('p50_ms', 0):.1f} ms, p99 {uncached_closed.get('p99_ms', 0):.1f} ms | |"
@@ -519,7 +554,7 @@ def main() -> None:
         print(
             f"| uncached, open loop {f['rate']:.0f} req/s (achieved {f['achieved']:.0f}) | p50 {f['p50_ms']:.1f} "
             f"ms, p95 {f['p95_ms']:.1f} ms, p99 {f['p99_ms']:.1f} ms, errors {f['errors']:.0f} | "
-            f"{'p99 < 50 ms' if f['rate'] == 200 else 'p95 < 100 ms'} |"
+            f"{'p99 < 50 ms' if f['rate'] == 200 else 'p95 < 100 ms' if f['rate'] <= 1000 else ''} |"
         )
     print(
         f"| uncached, open loop {again['rate']:.0f} req/s again, after all the runs (achieved "
@@ -527,19 +562,27 @@ def main() -> None:
         f"{again['p99_ms']:.1f} ms, errors {again['errors']:.0f} | no drift |"
     )
     held = [f["rate"] for f in fixed if f["p95_ms"] < 100 and f["achieved"] >= 0.95 * f["rate"]]
+    crossed = [f["rate"] for f in fixed if f["rate"] not in held]
     print(
-        f"| highest measured rate with p95 < 100 ms (and ≥ 95 % of it achieved) | "
-        f"{max(held) if held else 0:.0f} req/s of {max(rates):.0f} measured | |"
+        f"| saturation: highest measured rate with p95 < 100 ms (and ≥ 95 % of it achieved) | "
+        f"{max(held) if held else 0:.0f} req/s; "
+        + (f"crossed at {min(crossed):.0f} req/s" if crossed else f"not crossed up to {fixed[-1]['rate']:.0f} req/s")
+        + " | |"
     )
     print(
         f"| prediction log after the runs | {log_size['predictions']} predictions, {log_size['windows']} "
         f"windows, {log_size['mb']:.1f} MB | |"
     )
+    pair_figures = [cached_vs_bare, cached_vs_floor, floor_vs_bare]
     if kv:
+        keras_factor = Paired(kv["ort_pair_ms"], kv["keras_pair_ms"], factor=True)
+        pair_figures.append(keras_factor)
         print(
             f"| one (1, 20, 17) sequence, 2-layer LSTM: Keras predict() vs onnxruntime (1 thread) | "
-            f"{kv['keras_p50_ms']:.2f} ms vs {kv['ort_p50_ms'] * 1000:.0f} µs = "
-            f"{kv['keras_p50_ms'] / kv['ort_p50_ms']:.0f}x (max diff {kv['max_abs_diff']:.1e}) | >= 100x |"
+            f"{kv['keras_p50_ms']:.2f} ms vs {kv['ort_p50_ms'] * 1000:.0f} µs; per pair "
+            f"{keras_factor.median:.0f}× (pairs {keras_factor.lo:.0f}–{keras_factor.hi:.0f}×, "
+            f"n={len(keras_factor.a)}){' ⚠' if keras_factor.warning else ''} "
+            f"(max diff {kv['max_abs_diff']:.1e}) | >= 100x |"
         )
     else:
         why = "--no-keras" if args.no_keras else "TensorFlow subprocess failed"
@@ -548,6 +591,24 @@ def main() -> None:
         f"| predictor resident memory, {len(models)} models loaded, after the runs | {rss[0]:.0f} MB per serving "
         f"process ({args.workers} worker(s); all processes together {rss[1]:.0f} MB) | < 300 MB |"
     )
+    warn = warnings_of(*pair_figures)
+    if warn:
+        print("\n" + "\n".join(warn))
+    print("\n### Where the time goes: cached predictions\n")
+    print(
+        f"py-spy on the predictor's {args.workers} worker(s) during one more cached wrk run (32 connections, "
+        f"{tdur} s), after the measured rounds. Self = samples in the function itself; total = in it or what "
+        "it called, for this project's functions. C code (uvloop, httptools, orjson, onnxruntime, a socket "
+        "write) counts to the Python function calling it; the by-package shares put each self sample with the "
+        "package of its function.\n"
+    )
+    print("\n".join(profile_cached))
+    print("\n### Where the time goes: uncached predictions\n")
+    print(
+        f"The same during an open-loop run at {rates[len(rates) // 2]:.0f} req/s with `Cache-Control: no-cache` "
+        "(predictor only: the indicators service, PostgreSQL and Redis are other processes).\n"
+    )
+    print("\n".join(profile_uncached))
 
 
 if __name__ == "__main__":

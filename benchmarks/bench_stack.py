@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import time
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, FastAPI
 from prometheus_client import CollectorRegistry
 from prometheus_fastapi_instrumentator import Instrumentator
 from prometheus_fastapi_instrumentator import metrics as instrumentator_metrics
 
+from benchmarks.common import Paired, alternating, warnings_of
 from shared.metrics import LATENCY_BUCKETS
 from shared.responses import JSON
 
@@ -81,54 +84,75 @@ async def per_request_us(app: Any, path: str, n: int) -> float:
 
     for _ in range(500):
         await app(dict(scope), receive, send)
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        for _ in range(n):
-            await app(dict(scope), receive, send)
-        best = min(best, (time.perf_counter() - t) / n * 1e6)
-    return best
+    t = time.perf_counter()
+    for _ in range(n):
+        await app(dict(scope), receive, send)
+    return (time.perf_counter() - t) / n * 1e6
 
 
-async def main_async(n: int) -> list[str]:
-    rows = ["| app | µs per request | vs bare |", "| --- | ---: | ---: |"]
-    bare, path = _app(13, include=False)
-    base = await per_request_us(bare, path, n)
-    rows.append(f"| bare FastAPI, 13 routes added flat | {base:.1f} | |")
-    cases: list[tuple[str, bool, bool | None]] = [
-        ("13 routes through `include_router`", True, None),
-        ("flat + instrumentator, its default metric set", False, False),
-        ("flat + instrumentator, the two metrics kept (`shared.metrics`)", False, True),
-        ("`include_router` + instrumentator default set", True, False),
-    ]
-    for label, include, lean in cases:
-        app, path = _app(13, include)
-        if lean is not None:
-            _instrument(app, lean)
-        us = await per_request_us(app, path, n)
-        rows.append(f"| {label} | {us:.1f} | +{us - base:.1f} |")
-
-    # One JSON access line per request (shared.app.RequestIdMiddleware), on and off.
+def main_rows(n: int, rounds: int) -> tuple[list[str], list[Paired]]:
+    """Every app variant once per round, the order rotating; µs are each variant's median over the rounds and
+    "vs bare" the median of the per-round ratios to the bare app (their range in brackets)."""
     import io
     import logging
 
     from shared.app import RequestIdMiddleware
     from shared.logging import JsonFormatter
+    from shared.metrics import HttpMetrics
 
     handler = logging.StreamHandler(io.StringIO())
     handler.setFormatter(JsonFormatter("bench"))
     access = logging.getLogger("aicash.access")
     access.addHandler(handler)
     access.propagate = False
+
+    variants: dict[str, tuple[Any, str, int]] = {}
+    bare, path = _app(13, include=False)
+    variants["bare FastAPI, 13 routes added flat"] = (bare, path, logging.WARNING)
+    for label, include, lean in (
+        ("13 routes through `include_router`", True, None),
+        ("flat + instrumentator, its default metric set", False, False),
+        ("flat + instrumentator, two metrics (what `shared.metrics` used before)", False, True),
+        ("`include_router` + instrumentator default set", True, False),
+    ):
+        app, path = _app(13, include)
+        if lean is not None:
+            _instrument(app, lean)
+        variants[label] = (app, path, logging.WARNING)
     for level, label in ((logging.WARNING, "off"), (logging.INFO, "on")):
-        access.setLevel(level)
         app, path = _app(13, include=False)
         app.add_middleware(RequestIdMiddleware)
-        us = await per_request_us(app, path, n)
-        rows.append(f"| flat + request-id middleware, access log {label} | {us:.1f} | +{us - base:.1f} |")
-    access.removeHandler(handler)
+        variants[f"flat + request-id middleware, access log {label}"] = (app, path, level)
+    app, path = _app(13, include=False)
+    app.add_middleware(RequestIdMiddleware, metrics=HttpMetrics())
+    variants["flat + request-id middleware recording the two metrics (`HttpMetrics`, one layer: now)"] = (
+        app,
+        path,
+        logging.WARNING,
+    )
 
-    return rows
+    def run(app: Any, path: str, level: int) -> float:
+        access.setLevel(level)
+        return asyncio.run(per_request_us(app, path, n))
+
+    got = alternating({k: functools.partial(run, *v) for k, v in variants.items()}, rounds)
+    access.removeHandler(handler)
+    base_label = next(iter(variants))
+    base = got[base_label]
+    rows = [
+        "| app | µs per request | vs bare (per-round ratio) | + µs |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    figures = []
+    for label, us in got.items():
+        if label == base_label:
+            rows.append(f"| {label} | {np.median(us):.1f} | | |")
+            continue
+        f = Paired(base, us, factor=True)
+        figures.append(f)
+        diff = np.median([b - a for a, b in zip(base, us, strict=True)])
+        rows.append(f"| {label} | {np.median(us):.1f} | {f.times()} | {diff:+.1f} |")
+    return rows, figures
 
 
 def payload_rows(quick: bool) -> list[str]:
@@ -238,15 +262,21 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
+    rounds = 3 if args.quick else 7
     lines = [
         "## Shared service stack, per request (in-process)",
         "",
-        "The ASGI app called directly (no server, no network), best of 3 rounds:",
+        f"The ASGI app called directly (no server, no network), {rounds} alternating rounds of every variant "
+        "(500 warm-up calls, then the mean of a round's calls):",
         "",
     ]
-    lines += asyncio.run(main_async(3000 if args.quick else 20000))
+    rows, figures = main_rows(3000 if args.quick else 10000, rounds)
+    lines += rows
     lines += payload_rows(args.quick)
     lines += response_rows(args.quick)
+    warn = warnings_of(*figures)
+    if warn:
+        lines += ["", *warn]
     print("\n".join(lines))
 
 

@@ -84,6 +84,17 @@ def settle() -> None:
     time.sleep(2)
 
 
+METHOD = (
+    "Method for every side-by-side figure (`benchmarks/common.py`: `paired`, `alternating`, `Paired`): the sides "
+    "run in alternating rounds, one right after the other, the order rotating from round to round, and the "
+    "figure is the median of the per-round ratios, printed with their range (min–max); a range wider than 20 "
+    "points (for a factor such as 1.2× or 90×: 20 % of its median) is flagged ⚠ with a warning under its "
+    "section. Absolute req/s, bars/s and ms are each side's median and stand as context only: on a shared "
+    'machine they move from run to run, the ratio of two sides measured together much less. "Where the time '
+    'goes" tables are py-spy profiles (`--nonblocking`, every worker process) taken by the same scripts on their '
+    "own load, after the measured rounds."
+)
+
 PARTIAL_NOTE = (
     'Sections marked with a later finish time were rerun alone (`make bench ARGS="--only NAME"`); the rest '
     "come from the full run above."
@@ -137,6 +148,8 @@ def main() -> None:
         "Written by `make bench` (`python -m benchmarks.run`); every figure below comes from that one run.",
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}.",
         f"Mode: {'quick' if args.quick else 'full'}.",
+        "",
+        METHOD,
         "",
     ]
     out = Path(args.out)

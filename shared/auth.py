@@ -6,9 +6,10 @@ import hmac
 import logging
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
 
 from shared.errors import Forbidden, Unauthorized
@@ -88,16 +89,60 @@ class Authenticator:
 _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key secret")
 
 
-def require(role: Role) -> object:
-    async def dependency(request: Request, presented: Annotated[str | None, Depends(_header)]) -> Principal:
+class RoleCheck:
+    """The dependency `require(role)` adds to a route: authenticates the key and checks its role. It names the
+    role it needs, so `document_roles` can state it in the OpenAPI document."""
+
+    def __init__(self, role: Role) -> None:
+        self.role = role
+
+    async def __call__(self, request: Request, presented: Annotated[str | None, Depends(_header)]) -> Principal:
         auth: Authenticator = request.app.state.auth
         principal = auth.authenticate(presented)
-        if principal.role < role:
-            raise Forbidden(f"key {principal.key_id!r} has role {principal.role.name}; this needs {role.name}")
+        if principal.role < self.role:
+            raise Forbidden(f"key {principal.key_id!r} has role {principal.role.name}; this needs {self.role.name}")
         request.state.principal = principal
         return principal
 
-    return Depends(dependency)
+
+def require(role: Role) -> object:
+    return Depends(RoleCheck(role))
+
+
+# The OpenAPI extension every operation carries: the role it needs (read, write, admin) or `public`.
+REQUIRED_ROLE = "x-required-role"
+PUBLIC = "public"
+
+
+def route_role(route: APIRoute) -> Role | None:
+    """The role a route's dependencies require (None: no key is checked)."""
+    stack = [route.dependant]
+    while stack:
+        dependant = stack.pop()
+        if isinstance(dependant.call, RoleCheck):
+            return dependant.call.role
+        stack.extend(dependant.dependencies)
+    return None
+
+
+def document_roles(app: FastAPI) -> None:
+    """Put `x-required-role` on every operation of the app's OpenAPI document, from the route's own auth
+    dependency: what a route enforces is what its schema says (tests/faults/test_auth_matrix.py holds every
+    operation of every service to it)."""
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = original()
+        for route in app.routes:
+            if isinstance(route, APIRoute) and route.include_in_schema:
+                role = route_role(route)
+                for method in route.methods or ():
+                    operation = schema.get("paths", {}).get(route.path_format, {}).get(method.lower())
+                    if operation is not None:
+                        operation[REQUIRED_ROLE] = role.name if role is not None else PUBLIC
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 ReadKey = Annotated[Principal, require(Role.read)]

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+import operator
+import re
 import time
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -43,7 +45,8 @@ class Bar(BaseModel):
         }
     )
 
-    ts: datetime
+    # Documentation only (the routes read bars with bars_from_items): what that accepts. MIN_TS below; 2**40.
+    ts: datetime | Annotated[int, Field(ge=-5_364_662_400, le=1_099_511_627_776)]
     open: float = Field(gt=0)
     high: float = Field(gt=0)
     low: float = Field(gt=0)
@@ -54,7 +57,7 @@ class Bar(BaseModel):
 class BarsIn(BaseModel):
     """Request body of bar uploads: up to 50,000 bars; order does not matter (they are sorted)."""
 
-    bars: list[Bar]
+    bars: list[Bar] = Field(min_length=1, max_length=50_000, description="MAX_BARS_PER_REQUEST, 50,000 by default")
 
 
 class BarValidationError(ValidationFailed):
@@ -101,10 +104,41 @@ def bars_from_payload(raw: Any, timeframe: Timeframe, max_bars: int) -> tuple[OH
     return bars_from_items(items, timeframe)
 
 
+_GET_TS = operator.itemgetter("ts")
+_GETTERS = {f: operator.itemgetter(f) for f in FIELDS}
+_NUMBER_TYPES = frozenset({float, int})
+
+
+def _columns_fast(items: list[Any]) -> tuple[dict[str, npt.NDArray[np.float64]], list[Any]] | None:
+    """The columns and raw timestamps at C speed (map, set, np.array; no Python loop per bar) when every bar is
+    an object with every field and every number a float or an int (bool is not): the usual batch, in about
+    half the loop's time. None otherwise, and the loop in `bars_from_items` names what is wrong."""
+    try:
+        raw_ts = list(map(_GET_TS, items))
+        cols = {}
+        for f, get in _GETTERS.items():
+            values = list(map(get, items))
+            if not set(map(type, values)) <= _NUMBER_TYPES:
+                return None
+            cols[f] = np.array(values, dtype=np.float64)
+    except (KeyError, TypeError, OverflowError):
+        return None
+    return cols, raw_ts
+
+
 def bars_from_items(items: list[Any], timeframe: Timeframe) -> tuple[OHLCV, list[int]]:
+    fast = _columns_fast(items)
+    if fast is not None:
+        cols, raw_ts = fast
+    else:
+        cols, raw_ts = _columns_checked(items)
+    return _validated(cols, raw_ts, timeframe)
+
+
+def _columns_checked(items: list[Any]) -> tuple[dict[str, npt.NDArray[np.float64]], list[Any]]:
     errors: list[str] = []
     n = len(items)
-    cols = {f: np.empty(n, dtype=np.float64) for f in FIELDS}
+    cols: dict[str, npt.NDArray[np.float64]] = {f: np.empty(n, dtype=np.float64) for f in FIELDS}
     raw_ts: list[Any] = [None] * n
     for i, item in enumerate(items):
         if not isinstance(item, dict):
@@ -126,7 +160,12 @@ def bars_from_items(items: list[Any], timeframe: Timeframe) -> tuple[OHLCV, list
             break
     if errors:
         raise BarValidationError(errors)
+    return cols, raw_ts
 
+
+def _validated(
+    cols: dict[str, npt.NDArray[np.float64]], raw_ts: list[Any], timeframe: Timeframe
+) -> tuple[OHLCV, list[int]]:
     ts = _parse_timestamps(raw_ts)
     errors = _check_values(cols, ts, timeframe)
     if errors:
@@ -185,6 +224,13 @@ def _parse_timestamps(raw: list[Any]) -> npt.NDArray[np.int64]:
     return out
 
 
+# What the batch parser (pd.to_datetime, format="ISO8601") reads: a date, optionally a time with optional fractional
+# seconds, optionally a UTC offset; nothing else (ASCII digits only: \d would admit other scripts' digits).
+_ISO_RE = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9]{2}(:[0-9]{2}(:[0-9]{2}([.,][0-9]+)?)?)?)?(Z|[+-][0-9]{2}(:?[0-9]{2})?)?"
+)
+
+
 def _one_timestamp(i: int, v: Any) -> int:
     if type(v) is int:
         if not MIN_TS <= v <= 2**40:
@@ -192,6 +238,9 @@ def _one_timestamp(i: int, v: Any) -> int:
         return v
     if not isinstance(v, str):
         raise BarValidationError([f"bar {i}: ts must be an ISO 8601 string or epoch seconds, got {v!r}"])
+    # pd.Timestamp alone is lenient (dateutil): it reads "13/09/2020" and skips NUL bytes and other junk.
+    if not _ISO_RE.fullmatch(v):
+        raise BarValidationError([f"bar {i}: ts {v!r} is not an ISO 8601 timestamp"])
     try:
         t = pd.Timestamp(v)
         t = t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")

@@ -22,6 +22,25 @@ def require_database_url(settings: Settings) -> str:
     return settings.database_url
 
 
+async def reset_or_drop(conn: asyncpg.Connection) -> None:
+    """The pool's reset of a released connection (asyncpg's own reset query) that drops, rather than raises for,
+    a connection the server has ended.
+
+    After PostgreSQL ends the session (`pg_ctl stop -m fast`, a failover) the reset query can fail, e.g. with
+    InternalClientError "cannot switch to state 15; another operation (2) is in progress" (asyncpg 0.32, seen in
+    tests/predictor/test_process_faults.py). asyncpg then terminates the connection and raises out of
+    `async with pool.acquire()`, after the caller's transaction committed: an outcome that was stored answered
+    500. The connection is terminated here instead; the pool opens a new one on the next acquire.
+    """
+    query = conn.get_reset_query()
+    if not query:
+        return
+    try:
+        await conn.execute(query)
+    except Exception:  # whatever failed, the connection is not reused; the caller's work is done
+        conn.terminate()
+
+
 async def create_pool(settings: Settings, application_name: str) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
         require_database_url(settings),
@@ -30,6 +49,7 @@ async def create_pool(settings: Settings, application_name: str) -> asyncpg.Pool
         command_timeout=settings.db_command_timeout_seconds,
         timeout=5.0,
         server_settings={"application_name": application_name},
+        reset=reset_or_drop,
     )
     assert pool is not None
     return pool

@@ -1,4 +1,4 @@
-"""Prometheus metrics: the instrumentator for HTTP, `/metrics` correct with several uvicorn workers.
+"""Prometheus metrics: two per HTTP request, `/metrics` correct with several uvicorn workers.
 
 With PROMETHEUS_MULTIPROC_DIR set (as `make up`, compose and k8s do), each worker writes its samples to
 files there and `/metrics` aggregates them, so any worker answering a scrape reports the whole process
@@ -8,13 +8,14 @@ group. Collectors that compute values at scrape time (staleness) are added per s
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
+from typing import Any
 
 from fastapi import FastAPI, Response
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.registry import Collector
-from prometheus_fastapi_instrumentator import Instrumentator
-from prometheus_fastapi_instrumentator import metrics as instrumentator_metrics
+from starlette.types import Scope
 
 
 def multiprocess_dir() -> str | None:
@@ -25,17 +26,62 @@ def multiprocess_dir() -> str | None:
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+# The two series prometheus-fastapi-instrumentator wrote (same names, help, labels and buckets, so dashboards,
+# alerts and recorded history carry on), recorded by shared.app.RequestIdMiddleware in the same ASGI layer as
+# the request id: the instrumentator's own layer matched the request against every route a second time and
+# built a Request, a Response and an asyncio.gather per request. Hand-written for that measured reason
+# (benchmarks/bench_stack.py, in-process, 2026-12-01: the instrumentator with these two metrics +50.7 us a
+# request over bare FastAPI; request id and these metrics in one layer +16.0 us); the instrumentator stays the
+# reference row in that benchmark.
+HTTP_REQUESTS = Counter(
+    "http_requests_total", "Total number of requests by method, status and handler.", ("handler", "method", "status")
+)
+HTTP_DURATION = Histogram(
+    "http_request_duration_seconds",
+    "Duration of HTTP requests in seconds",
+    ("handler", "method"),
+    buckets=LATENCY_BUCKETS,
+)
+# Not recorded: scrapes and probes. A pattern is searched in the route's path (or, for a request that matched
+# no route, in its path), as the instrumentator's `excluded_handlers` were.
+EXCLUDED_HANDLERS = (re.compile("/metrics"), re.compile("/health"), re.compile("/health/ready"))
+
+
+class HttpMetrics:
+    """`http_requests_total` and `http_request_duration_seconds` of one request, from what the router left in
+    the ASGI scope: `scope["route"]`, the matched route (a partial match, a 405, included), whose path template
+    is the `handler` label; "none" when no route matched (a 404), so clients cannot mint label values. The
+    labelled children are looked up once per (handler, method, status), not on every request."""
+
+    def __init__(self) -> None:
+        self._children: dict[tuple[str | None, str, int], tuple[Any, Any] | None] = {}
+
+    def observe(self, scope: Scope, status: int, seconds: float) -> None:
+        template = getattr(scope.get("route"), "path", None)
+        handler = template if isinstance(template, str) else None
+        method = scope.get("method", "")
+        if handler is None and any(p.search(scope.get("path", "")) for p in EXCLUDED_HANDLERS):
+            return  # keyed below by the template only: a client's paths never grow this cache
+        key = (handler, method, status)
+        if key in self._children:
+            children = self._children[key]
+        else:
+            children = self._children[key] = self._resolve(handler, method, status)
+        if children is not None:
+            children[0].inc()
+            children[1].observe(seconds)
+
+    @staticmethod
+    def _resolve(handler: str | None, method: str, status: int) -> tuple[Any, Any] | None:
+        if handler is not None and any(p.search(handler) for p in EXCLUDED_HANDLERS):
+            return None
+        label = handler or "none"
+        return HTTP_REQUESTS.labels(label, method, str(status)), HTTP_DURATION.labels(label, method)
+
+
 def install_metrics(app: FastAPI, extra_collectors: Iterable[Collector] = ()) -> None:
-    # Two metrics per request: requests by handler/method/status and latency by handler/method. The
-    # instrumentator's default set adds request/response sizes and a second latency histogram; measured here,
-    # that costs 13 us more a request (benchmarks/bench_stack.py, 13 routes: +40 us against +27 us).
-    instrumentator = Instrumentator(
-        should_group_status_codes=False,
-        excluded_handlers=["/metrics", "/health", "/health/ready"],
-    )
-    instrumentator.add(instrumentator_metrics.requests())
-    instrumentator.add(instrumentator_metrics.latency(should_include_status=False, buckets=LATENCY_BUCKETS))
-    instrumentator.instrument(app)
+    """`/metrics`: this process's (or, in multiprocess mode, every worker's) samples and the service's own
+    collectors computed at scrape time. The per-request metrics come from `HttpMetrics`."""
     extras = list(extra_collectors)
 
     def render() -> bytes:

@@ -9,10 +9,11 @@ loading anything (models are programs).
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Output order of every model's softmax; metadata repeats it so a reader never guesses.
 CLASSES: tuple[str, str, str] = ("SELL", "HOLD", "BUY")
@@ -20,6 +21,21 @@ CLASSES: tuple[str, str, str] = ("SELL", "HOLD", "BUY")
 
 def artifact_prefix(symbol: str, timeframe: str, version: str) -> str:
     return f"{symbol}/{timeframe}/{version}/"
+
+
+# A file of a version is named by a bare file name inside its prefix: no folder, no "..", no absolute path, so
+# a metadata.json can never point a reader at another version's (or anything else's) objects.
+_ARTIFACT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def artifact_name_error(name: str) -> str | None:
+    """Why `name` may not name a file of a version (it would leave the version's prefix), or None."""
+    if _ARTIFACT_NAME.fullmatch(name) and ".." not in name:
+        return None
+    return (
+        f"artifact name {name!r} is not a bare file name inside the version's prefix "
+        "(no '/', '\\', '..' or absolute path); refusing it"
+    )
 
 
 class Scaler(BaseModel):
@@ -85,6 +101,23 @@ class ModelMetadata(BaseModel):
     artifacts: dict[str, str]  # file name -> sha256 hex (model.keras, model.onnx)
     onnx_max_abs_diff: float | None = None
     input_name: str = "features"  # ONNX input name; input shape (batch, sequence_length, n_features), float32
+
+    @field_validator("artifacts")
+    @classmethod
+    def _names_inside_the_prefix(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if (why := artifact_name_error(name)) is not None:
+                raise ValueError(why)
+        return value
+
+    def identity_error(self, symbol: str, timeframe: str, version: str) -> str | None:
+        """Why this metadata does not describe the version it was read for (it names another model), or None."""
+        if (self.symbol, self.timeframe, self.version) == (symbol, timeframe, version):
+            return None
+        return (
+            f"metadata.json describes {self.symbol}/{self.timeframe}/{self.version}, not the "
+            f"{symbol}/{timeframe}/{version} it was read for; refusing it"
+        )
 
 
 GateVerdict = Literal["passed", "failed", "not_validated"]

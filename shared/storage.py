@@ -51,8 +51,13 @@ class FileStore:
         p = self._path(key)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(p.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, p)  # readers see the old file or the whole new one
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, p)  # readers see the old file or the whole new one
+        except BaseException:
+            # A full disk (ENOSPC) or an interruption leaves no half-written .tmp behind to fill it further.
+            tmp.unlink(missing_ok=True)
+            raise
 
     def get(self, key: str) -> bytes:
         try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -23,9 +22,17 @@ from services.indicators.schemas import (
 from shared.app import json_body, read_body
 from shared.bars import BarsIn, bars_from_payload, bars_to_rows, parse_json
 from shared.db import with_retry
-from shared.errors import AppError, ValidationFailed, error_responses
+from shared.errors import (
+    TEXT_SCHEMA,
+    TIMEFRAME_LIST_SCHEMA,
+    AppError,
+    ValidationFailed,
+    error_responses,
+    handler_checked,
+)
 from shared.features import catalog
 from shared.market_repository import bars_range, list_series
+from shared.query import QueryTime
 from shared.responses import JSON
 from shared.timeframes import SYMBOL_RE, Timeframe, check_symbol, parse_timeframe
 
@@ -84,8 +91,8 @@ async def get_bars(
     timeframe: str,
     pool: PoolDep,
     _: ReadKey,
-    start: Annotated[datetime | None, Query(description="inclusive, ISO 8601")] = None,
-    end: Annotated[datetime | None, Query(description="exclusive, ISO 8601")] = None,
+    start: Annotated[QueryTime | None, Query(description="inclusive, ISO 8601")] = None,
+    end: Annotated[QueryTime | None, Query(description="exclusive, ISO 8601")] = None,
     limit: Annotated[int, Query(ge=1, le=50_000, description="newest bars in the range")] = 1000,
 ) -> JSON:
     """Stored bars of a series, oldest first and newest last (role read)."""
@@ -98,7 +105,13 @@ async def get_bars(
     return JSON({"bars": bars_to_rows(bars)})
 
 
-@router.get("/v1/series", tags=["bars"], response_model=list[SeriesOut], responses=error_responses(401, 403))
+@router.get(
+    "/v1/series",
+    tags=["bars"],
+    response_model=list[SeriesOut],
+    responses=error_responses(401, 403),
+    openapi_extra=handler_checked(symbol=TEXT_SCHEMA),
+)
 async def get_series(pool: PoolDep, _: ReadKey, symbol: str | None = None) -> list[SeriesOut]:
     """Stored series (symbol, timeframe) with their first and last bar times (role read)."""
     rows = await with_retry(lambda: list_series(pool, symbol))
@@ -152,6 +165,7 @@ def _parse_timeframes(value: str | None, base: Timeframe) -> list[Timeframe]:
     tags=["indicators"],
     response_model=IndicatorsAnswer,
     responses={**INDICATORS_200, **error_responses(401, 403, 404, 422)},
+    openapi_extra=handler_checked(timeframes=TIMEFRAME_LIST_SCHEMA),
 )
 async def get_indicators(
     symbol: str,

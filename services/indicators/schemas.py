@@ -104,7 +104,9 @@ class IndicatorsIn(BaseModel):
 
     symbol: str = Field(default="CUSTOM", pattern=r"^[A-Z0-9._-]{1,20}$")
     timeframe: Timeframe
-    bars: list[Bar] = Field(description="at least warm-up + 1 bars; sorted by the service")
+    bars: list[Bar] = Field(
+        min_length=1, max_length=50_000, description="at least warm-up + 1 bars; sorted by the service"
+    )
     limit: int | None = Field(default=None, ge=1, le=50_000, description="newest rows to return (default all)")
     timeframes: list[Timeframe] | None = Field(
         default=None, description="higher timeframes to resample the bars to (default: the bars' timeframe)"

@@ -45,6 +45,15 @@ CACHE = Counter("ml_prediction_cache_total", "Prediction cache lookups by result
 MODEL_LOAD_FAILURES = Counter(
     "ml_model_load_failures_total", "Model versions that failed to load (checksum, file, ONNX)", ["symbol", "timeframe"]
 )
+# The subset of those failures that were refusals of a stored artifact (not a store that could not be read):
+# reason checksum (metadata.json or model.onnx differs from its recorded sha256), path (metadata.json names a file
+# outside the version's prefix), metadata (not valid model metadata, or it describes another version), onnx (the
+# file is not a model onnxruntime loads and runs).
+MODEL_LOAD_REFUSED = Counter(
+    "ml_model_load_refused_total",
+    "Model artifacts refused at load, by reason (checksum, path, metadata, onnx)",
+    ["reason"],
+)
 LOG_DROPPED = Counter("ml_prediction_log_dropped_total", "Prediction records dropped because the log buffer was full")
 LOG_WRITTEN = Counter("ml_prediction_log_written_total", "Prediction records written to PostgreSQL")
 LOG_PRUNED = Counter("ml_prediction_log_pruned_total", "Prediction records deleted by the retention prune")

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
 
 import anyio
 import asyncpg
@@ -26,7 +27,7 @@ import orjson
 from pydantic import ValidationError
 
 from services.predictor import repository
-from services.predictor.metrics import ACTIVE_MODELS, MODEL_LOAD_FAILURES
+from services.predictor.metrics import ACTIVE_MODELS, MODEL_LOAD_FAILURES, MODEL_LOAD_REFUSED
 from services.predictor.repository import RegistryRow
 from shared.background import cancel_and_wait
 from shared.db import PgListener
@@ -39,8 +40,16 @@ log = logging.getLogger("predictor.models")
 FloatArray = npt.NDArray[np.float32]
 
 
+RefusalReason = Literal["checksum", "path", "metadata", "onnx"]
+
+
 class ModelLoadError(RuntimeError):
-    pass
+    """A version that cannot serve. `reason` is set when a stored artifact was refused (counted in
+    ml_model_load_refused_total); None when the store could not be read."""
+
+    def __init__(self, message: str, reason: RefusalReason | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,30 +122,36 @@ def load_model(store: ObjectStore, row: RegistryRow) -> LoadedModel:
     except Exception as exc:  # any store failure is a failed load
         raise ModelLoadError(f"cannot read {prefix}metadata.json: {exc}") from exc
     if sha256_hex(meta_bytes) != row.sha256:
-        raise ModelLoadError(f"{prefix}metadata.json: sha256 {sha256_hex(meta_bytes)} != registry {row.sha256}")
+        raise ModelLoadError(
+            f"{prefix}metadata.json: sha256 {sha256_hex(meta_bytes)} != registry {row.sha256}", "checksum"
+        )
     try:
         meta = ModelMetadata.model_validate_json(meta_bytes)
     except ValidationError as exc:
-        raise ModelLoadError(f"{prefix}metadata.json is not valid model metadata: {exc}") from exc
+        # A file named outside the version's prefix (shared/model_metadata.py) is a refusal of its own.
+        reason: RefusalReason = "path" if any(e["loc"][:1] == ("artifacts",) for e in exc.errors()) else "metadata"
+        raise ModelLoadError(f"{prefix}metadata.json is not valid model metadata: {exc}", reason) from exc
+    if (why := meta.identity_error(row.symbol, row.timeframe, row.version)) is not None:
+        raise ModelLoadError(f"{prefix}{why}", "metadata")
     expected = meta.artifacts.get("model.onnx")
     if not expected:
-        raise ModelLoadError(f"{prefix}metadata.json lists no sha256 for model.onnx")
+        raise ModelLoadError(f"{prefix}metadata.json lists no sha256 for model.onnx", "metadata")
     try:
         onnx_bytes = store.get(prefix + "model.onnx")
     except Exception as exc:
         raise ModelLoadError(f"cannot read {prefix}model.onnx: {exc}") from exc
     if sha256_hex(onnx_bytes) != expected:
-        raise ModelLoadError(f"{prefix}model.onnx: sha256 {sha256_hex(onnx_bytes)} != metadata {expected}")
+        raise ModelLoadError(f"{prefix}model.onnx: sha256 {sha256_hex(onnx_bytes)} != metadata {expected}", "checksum")
 
     n = len(meta.feature_names)
     if len(meta.scaler.mean) != n or len(meta.scaler.scale) != n:
-        raise ModelLoadError(f"{prefix}: scaler has {len(meta.scaler.mean)} means for {n} features")
+        raise ModelLoadError(f"{prefix}: scaler has {len(meta.scaler.mean)} means for {n} features", "metadata")
     if sorted(meta.classes) != sorted(CLASSES):
-        raise ModelLoadError(f"{prefix}: classes {meta.classes} are not {list(CLASSES)}")
+        raise ModelLoadError(f"{prefix}: classes {meta.classes} are not {list(CLASSES)}", "metadata")
     try:
         session = _session(onnx_bytes)
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise ModelLoadError(f"{prefix}model.onnx does not load in onnxruntime: {exc}") from exc
+        raise ModelLoadError(f"{prefix}model.onnx does not load in onnxruntime: {exc}", "onnx") from exc
     scale = np.asarray(meta.scaler.scale, dtype=np.float32)
     scale[scale == 0] = 1.0  # a constant training feature: centre it, do not divide by zero
     model = LoadedModel(
@@ -157,9 +172,11 @@ def load_model(store: ObjectStore, row: RegistryRow) -> LoadedModel:
     try:
         p = model.predict(np.zeros((meta.sequence_length, n), dtype=np.float64))
     except Exception as exc:
-        raise ModelLoadError(f"{prefix}model.onnx fails on a ({meta.sequence_length}, {n}) window: {exc}") from exc
+        raise ModelLoadError(
+            f"{prefix}model.onnx fails on a ({meta.sequence_length}, {n}) window: {exc}", "onnx"
+        ) from exc
     if p.shape != (3,) or not np.isfinite(p).all():
-        raise ModelLoadError(f"{prefix}model.onnx returns {p.shape} values, not 3 finite probabilities")
+        raise ModelLoadError(f"{prefix}model.onnx returns {p.shape} values, not 3 finite probabilities", "onnx")
     return model
 
 
@@ -260,6 +277,8 @@ class ModelManager:
         except ModelLoadError as exc:
             self._failed.add(ident)
             MODEL_LOAD_FAILURES.labels(row.symbol, row.timeframe).inc()
+            if exc.reason is not None:
+                MODEL_LOAD_REFUSED.labels(exc.reason).inc()
             self.last_error = str(exc)
             if fallback is not None:
                 outcome = "the previous version keeps serving"
@@ -276,6 +295,7 @@ class ModelManager:
                     "timeframe": row.timeframe,
                     "version": row.version,
                     "role": role,
+                    "reason": exc.reason or "unreadable",
                     "error": str(exc),
                 },
             )

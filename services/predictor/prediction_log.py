@@ -106,6 +106,8 @@ class PredictionLog:
         self.retention_days = retention_days
         self.prune_interval_seconds = prune_interval_seconds
         self.buffer: deque[LogRecord] = deque()
+        # The batch a flush has taken out of the buffer and is writing: still findable until it is committed.
+        self._writing: list[LogRecord] = []
         self.dropped = 0
         self.windows_written = 0  # windows sent to PostgreSQL (after dedupe); tests read it
         self.last_error: str | None = None
@@ -131,8 +133,13 @@ class PredictionLog:
             self._full.set()
 
     def find(self, prediction_id: uuid.UUID) -> LogRecord | None:
-        """A record not yet written (so GET /v1/predictions/{id} finds it right after the POST)."""
+        """A record not yet written (so GET /v1/predictions/{id} finds it right after the POST), buffered or in
+        the batch being written: a caller that must read the row back (POST /v1/outcomes) then flushes, which
+        waits for that batch's commit, instead of reading before it and answering 404."""
         for record in reversed(self.buffer):
+            if record.prediction_id == prediction_id:
+                return record
+        for record in self._writing:
             if record.prediction_id == prediction_id:
                 return record
         return None
@@ -151,7 +158,7 @@ class PredictionLog:
         written = 0
         while self.buffer:
             # Take the batch out first: appends (and drops) may happen while COPY awaits.
-            batch = [self.buffer.popleft() for _ in range(min(self.batch_rows, len(self.buffer)))]
+            batch = self._writing = [self.buffer.popleft() for _ in range(min(self.batch_rows, len(self.buffer)))]
             windows: dict[str, Row] = {}
             for r in batch:
                 h = r.window_hash
@@ -162,6 +169,8 @@ class PredictionLog:
             except BaseException:
                 self._requeue(batch)
                 raise
+            finally:
+                self._writing = []
             for h in windows:
                 self._written[h] = None
             while len(self._written) > self.remember_hashes:
@@ -237,4 +246,9 @@ class PredictionLog:
         try:
             await asyncio.wait_for(self.flush(), 5.0)
         except Exception as exc:
-            log.warning("prediction log: %d rows not written at shutdown", len(self.buffer), extra={"error": str(exc)})
+            # Counted as dropped too: with PROMETHEUS_MULTIPROC_DIR the sample outlives this process, so the
+            # other workers' /metrics still report the loss.
+            lost = len(self.buffer)
+            self.dropped += lost
+            LOG_DROPPED.inc(lost)
+            log.warning("prediction log: %d rows not written at shutdown", lost, extra={"error": str(exc)})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Annotated, Any
 
 import asyncpg
@@ -45,15 +45,19 @@ from shared.auth import Authenticator, Principal, Role, WriteKey
 from shared.bars import parse_json
 from shared.errors import (
     ERROR_SCHEMA,
+    SYMBOL_SCHEMA,
+    TIMEFRAME_SCHEMA,
     AppError,
     Forbidden,
     NotFoundError,
     ServiceUnavailable,
     ValidationFailed,
     error_responses,
+    handler_checked,
 )
 from shared.logging import request_id_var
 from shared.model_metadata import CLASSES
+from shared.query import QueryTime
 from shared.timeframes import Timeframe, can_resample, check_symbol, parse_timeframe
 
 router = APIRouter()
@@ -374,7 +378,13 @@ async def get_default_weights(predictor: PredictorDep, _: ReadKey) -> WeightsOut
     return _weights(predictor.weights.lookup(None, None), None, None)
 
 
-@router.get("/v1/weights", tags=["weights"], response_model=WeightsOut, responses=error_responses(401, 403, 422))
+@router.get(
+    "/v1/weights",
+    tags=["weights"],
+    response_model=WeightsOut,
+    responses=error_responses(401, 403, 422),
+    openapi_extra=handler_checked(symbol=SYMBOL_SCHEMA, timeframe=TIMEFRAME_SCHEMA),
+)
 async def get_weights(
     predictor: PredictorDep,
     _: ReadKey,
@@ -414,7 +424,16 @@ async def get_models(predictor: PredictorDep, _: ReadKey) -> list[ModelOut]:
 
 
 # PostgreSQL unreachable or the connection lost: 503, never a 500 (the outcome routes read and write the database).
-DATABASE_DOWN = (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
+# A server shutting down or restarting (AdminShutdown, CannotConnectNow: operator intervention) and a connection
+# that broke under the client (InternalClientError) are the database being away, not the request being bad.
+DATABASE_DOWN = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
 
 
 @router.post(
@@ -449,6 +468,7 @@ async def post_outcome(body: OutcomeIn, predictor: PredictorDep, principal: Writ
     tags=["outcomes"],
     response_model=PerformanceOut,
     responses=error_responses(401, 403, 404, 422, 503),
+    openapi_extra=handler_checked(symbol=SYMBOL_SCHEMA, timeframe=TIMEFRAME_SCHEMA),
 )
 async def get_performance(
     predictor: PredictorDep,
@@ -456,7 +476,7 @@ async def get_performance(
     symbol: Annotated[str, Query(description="series symbol, e.g. EURUSD")],
     timeframe: Annotated[str, Query(description="series timeframe, e.g. H1")],
     since: Annotated[
-        datetime | None,
+        QueryTime | None,
         Query(description="only bars opening (outcomes) and predictions served at or after this time (ISO 8601)"),
     ] = None,
 ) -> PerformanceOut:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from shared.bars import Bar
 from shared.model_metadata import QUALITY_DESCRIPTION, ModelQuality
@@ -28,10 +28,14 @@ class PredictionIn(BaseModel):
         "sequence length); leave out to use the stored bars",
     )
     timeframes: list[Timeframe] | None = Field(
-        default=None, description="higher timeframes for the consensus, resampled from the same bars"
+        default=None,
+        max_length=8,
+        description="higher timeframes for the consensus, resampled from the same bars (whole multiples of "
+        "`timeframe`)",
     )
     user_id: str | None = Field(
         default=None,
+        min_length=1,
         max_length=256,
         description="the A/B split's sticky key (a user in the rollout's test group gets the candidate) and "
         "stored only as a salted sha256",
@@ -200,6 +204,28 @@ class ExplanationPending(BaseModel):
 # --- outcomes and live performance (services/predictor/performance.py) -----------------------------------------
 
 
+# What PostgreSQL's jsonb and orjson both store: no NUL character in a string or key, integers within 64 bits
+# (orjson's range). Anything else in `detail` was a 500 when the row was written; now it is a 422 naming it.
+def _no_nul(key: str) -> str:
+    if "\x00" in key:
+        raise ValueError("a NUL character cannot be stored")
+    return key
+
+
+_NoNul = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]
+_Key = Annotated[str, AfterValidator(_no_nul)]  # (a pattern on dict keys documents as patternProperties: not a rule)
+_KEYS: dict[str, Any] = {"propertyNames": {"pattern": r"^[^\x00]*$"}}
+type StoredJson = (
+    _NoNul
+    | Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
+    | float
+    | bool
+    | None
+    | list[StoredJson]
+    | Annotated[dict[_Key, StoredJson], Field(json_schema_extra=_KEYS)]
+)
+
+
 class OutcomeIn(BaseModel):
     """A result a client observed for one served prediction, e.g. the PnL of the trade it placed on it."""
 
@@ -217,7 +243,9 @@ class OutcomeIn(BaseModel):
 
     prediction_id: uuid.UUID = Field(description="the prediction_id of a served prediction")
     pnl: float | None = Field(default=None, description="the result as a return (e.g. 0.0042 = +0.42 %); optional")
-    detail: dict[str, Any] | None = Field(default=None, description="anything else worth keeping, as JSON")
+    detail: Annotated[dict[_Key, StoredJson], Field(json_schema_extra=_KEYS)] | None = Field(
+        default=None, description="anything else worth keeping, as JSON (no NUL characters, integers within 64 bits)"
+    )
 
 
 class OutcomeOut(BaseModel):
@@ -275,3 +303,10 @@ class PerformanceOut(BaseModel):
     timeframe: str
     since: datetime | None
     versions: list[VariantPerformance]
+
+
+# Parameters the routes check themselves (stream_routes.parse_series, webhooks._webhook_id), as schemas for the
+# OpenAPI document (shared.errors.handler_checked).
+_SERIES_ITEM = rf"\s*[A-Z0-9._-]{{1,20}}:({'|'.join(t.value for t in Timeframe)})\s*"
+SERIES_LIST_SCHEMA: dict[str, Any] = {"type": "string", "pattern": rf"^{_SERIES_ITEM}(,{_SERIES_ITEM})*$"}
+WEBHOOK_ID_SCHEMA: dict[str, Any] = {"type": "string", "pattern": r"^[0-9]{1,18}$"}

@@ -17,8 +17,9 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import Message, Receive, Scope, Send
 
 from services.predictor.deps import PredictorDep, ReadKey
+from services.predictor.schemas import SERIES_LIST_SCHEMA
 from services.predictor.streaming import Notice, SignalEvent, SignalHub, SignalStreams, Subscriber, series_name
-from shared.errors import ServiceUnavailable, ValidationFailed, error_responses
+from shared.errors import ServiceUnavailable, ValidationFailed, error_responses, handler_checked
 from shared.timeframes import check_symbol, parse_timeframe
 
 log = logging.getLogger("predictor.streaming")
@@ -215,6 +216,7 @@ class _SignalStreamResponse(EventSourceResponse):
         },
         **error_responses(401, 403, 422, 503),
     },
+    openapi_extra=handler_checked(series=SERIES_LIST_SCHEMA),
 )
 async def stream_signals(
     request: Request,

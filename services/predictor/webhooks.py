@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.predictor import webhook_repository as repo
 from services.predictor.deps import predictor_of
+from services.predictor.schemas import WEBHOOK_ID_SCHEMA
 from services.predictor.settings import PredictorSettings
 from services.predictor.streaming import SignalEvent
 from services.predictor.webhook_repository import Delivery, Webhook
@@ -34,7 +35,7 @@ from services.predictor.webhook_targets import check_target
 from shared import audit, celery_config
 from shared.app import periodic
 from shared.auth import AdminKey
-from shared.errors import NotFoundError, ValidationFailed, error_responses
+from shared.errors import NotFoundError, ValidationFailed, error_responses, handler_checked
 from shared.timeframes import check_symbol, parse_timeframe
 
 if TYPE_CHECKING:
@@ -263,7 +264,7 @@ def _parse_series(request: Request, raw: list[str]) -> list[str]:
 
 
 def _webhook_id(webhook_id: str) -> int:
-    if not webhook_id.isdigit() or len(webhook_id) > 18:
+    if not (webhook_id.isascii() and webhook_id.isdigit()) or len(webhook_id) > 18:  # "²".isdigit() is True
         raise ValidationFailed(f"webhook id {webhook_id!r} must be a positive integer (the id POST returned)")
     return int(webhook_id)
 
@@ -310,7 +311,12 @@ async def list_webhooks(request: Request, _: AdminKey) -> list[Webhook]:
     return await repo.list_webhooks(request.app.state.pool)
 
 
-@router.get("/{webhook_id}", response_model=Webhook, responses=error_responses(401, 403, 404, 422, 503))
+@router.get(
+    "/{webhook_id}",
+    response_model=Webhook,
+    responses=error_responses(401, 403, 404, 422, 503),
+    openapi_extra=handler_checked(webhook_id=WEBHOOK_ID_SCHEMA),
+)
 async def get_webhook(webhook_id: str, request: Request, _: AdminKey) -> Webhook:
     """One webhook (role admin); 404 when there is none with this id."""
     hook = await repo.get_webhook(request.app.state.pool, _webhook_id(webhook_id))
@@ -320,7 +326,10 @@ async def get_webhook(webhook_id: str, request: Request, _: AdminKey) -> Webhook
 
 
 @router.get(
-    "/{webhook_id}/deliveries", response_model=list[Delivery], responses=error_responses(401, 403, 404, 422, 503)
+    "/{webhook_id}/deliveries",
+    response_model=list[Delivery],
+    responses=error_responses(401, 403, 404, 422, 503),
+    openapi_extra=handler_checked(webhook_id=WEBHOOK_ID_SCHEMA),
 )
 async def list_deliveries(
     webhook_id: str,
@@ -337,7 +346,12 @@ async def list_deliveries(
     return await repo.list_deliveries(pool, wid, limit)
 
 
-@router.patch("/{webhook_id}", response_model=Webhook, responses=error_responses(401, 403, 404, 422, 503))
+@router.patch(
+    "/{webhook_id}",
+    response_model=Webhook,
+    responses=error_responses(401, 403, 404, 422, 503),
+    openapi_extra=handler_checked(webhook_id=WEBHOOK_ID_SCHEMA),
+)
 async def patch_webhook(webhook_id: str, body: WebhookPatch, request: Request, principal: AdminKey) -> Webhook:
     """Pause or unpause a webhook (role admin). Unpausing clears the reason and the failure count; events
     published while it was paused are not sent afterwards."""
@@ -361,7 +375,12 @@ async def patch_webhook(webhook_id: str, body: WebhookPatch, request: Request, p
     return hook
 
 
-@router.delete("/{webhook_id}", status_code=204, responses=error_responses(401, 403, 404, 422, 503))
+@router.delete(
+    "/{webhook_id}",
+    status_code=204,
+    responses=error_responses(401, 403, 404, 422, 503),
+    openapi_extra=handler_checked(webhook_id=WEBHOOK_ID_SCHEMA),
+)
 async def delete_webhook(webhook_id: str, request: Request, principal: AdminKey) -> Response:
     """Delete a webhook and its delivery history (role admin); retries still queued for it are dropped."""
     wid = _webhook_id(webhook_id)

@@ -9,6 +9,8 @@ import logging
 from datetime import datetime
 from typing import Any
 
+from pydantic import ValidationError
+
 from shared.errors import AppError
 from shared.model_metadata import ModelMetadata, artifact_prefix
 from shared.storage import ObjectNotFound, ObjectStore, sha256_hex
@@ -85,7 +87,12 @@ def fetch_verified(
     except ObjectNotFound:
         raise ArtifactIntegrityError(f"{prefix}{METADATA_FILE} is missing") from None
     _check(METADATA_FILE, raw, metadata_sha256, prefix)
-    metadata = ModelMetadata.model_validate_json(raw)
+    try:
+        metadata = ModelMetadata.model_validate_json(raw)
+    except ValidationError as exc:  # e.g. a file named outside the prefix (shared/model_metadata.py)
+        raise ArtifactIntegrityError(f"{prefix}{METADATA_FILE} is not valid model metadata: {exc}") from None
+    if (why := metadata.identity_error(symbol, timeframe, version)) is not None:
+        raise ArtifactIntegrityError(f"{prefix}{why}")
     out: dict[str, bytes] = {}
     for name in files:
         expected = metadata.artifacts.get(name)
@@ -103,11 +110,18 @@ def fetch_verified(
 def load_keras_verified(
     store: ObjectStore, symbol: str, timeframe: str, version: str, metadata_sha256: str
 ) -> tuple[Any, ModelMetadata]:
-    """The Keras model of a registered version, loaded in safe mode only after every checksum matched."""
+    """The Keras model of a registered version, loaded in safe mode only after every checksum matched.
+
+    A file whose checksums match but that Keras's safe mode refuses (a Lambda layer: arbitrary Python) raises
+    ArtifactIntegrityError: it is never loaded."""
     metadata, files = fetch_verified(store, symbol, timeframe, version, metadata_sha256, (KERAS_FILE,))
     from services.trainer.model import load_keras
 
-    return load_keras(files[KERAS_FILE]), metadata
+    try:
+        return load_keras(files[KERAS_FILE]), metadata
+    except ValueError as exc:  # Keras raises ValueError for what safe_mode refuses (and for a corrupt file)
+        where = artifact_prefix(symbol, timeframe, version) + KERAS_FILE
+        raise ArtifactIntegrityError(f"{where} refused by Keras safe mode: {exc}") from None
 
 
 def remove_unregistered(

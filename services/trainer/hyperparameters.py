@@ -19,16 +19,21 @@ MIN_SPLIT_SEQUENCES = 10
 # A job param that makes the worker crash on purpose; accepted only when TRAINER_FAULT_INJECTION is on.
 FAULT_PARAM = "fault"
 
-LstmUnits = Annotated[int, Field(ge=1, le=MAX_LSTM_UNITS)]
+LstmUnits = Annotated[int, Field(strict=True, ge=1, le=MAX_LSTM_UNITS)]
 
 
 class TrainConfig(BaseModel):
+    # Numbers strict: lax mode would read `false` as 0 and `true` as 1 (schemathesis found it on POST /v1/jobs).
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    sequence_length: int = Field(default=20, ge=2, le=200, description="steps per input sequence")
-    horizon: int = Field(default=1, ge=1, le=200, description="bars ahead for the forward return label")
+    sequence_length: int = Field(strict=True, default=20, ge=2, le=200, description="steps per input sequence")
+    horizon: int = Field(strict=True, default=1, ge=1, le=200, description="bars ahead for the forward return label")
     dead_band_atr: float = Field(
-        default=0.25, ge=0, le=10, description="HOLD when |forward log return| <= dead_band_atr * ATR(14)/close"
+        strict=True,
+        default=0.25,
+        ge=0,
+        le=10,
+        description="HOLD when |forward log return| <= dead_band_atr * ATR(14)/close",
     )
     lstm_units: tuple[LstmUnits, ...] = Field(
         default=(64, 32),
@@ -36,19 +41,19 @@ class TrainConfig(BaseModel):
         max_length=MAX_LSTM_LAYERS,
         description=f"units per LSTM layer, 1..{MAX_LSTM_UNITS} each, at most {MAX_LSTM_LAYERS} layers",
     )
-    dropout: float = Field(default=0.2, ge=0, le=0.9)
-    learning_rate: float = Field(default=1e-3, ge=1e-6, le=1)
-    batch_size: int = Field(default=256, ge=1, le=16_384)
-    epochs: int = Field(default=30, ge=1, le=1000)
-    patience: int = Field(default=5, ge=1, le=1000, description="early stopping on validation loss")
+    dropout: float = Field(strict=True, default=0.2, ge=0, le=0.9)
+    learning_rate: float = Field(strict=True, default=1e-3, ge=1e-6, le=1)
+    batch_size: int = Field(strict=True, default=256, ge=1, le=16_384)
+    epochs: int = Field(strict=True, default=30, ge=1, le=1000)
+    patience: int = Field(strict=True, default=5, ge=1, le=1000, description="early stopping on validation loss")
     # numpy and Keras seeds are unsigned 32-bit.
-    seed: int = Field(default=42, ge=0, le=2**32 - 1)
-    val_fraction: float = Field(default=0.15, ge=0.05, le=0.4)
-    test_fraction: float = Field(default=0.15, ge=0.05, le=0.4)
+    seed: int = Field(strict=True, default=42, ge=0, le=2**32 - 1)
+    val_fraction: float = Field(strict=True, default=0.15, ge=0.05, le=0.4)
+    test_fraction: float = Field(strict=True, default=0.15, ge=0.05, le=0.4)
     # Fewest sequences (all splits together) worth training on.
-    min_sequences: int = Field(default=300, ge=30, le=10_000_000)
+    min_sequences: int = Field(strict=True, default=300, ge=30, le=10_000_000)
     # Quantile bins of each feature's reference distribution (drift checks).
-    reference_bins: int = Field(default=10, ge=2, le=100)
+    reference_bins: int = Field(strict=True, default=10, ge=2, le=100)
 
     @model_validator(mode="after")
     def _fractions(self) -> TrainConfig:

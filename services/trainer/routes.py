@@ -4,7 +4,6 @@ lifecycle control plane (rollouts, promotion, rollback, the audit trail)."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any
 
 import asyncpg
@@ -34,7 +33,8 @@ from services.trainer.schemas import (
     ValidationOut,
 )
 from shared.db import with_retry
-from shared.errors import NotFoundError, ServiceUnavailable, error_responses
+from shared.errors import TEXT_SCHEMA, NotFoundError, ServiceUnavailable, error_responses, handler_checked
+from shared.query import QueryTime
 from shared.rollouts import Rollout
 from shared.timeframes import Timeframe, check_symbol
 
@@ -87,7 +87,13 @@ async def get_job(job_id: str, pool: PoolDep, _: ReadKey) -> Job:
     return job
 
 
-@router.get("/v1/models", tags=["models"], response_model=list[ModelVersion], responses=error_responses(401, 403))
+@router.get(
+    "/v1/models",
+    tags=["models"],
+    response_model=list[ModelVersion],
+    responses=error_responses(401, 403),
+    openapi_extra=handler_checked(symbol=TEXT_SCHEMA),
+)
 async def get_models(
     pool: PoolDep,
     _: ReadKey,
@@ -256,7 +262,13 @@ async def put_rollout(
         return await _rollout_out(conn, r)
 
 
-@router.get("/v1/audit", tags=["audit"], response_model=AuditPage, responses=error_responses(401, 403, 422))
+@router.get(
+    "/v1/audit",
+    tags=["audit"],
+    response_model=AuditPage,
+    responses=error_responses(401, 403, 422),
+    openapi_extra=handler_checked(symbol=TEXT_SCHEMA, action=TEXT_SCHEMA, actor=TEXT_SCHEMA),
+)
 async def get_audit(
     pool: PoolDep,
     _: AdminKey,
@@ -264,8 +276,8 @@ async def get_audit(
     timeframe: Timeframe | None = None,
     action: Annotated[str | None, Query(max_length=100, description="e.g. model.promote")] = None,
     actor: Annotated[str | None, Query(max_length=200, description="an API key id or `system`")] = None,
-    since: Annotated[datetime | None, Query(description="rows at or after this time (ISO 8601)")] = None,
-    until: Annotated[datetime | None, Query(description="rows before this time (ISO 8601)")] = None,
+    since: Annotated[QueryTime | None, Query(description="rows at or after this time (ISO 8601)")] = None,
+    until: Annotated[QueryTime | None, Query(description="rows before this time (ISO 8601)")] = None,
     before_id: Annotated[int | None, Query(ge=1, description="only rows with a smaller id: the paging cursor")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> AuditPage:

@@ -18,18 +18,37 @@ QueueableKind = Literal["train", "validate", "backtest", "optimize_weights"]
 ModelStatus = Literal["candidate", "production", "archived", "failed"]
 
 
+def _job_in_schema(schema: dict[str, Any]) -> None:
+    """JobIn's OpenAPI schema: `params` as each kind takes them (services.trainer.job_params checks the same
+    models when the job is queued); without `kind`, a train job's."""
+    from services.trainer.hyperparameters import TrainConfig
+    from services.trainer.job_params import BacktestJobParams, ValidateParams, WeightsParams
+
+    schema["examples"] = [
+        {"kind": "train", "symbol": "EURUSD", "timeframe": "H1", "params": {"epochs": 20}},
+        {"kind": "validate", "symbol": "EURUSD", "timeframe": "H1", "params": {"folds": 5}},
+        {"kind": "backtest", "symbol": "EURUSD", "timeframe": "H1", "params": {"cost_bps": 2}},
+        {"kind": "optimize_weights", "symbol": "EURUSD", "timeframe": "H1"},
+    ]
+    backtest = BacktestJobParams.model_json_schema()
+    backtest["not"] = {"required": ["model_version", "signals_csv"]}  # one source of signals, not both
+    kinds: dict[str, dict[str, Any]] = {
+        "train": TrainConfig.model_json_schema(),
+        "validate": ValidateParams.model_json_schema(),
+        "backtest": backtest,
+        "optimize_weights": WeightsParams.model_json_schema(),
+    }
+    schema["anyOf"] = [
+        {
+            "properties": {"kind": {"const": kind}, "params": params},
+            **({} if kind == "train" else {"required": ["kind"]}),
+        }
+        for kind, params in kinds.items()
+    ]
+
+
 class JobIn(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {"kind": "train", "symbol": "EURUSD", "timeframe": "H1", "params": {"epochs": 20}},
-                {"kind": "validate", "symbol": "EURUSD", "timeframe": "H1", "params": {"folds": 5}},
-                {"kind": "backtest", "symbol": "EURUSD", "timeframe": "H1", "params": {"cost_bps": 2}},
-                {"kind": "optimize_weights", "symbol": "EURUSD", "timeframe": "H1"},
-            ]
-        },
-    )
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_job_in_schema)
 
     kind: QueueableKind = "train"
     symbol: str = Field(pattern=r"^[A-Z0-9._-]{1,20}$")
@@ -191,24 +210,36 @@ class ModelFlags(BaseModel):
 
 # --- the model lifecycle: rollouts, promotion, rollback, the audit trail (docs/LIFECYCLE.md) -------------------
 
-UserId = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+# No NUL character: PostgreSQL's text refuses it.
+UserId = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00]*$")]
 RolloutSymbol = Annotated[str, StringConstraints(pattern=r"^[A-Z0-9._-]{1,20}$")]
+
+
+def _rollout_in_schema(schema: dict[str, Any]) -> None:
+    """RolloutIn's OpenAPI schema: null only for candidate_model_id (the validator below refuses it elsewhere)."""
+    schema["examples"] = [
+        {"candidate_model_id": 12, "candidate_traffic_percent": 10, "shadow": True},
+        {"policy": "manual"},
+        {"test_group_user_ids": ["alice", "bob"], "rollout_symbols": ["EURUSD"]},
+        {"candidate_model_id": None},
+    ]
+    for name, prop in schema.get("properties", {}).items():
+        branches = prop.get("anyOf")
+        if name == "candidate_model_id" or not isinstance(branches, list):
+            continue
+        kept = [b for b in branches if b.get("type") != "null"]
+        if len(kept) == 1:
+            del prop["anyOf"]
+            prop.update(kept[0])
+        else:
+            prop["anyOf"] = kept
+        prop.pop("default", None)
 
 
 class RolloutIn(BaseModel):
     """A change to a series' rollout: only the fields present change, absent ones keep their value."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {"candidate_model_id": 12, "candidate_traffic_percent": 10, "shadow": True},
-                {"policy": "manual"},
-                {"test_group_user_ids": ["alice", "bob"], "rollout_symbols": ["EURUSD"]},
-                {"candidate_model_id": None},
-            ]
-        },
-    )
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_rollout_in_schema)
 
     policy: RolloutPolicy | None = Field(
         default=None,
@@ -259,13 +290,17 @@ class RolloutOut(Rollout):
 class PromoteIn(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"reason": "canary looked good"}]})
 
-    reason: str | None = Field(default=None, max_length=1000, description="why; stored in the audit row")
+    reason: str | None = Field(
+        default=None, max_length=1000, pattern=r"^[^\x00]*$", description="why; stored in the audit row"
+    )
 
 
 class RollbackIn(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"reason": "live hit rate fell"}]})
 
-    reason: str | None = Field(default=None, max_length=1000, description="why; stored in the audit row")
+    reason: str | None = Field(
+        default=None, max_length=1000, pattern=r"^[^\x00]*$", description="why; stored in the audit row"
+    )
 
 
 class AuditEntry(BaseModel):

@@ -156,6 +156,7 @@ async def test_bad_path_parameters_get_422(indicators: httpx.AsyncClient) -> Non
     assert r.status_code == 422 and "not valid JSON" in r.json()["detail"]
 
 
+@pytest.mark.faults
 async def test_more_than_50000_bars_get_413(indicators: httpx.AsyncClient) -> None:
     bars = [{"ts": i * 60, "open": 1.0, "high": 1.0, "low": 1.0, "close": 1.0, "volume": 0.0} for i in range(50_001)]
     r = await indicators.post("/v1/bars/BIG/M1", json={"bars": bars})
@@ -163,6 +164,7 @@ async def test_more_than_50000_bars_get_413(indicators: httpx.AsyncClient) -> No
     assert await _count(indicators, "BIG", "M1") == 0
 
 
+@pytest.mark.faults
 async def test_auth_roles(indicators: httpx.AsyncClient) -> None:
     body = {"bars": _valid()}
     r = await indicators.post("/v1/bars/AUTH/H1", json=body, headers={"X-API-Key": ""})

@@ -18,6 +18,7 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "ml_feature_drifted": ("gauge", frozenset({"symbol", "timeframe", "feature"})),
     "ml_prediction_cache_total": ("counter", frozenset({"result"})),
     "ml_model_load_failures_total": ("counter", frozenset({"symbol", "timeframe"})),
+    "ml_model_load_refused_total": ("counter", frozenset({"reason"})),
     "ml_prediction_log_dropped_total": ("counter", frozenset()),
     "market_bars_rejected_total": ("counter", frozenset({"symbol"})),
     "market_bars_flagged_total": ("counter", frozenset({"symbol", "reason"})),

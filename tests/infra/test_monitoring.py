@@ -89,6 +89,7 @@ METRIC_MODULES = {
         "ml_model_accuracy",
         "ml_prediction_cache_total",
         "ml_model_load_failures_total",
+        "ml_model_load_refused_total",
         "ml_prediction_log_dropped_total",
         "ml_feature_drift",
         "ml_feature_drift_ks",

@@ -15,6 +15,8 @@ from tests.support.keys import READ_KEY
 from tests.support.net import free_port
 from tests.support.predictor import SYMBOL, predictor_settings
 
+pytestmark = pytest.mark.faults
+
 NO_CACHE = {"Cache-Control": "no-cache"}
 
 

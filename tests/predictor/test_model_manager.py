@@ -16,7 +16,7 @@ from services.predictor.model_manager import ModelLoadError, load_model
 from services.predictor.repository import RegistryRow
 from shared.bars import bars_to_rows
 from shared.model_metadata import artifact_prefix
-from shared.storage import ObjectStore
+from shared.storage import ObjectStore, sha256_hex
 from tests.data import generate_bars
 from tests.predictor.model_factory import register, write_model
 from tests.support.keys import WRITE_KEY
@@ -85,6 +85,7 @@ async def test_new_production_version_is_picked_up_without_restart(
     ).items()
 
 
+@pytest.mark.faults
 async def test_bad_checksum_keeps_the_previous_model_serving(
     client: httpx.AsyncClient,
     database_url: str,
@@ -92,6 +93,11 @@ async def test_bad_checksum_keeps_the_previous_model_serving(
     pred4_bars: None,
     fit: dict[str, list[float]],
 ) -> None:
+    # Runs alone too (`pytest -m faults`): v2 is the first test's; registered here when that one did not run.
+    models = (await client.get("/v1/models")).json()
+    if not any(m["symbol"] == SYMBOL and m["version"] == "v2" for m in models):
+        sha = write_model(store, SYMBOL, "H1", "v2", bias=SELL, mean=fit["mean"], scale=fit["scale"])
+        await register(database_url, store, SYMBOL, "H1", "v2", sha)
     await _wait_for_version(client, "v2")
     failures = await _metric(client, "ml_model_load_failures_total{")
     # v3's model.onnx is replaced after metadata.json recorded its checksum: tampered, must not load.
@@ -228,3 +234,97 @@ async def test_an_unreadable_verdict_is_served_as_not_validated() -> None:
 
     q = parse_quality('{"gate": "great"}', "PRED6 H1 v9")
     assert q.gate == "not_validated" and "unreadable" in q.reasons[0] and "PRED6 H1 v9" in q.reasons[0]
+
+
+# --- fault case 8: tampered or hostile artifacts (docs/SECURITY.md) ---
+
+RSYMBOL = "PRED7"
+
+
+@pytest.fixture(scope="module")
+def pred7_bars(indicators_url: str) -> None:
+    r = httpx.post(
+        f"{indicators_url}/v1/bars/{RSYMBOL}/H1",
+        json={"bars": bars_to_rows(generate_bars("H1", 600, seed=17))},
+        headers={"X-API-Key": WRITE_KEY},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+
+
+def _flip_one_byte(store: ObjectStore, key: str) -> None:
+    data = bytearray(store.get(key))
+    data[len(data) // 2] ^= 0x01
+    store.put(key, bytes(data))
+
+
+@pytest.mark.faults
+async def test_refused_artifacts_are_counted_by_reason_and_the_previous_model_keeps_serving(
+    client: httpx.AsyncClient,
+    database_url: str,
+    store: ObjectStore,
+    pred7_bars: None,
+    fit: dict[str, list[float]],
+) -> None:
+    """Each new production version below is hostile; each is refused, counted in
+    ml_model_load_refused_total{reason}, and v1 serves throughout: one byte flipped in model.onnx (checksum), one
+    byte flipped in metadata.json (checksum, against the registry), a metadata.json whose artifacts name a file
+    outside the version's prefix (path: its sha256 re-recorded in the registry, as an attacker with write access
+    to both would), and a metadata.json copied from another version (metadata)."""
+    body = {"symbol": RSYMBOL, "timeframe": "H1"}
+    sha = write_model(store, RSYMBOL, "H1", "v1", bias=BUY, mean=fit["mean"], scale=fit["scale"])
+    await register(database_url, store, RSYMBOL, "H1", "v1", sha)
+    deadline = time.monotonic() + 15
+    while True:
+        r = await client.post("/v1/predictions", json=body, headers=NO_CACHE)
+        if r.status_code == 200 and r.json()["model_version"] == "v1":
+            break
+        assert time.monotonic() < deadline, r.text
+        await asyncio.sleep(0.2)
+
+    def onnx_flipped(version: str) -> str:
+        sha = write_model(store, RSYMBOL, "H1", version, bias=SELL, mean=fit["mean"], scale=fit["scale"])
+        _flip_one_byte(store, artifact_prefix(RSYMBOL, "H1", version) + "model.onnx")
+        return sha
+
+    def metadata_flipped(version: str) -> str:
+        sha = write_model(store, RSYMBOL, "H1", version, bias=SELL, mean=fit["mean"], scale=fit["scale"])
+        _flip_one_byte(store, artifact_prefix(RSYMBOL, "H1", version) + "metadata.json")
+        return sha
+
+    def rewritten(version: str, old: bytes, new: bytes) -> str:
+        write_model(store, RSYMBOL, "H1", version, bias=SELL, mean=fit["mean"], scale=fit["scale"])
+        key = artifact_prefix(RSYMBOL, "H1", version) + "metadata.json"
+        raw = store.get(key).replace(old, new)
+        store.put(key, raw)
+        return sha256_hex(raw)
+
+    cases = [
+        ("v2", "checksum", lambda: onnx_flipped("v2")),
+        ("v3", "checksum", lambda: metadata_flipped("v3")),
+        ("v4", "path", lambda: rewritten("v4", b'"model.onnx"', b'"../../v1/model.onnx"')),
+        ("v5", "path", lambda: rewritten("v5", b'"model.onnx"', b'"/etc/passwd"')),
+        ("v6", "metadata", lambda: rewritten("v6", b'"version": "v6"', b'"version": "v1"')),
+    ]
+    for version, reason, make in cases:
+        metric = f'ml_model_load_refused_total{{reason="{reason}"}}'
+        before = await _metric(client, metric)
+        await register(database_url, store, RSYMBOL, "H1", version, make())
+        deadline = time.monotonic() + 15
+        while await _metric(client, metric) == before:
+            assert time.monotonic() < deadline, f"{version}: the refusal ({reason}) was not counted"
+            await asyncio.sleep(0.1)
+        assert await _metric(client, metric) == before + 1
+        r = await client.post("/v1/predictions", json=body, headers=NO_CACHE)
+        assert r.status_code == 200, r.text
+        assert (r.json()["model_version"], r.json()["signal"]) == ("v1", "BUY"), (version, r.json())
+
+
+def test_load_refuses_metadata_naming_a_file_outside_its_prefix(store: ObjectStore) -> None:
+    write_model(store, "PRED5", "H1", "v3")
+    key = artifact_prefix("PRED5", "H1", "v3") + "metadata.json"
+    raw = store.get(key).replace(b'"model.onnx"', b'"../v2/model.onnx"')
+    store.put(key, raw)
+    with pytest.raises(ModelLoadError, match="not a bare file name") as refused:
+        load_model(store, RegistryRow("PRED5", "H1", "v3", "", sha256_hex(raw)))
+    assert refused.value.reason == "path"

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,7 @@ async def _wait_webhook(
 # --- the API ---
 
 
+@pytest.mark.faults
 async def test_webhook_routes_need_the_admin_role(client: httpx.AsyncClient) -> None:
     body = {"url": "https://hooks.example.com/x", "series": [SERIES]}
     for key, status in ((None, 401), (READ_KEY, 403), (WRITE_KEY, 403)):
@@ -380,6 +382,7 @@ async def test_signed_delivery_reaches_a_loopback_receiver_once(
     assert (await client.delete(f"/v1/webhooks/{hook['id']}")).status_code == 204
 
 
+@pytest.mark.faults
 async def test_failing_receiver_gets_retries_with_backoff_then_the_webhook_pauses(
     allow_app: tuple[FastAPI, httpx.AsyncClient], receiver: Receiver, worker: Path
 ) -> None:
@@ -586,3 +589,149 @@ async def test_allowed_private_target_resolves_and_is_pinned() -> None:
     assert headers == {"Host": "localhost:8443"} and extensions == {"sni_hostname": "localhost"}
     with pytest.raises(TargetRefused, match="loopback"):
         await check_target("https://localhost:8443/h", allow_private=False, timeout_seconds=2)
+
+
+# --- fault case 14: receivers that hang or fail beside a healthy one (docs/RELIABILITY.md) ---
+
+
+@dataclass
+class Hanging:
+    """A receiver that accepts every connection, reads the request and never answers: (time, attempt header) of
+    each request, per path."""
+
+    url: str = ""
+    requests: list[tuple[str, float, str]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def on(self, path: str) -> list[tuple[float, str]]:
+        with self.lock:
+            return [(at, attempt) for p, at, attempt in self.requests if p == path]
+
+
+@pytest.fixture(scope="module")
+def hanging() -> Iterator[Hanging]:
+    import socket
+
+    rec = Hanging()
+    server = socket.create_server(("127.0.0.1", 0))
+    rec.url = f"http://127.0.0.1:{server.getsockname()[1]}"
+    open_conns: list[socket.socket] = []
+
+    def serve(conn: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+        path = head[0].split(" ")[1]
+        attempt = next(
+            (h.split(":", 1)[1].strip() for h in head if h.lower().startswith("x-aicash-delivery-attempt")), ""
+        )
+        with rec.lock:
+            rec.requests.append((path, time.time(), attempt))
+        while conn.recv(65536):  # never answer; wait for the client to give up and close
+            pass
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            open_conns.append(conn)
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield rec
+    server.close()
+    for conn in open_conns:
+        conn.close()
+
+
+@pytest.mark.faults
+async def test_hanging_and_failing_receivers_back_off_and_pause_while_a_healthy_one_is_served(
+    allow_app: tuple[FastAPI, httpx.AsyncClient], receiver: Receiver, hanging: Hanging, worker: Path
+) -> None:
+    """Three webhooks on one series: one whose receiver never answers, one answering 500, one healthy.
+
+    Pass: the healthy receiver gets every event, and gets it before the hanging receiver's first try has even
+    timed out (the worker's other pool process serves it); the two bad ones get MAX_ATTEMPTS tries per event,
+    spaced by the timeout (hanging) plus the backoff RETRY_BASE_SECONDS * 2**(n-1), visible in the recorded
+    attempts' timestamps; after PAUSE_AFTER failed deliveries each is paused and sent nothing more.
+    Measured (WEBHOOK_TIMEOUT_SECONDS=5, base 0.3 s, 3 tries, pause after 2; 2 pool processes; a loaded 2-core
+    machine): healthy delivery 1.9 s after the dispatch; the hanging tries' recorded ends 5.5 and 5.8 s apart;
+    the hanging webhook paused 33 s after the first event.
+    """
+    app, client = allow_app
+    timeout = 5.0  # WEBHOOK_TIMEOUT_SECONDS of the worker fixture
+    hang_path = f"/hang-{secrets.token_hex(3)}"
+    r = await client.post("/v1/webhooks", json={"url": hanging.url + hang_path, "series": [SERIES]})
+    assert r.status_code == 201, r.text
+    hang = r.json()
+    fail_path, fail = await _subscribe(client, receiver, "fail")
+    ok_path, ok = await _subscribe(client, receiver, "ok")
+    dispatcher = dispatcher_of(app)
+    body = await _prediction(client)
+    try:
+        first, first_id = _as_new_event(body)
+        sent = time.time()
+        assert await dispatcher.dispatch(first) == 3
+        (got,) = await receiver.wait_for(ok_path, 1)
+        healthy_s = got.at - sent
+        assert got.headers["X-AICash-Event-Id"] == first_id
+        deadline = time.monotonic() + 60
+        while not hanging.on(hang_path):
+            assert time.monotonic() < deadline, "the hanging receiver got no request"
+            await asyncio.sleep(0.05)
+        # Not queued behind the hanging try: served before that try's timeout.
+        assert got.at < hanging.on(hang_path)[0][0] + timeout, (got.at, hanging.on(hang_path))
+
+        await _wait_webhook(client, hang["id"], "failures", 1, timeout_s=90)
+        await _wait_webhook(client, fail["id"], "failures", 1, timeout_s=30)
+        tries = hanging.on(hang_path)
+        assert [a for _, a in tries] == ["1", "2", "3"]
+        rows = sorted((await client.get(f"/v1/webhooks/{hang['id']}/deliveries")).json(), key=lambda d: d["attempt"])
+        assert [(d["attempt"], d["status"], d["http_status"]) for d in rows] == [
+            (1, "failed", None),
+            (2, "failed", None),
+            (3, "gave_up", None),
+        ]
+        assert all(f"no answer within {timeout:g} s" in d["error"] for d in rows)
+        stamps = [datetime.fromisoformat(d["at"]).timestamp() for d in rows]  # each try's end
+        gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+        # Each gap: the backoff, then a whole try that timed out (never early).
+        assert gaps[0] >= RETRY_BASE_SECONDS * 0.9 + timeout * 0.95, gaps
+        assert gaps[1] >= 2 * RETRY_BASE_SECONDS * 0.9 + timeout * 0.95, gaps
+        fail_tries = receiver.on(fail_path)
+        assert [t.headers["X-AICash-Delivery-Attempt"] for t in fail_tries] == ["1", "2", "3"]
+        fail_gaps = [b.at - a.at for a, b in zip(fail_tries, fail_tries[1:], strict=False)]
+        assert fail_gaps[0] >= RETRY_BASE_SECONDS * 0.9 and fail_gaps[1] >= 2 * RETRY_BASE_SECONDS * 0.9, fail_gaps
+        assert (await _webhook(client, ok["id"]))["failures"] == 0
+
+        second, _ = _as_new_event(body)
+        assert await dispatcher.dispatch(second) == 3
+        await receiver.wait_for(ok_path, 2)
+        paused_hang = await _wait_webhook(client, hang["id"], "paused", True, timeout_s=90)
+        paused_at = time.time()
+        paused_fail = await _wait_webhook(client, fail["id"], "paused", True, timeout_s=30)
+        assert paused_hang["failures"] == PAUSE_AFTER and "no answer within" in paused_hang["paused_reason"]
+        assert paused_fail["failures"] == PAUSE_AFTER and "HTTP 500" in paused_fail["paused_reason"]
+
+        # Paused: only the healthy receiver gets the next event; the bad ones are sent nothing more.
+        third, third_id = _as_new_event(body)
+        assert await dispatcher.dispatch(third) == 1
+        got3 = (await receiver.wait_for(ok_path, 3))[-1]
+        assert got3.headers["X-AICash-Event-Id"] == third_id
+        await asyncio.sleep(1.0)
+        assert len(hanging.on(hang_path)) == 2 * MAX_ATTEMPTS
+        assert len(receiver.on(fail_path)) == 2 * MAX_ATTEMPTS
+        assert (await _webhook(client, ok["id"]))["paused"] is False
+        print(
+            f"\nhealthy receiver served {healthy_s:.2f} s after the dispatch; hanging tries ended at gaps "
+            f"{[round(g, 2) for g in gaps]} s; hanging webhook paused {paused_at - sent:.1f} s after the first event"
+        )
+    finally:
+        for hook in (hang, fail, ok):
+            await client.delete(f"/v1/webhooks/{hook['id']}")

@@ -75,6 +75,7 @@ async def audit_count(database_url: str, symbol: str) -> int:
 # --- roles ------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.faults
 async def test_every_lifecycle_route_needs_admin(settings: TrainerSettings, symbol: str) -> None:
     app = create_app(settings)
     routes = [

@@ -66,6 +66,7 @@ async def _submit(api: httpx.AsyncClient, params: dict[str, Any]) -> str:
     return str(r.json()["job_id"])
 
 
+@pytest.mark.faults
 async def test_crashing_worker_process_ends_failed_after_bounded_attempts(
     api: httpx.AsyncClient, database_url: str, spx_bars: str
 ) -> None:
@@ -79,6 +80,7 @@ async def test_crashing_worker_process_ends_failed_after_bounded_attempts(
     assert r.json()["status"] == "failed" and "gave up" in r.json()["error"]
 
 
+@pytest.mark.faults
 async def test_job_raising_every_time_ends_failed_with_its_error(
     api: httpx.AsyncClient, database_url: str, spx_bars: str
 ) -> None:
@@ -89,6 +91,7 @@ async def test_job_raising_every_time_ends_failed_with_its_error(
     assert job.error == "failed after 3 attempts: RuntimeError: injected fault"
 
 
+@pytest.mark.faults
 async def test_sigkilled_worker_job_completes_exactly_once(
     api: httpx.AsyncClient, database_url: str, worker: Worker, s3_store: ObjectStore, spx_bars: str
 ) -> None:
