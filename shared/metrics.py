@@ -30,9 +30,9 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 # alerts and recorded history carry on), recorded by shared.app.RequestIdMiddleware in the same ASGI layer as
 # the request id: the instrumentator's own layer matched the request against every route a second time and
 # built a Request, a Response and an asyncio.gather per request. Hand-written for that measured reason
-# (benchmarks/bench_stack.py, in-process, 2026-12-01: the instrumentator with these two metrics +50.7 us a
-# request over bare FastAPI; request id and these metrics in one layer +16.0 us); the instrumentator stays the
-# reference row in that benchmark.
+# (benchmarks/bench_stack.py, in-process, two runs on 2026-12-02: the instrumentator with these two metrics
+# +59 and +81 us a request over bare FastAPI; request id and these metrics in one layer +16 and +18 us); the
+# instrumentator stays the reference row in that benchmark.
 HTTP_REQUESTS = Counter(
     "http_requests_total", "Total number of requests by method, status and handler.", ("handler", "method", "status")
 )

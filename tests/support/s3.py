@@ -36,6 +36,27 @@ def weed_binary() -> str:
     return found
 
 
+def weed_server_command(data: Path, master: int, volume: int, filer: int, s3: int) -> list[str]:
+    """`weed server` with its master, volume, filer and S3 gateway on these loopback ports, data under `data`."""
+    return [
+        weed_binary(),
+        "server",
+        f"-dir={data}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={master}",
+        f"-volume.port={volume}",
+        "-filer",
+        f"-filer.port={filer}",
+        "-s3",
+        f"-s3.port={s3}",
+        # The Iceberg and Lance listeners have fixed ports (8181, 9101): off, so that a second server
+        # (another test run on the machine) can start.
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+    ]
+
+
 @contextlib.contextmanager
 def seaweed_s3(data: Path, bucket: str) -> Iterator[str]:
     """Start seaweedfs with its S3 gateway under `data`, create `bucket`; yields the endpoint URL."""
@@ -46,23 +67,7 @@ def seaweed_s3(data: Path, bucket: str) -> Iterator[str]:
     master, volume, filer, s3 = free_ports(4, also_free_at=WEED_GRPC_OFFSET)
     with (data / "weed.log").open("wb") as log:
         proc = subprocess.Popen(
-            [
-                weed_binary(),
-                "server",
-                f"-dir={data}",
-                "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1",
-                f"-master.port={master}",
-                f"-volume.port={volume}",
-                "-filer",
-                f"-filer.port={filer}",
-                "-s3",
-                f"-s3.port={s3}",
-                # The Iceberg and Lance listeners have fixed ports (8181, 9101): off, so that a second server
-                # (another test run on the machine) can start.
-                "-s3.port.iceberg=0",
-                "-s3.port.lance=0",
-            ],
+            weed_server_command(data, master, volume, filer, s3),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -3,17 +3,22 @@ bars into the database, job rows, a TCP proxy in front of PostgreSQL (the worker
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import httpx
 import numpy as np
 
 from services.trainer import repository as repo
+from services.trainer.schemas import Job
 from shared.market_repository import upsert_bars
 from shared.timeframes import OHLCV, Timeframe
 
@@ -116,3 +121,51 @@ def via_proxy(database_url: str, proxy: TcpProxy) -> str:
     u = urlsplit(database_url)
     netloc = (u.netloc.rsplit("@", 1)[0] + "@" if "@" in u.netloc else "") + f"127.0.0.1:{proxy.port}"
     return urlunsplit(u._replace(netloc=netloc))
+
+
+async def fetch_job(database_url: str, job_id: str) -> Job:
+    """The job's row as the API reports it (asserts it exists)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        job = await repo.get_job(conn, job_id)
+    finally:
+        await conn.close()
+    assert job is not None
+    return job
+
+
+async def wait_for_job(
+    database_url: str, job_id: str, until: Callable[[Job], bool], timeout_s: float = 300.0, poll_s: float = 0.2
+) -> Job:
+    """Poll the job's row until `until(job)`; fails the test after `timeout_s`."""
+    import pytest
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job = await fetch_job(database_url, job_id)
+        if until(job):
+            return job
+        if time.monotonic() > deadline:
+            pytest.fail(f"job {job_id} did not reach the expected state in {timeout_s:.0f} s: {job}")
+        await asyncio.sleep(poll_s)
+
+
+def job_done(job: Job) -> bool:
+    return job.status in ("succeeded", "failed")
+
+
+async def submit_train(api: httpx.AsyncClient, params: dict[str, Any], symbol: str = "SPXTRAIN") -> str:
+    """POST /v1/jobs for a D1 training job of `symbol`; returns its id (asserts 202)."""
+    r = await api.post("/v1/jobs", json={"kind": "train", "symbol": symbol, "timeframe": "D1", "params": params})
+    assert r.status_code == 202, r.text
+    return str(r.json()["job_id"])
+
+
+async def versions_of(database_url: str, job_id: str) -> list[str]:
+    """The registry's versions made by the job (exactly-once checks)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch("SELECT version FROM model_versions WHERE training_job_id = $1", job_id)
+    finally:
+        await conn.close()
+    return [r["version"] for r in rows]

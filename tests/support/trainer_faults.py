@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.net import free_ports
-from tests.support.s3 import CREDENTIALS, WEED_GRPC_OFFSET, weed_binary
+from tests.support.s3 import CREDENTIALS, WEED_GRPC_OFFSET, weed_server_command
 
 
 @dataclass
@@ -44,21 +44,7 @@ class Seaweed:
         t0 = time.monotonic()
         with (self.data / "weed.log").open("ab") as log:
             self.proc = subprocess.Popen(
-                [
-                    weed_binary(),
-                    "server",
-                    f"-dir={self.data}",
-                    "-ip=127.0.0.1",
-                    "-ip.bind=127.0.0.1",
-                    f"-master.port={master}",
-                    f"-volume.port={volume}",
-                    "-filer",
-                    f"-filer.port={filer}",
-                    "-s3",
-                    f"-s3.port={s3}",
-                    "-s3.port.iceberg=0",
-                    "-s3.port.lance=0",
-                ],
+                weed_server_command(self.data, master, volume, filer, s3),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

@@ -33,12 +33,11 @@ from services.trainer.artifacts import (
 )
 from services.trainer.errors import RetryLater
 from services.trainer.jobs import run_job
-from services.trainer.schemas import Job
 from services.trainer.settings import TrainerSettings
 from shared.model_metadata import ModelMetadata, artifact_prefix
 from shared.storage import FileStore, ObjectStore, sha256_hex, store_from_url
 from shared.timeframes import OHLCV, Timeframe
-from tests.support.trainer import BUCKET, TINY, ingest, new_job
+from tests.support.trainer import BUCKET, TINY, fetch_job, ingest, new_job, versions_of
 from tests.support.trainer_faults import fill, seaweed, tiny_tmpfs
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
@@ -53,28 +52,9 @@ async def fault_bars(database_url: str, sp500: OHLCV) -> str:
     return SYMBOL
 
 
-async def _job(database_url: str, job_id: str) -> Job:
-    conn = await asyncpg.connect(database_url)
-    try:
-        job = await repo.get_job(conn, job_id)
-    finally:
-        await conn.close()
-    assert job is not None
-    return job
-
-
-async def _versions_of(database_url: str, job_id: str) -> list[str]:
-    conn = await asyncpg.connect(database_url)
-    try:
-        rows = await conn.fetch("SELECT version FROM model_versions WHERE training_job_id = $1", job_id)
-    finally:
-        await conn.close()
-    return [r["version"] for r in rows]
-
-
 async def _finish(database_url: str, job_id: str) -> None:
     """A job a failed test left queued must not block the series for the rest of the run."""
-    job = await _job(database_url, job_id)
+    job = await fetch_job(database_url, job_id)
     if job.status not in ("succeeded", "failed"):
         conn = await asyncpg.connect(database_url)
         try:
@@ -123,10 +103,10 @@ async def test_disk_full_while_saving_fails_the_attempt_cleanly_and_the_next_one
             with pytest.raises(RetryLater, match="No space left on device"):
                 await asyncio.to_thread(run_job, job_id, settings=settings, store=store, retry=True)
             failed_s = time.monotonic() - t0
-            job = await _job(database_url, job_id)
+            job = await fetch_job(database_url, job_id)
             assert job.status == "queued" and job.attempts == 1, job  # back in the queue, the attempt counted
             assert job.error is not None and "No space left on device" in job.error
-            assert await _versions_of(database_url, job_id) == []  # no registry row: no reader can find it
+            assert await versions_of(database_url, job_id) == []  # no registry row: no reader can find it
             left = _job_files(store, job_id)
             # Half-written means: model.keras whole, model.onnx absent, and no temporary file left to fill the disk.
             assert [k.rsplit("/", 1)[1] for k in left] == ["model.keras"], left
@@ -138,9 +118,9 @@ async def test_disk_full_while_saving_fails_the_attempt_cleanly_and_the_next_one
             next_s = time.monotonic() - t1
         finally:
             await _finish(database_url, job_id)
-        job = await _job(database_url, job_id)
+        job = await fetch_job(database_url, job_id)
         assert job.status == "succeeded" and job.attempts == 2, job
-        assert await _versions_of(database_url, job_id) == [result["version"]]
+        assert await versions_of(database_url, job_id) == [result["version"]]
         version_prefix = artifact_prefix(SYMBOL, "D1", result["version"])
         assert _job_files(store, job_id) == [version_prefix + n for n in ("metadata.json", "model.keras", "model.onnx")]
         fetch_verified(store, SYMBOL, "D1", result["version"], result["sha256"])  # every checksum holds
@@ -169,7 +149,7 @@ async def test_s3_down_while_saving_fails_the_attempt_cleanly_and_the_next_one_s
                 asyncio.to_thread(run_job, job_id, settings=settings, store=store, retry=True)
             )
             deadline = time.monotonic() + 300
-            while len((await _job(database_url, job_id)).history) < 1:
+            while len((await fetch_job(database_url, job_id)).history) < 1:
                 assert not attempt.done(), attempt
                 assert time.monotonic() < deadline, "training did not start"
                 await asyncio.sleep(0.1)
@@ -178,20 +158,20 @@ async def test_s3_down_while_saving_fails_the_attempt_cleanly_and_the_next_one_s
             with pytest.raises(RetryLater) as raised:
                 await attempt
             after_kill_s = time.monotonic() - killed
-            job = await _job(database_url, job_id)
+            job = await fetch_job(database_url, job_id)
             assert job.status == "queued" and job.attempts == 1, job
             assert job.error is not None and "connect" in job.error.lower(), job.error  # names the store failure
             assert str(raised.value) == job.error
-            assert await _versions_of(database_url, job_id) == []
+            assert await versions_of(database_url, job_id) == []
 
             restart_s = server.start()
             assert _job_files(store, job_id) == []  # nothing reached the store
             result = await asyncio.to_thread(run_job, job_id, settings=settings, store=store, retry=True)
         finally:
             await _finish(database_url, job_id)
-        job = await _job(database_url, job_id)
+        job = await fetch_job(database_url, job_id)
         assert job.status == "succeeded" and job.attempts == 2, job
-        assert await _versions_of(database_url, job_id) == [result["version"]]
+        assert await versions_of(database_url, job_id) == [result["version"]]
         version_prefix = artifact_prefix(SYMBOL, "D1", result["version"])
         assert _job_files(store, job_id) == [version_prefix + n for n in ("metadata.json", "model.keras", "model.onnx")]
         fetch_verified(store, SYMBOL, "D1", result["version"], result["sha256"])

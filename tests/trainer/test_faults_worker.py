@@ -30,7 +30,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +38,13 @@ import asyncpg
 import httpx
 import pytest
 
-from services.trainer import repository as repo
 from services.trainer.main import create_app
 from services.trainer.schemas import Job
 from services.trainer.settings import TrainerSettings
 from shared.storage import ObjectStore
 from tests.support.celery import Worker
 from tests.support.clients import asgi_client
-from tests.support.trainer import TINY
+from tests.support.trainer import TINY, fetch_job, job_done, submit_train, versions_of, wait_for_job
 from tests.support.trainer_faults import messages_for, pool_children, queue_depth, unacked_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
@@ -62,46 +61,6 @@ async def api(
     )
     async for client in asgi_client(create_app(settings)):
         yield client
-
-
-async def _job(database_url: str, job_id: str) -> Job:
-    conn = await asyncpg.connect(database_url)
-    try:
-        job = await repo.get_job(conn, job_id)
-    finally:
-        await conn.close()
-    assert job is not None
-    return job
-
-
-async def _wait(database_url: str, job_id: str, until: Callable[[Job], bool], timeout_s: float = 300.0) -> Job:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        job = await _job(database_url, job_id)
-        if until(job):
-            return job
-        if time.monotonic() > deadline:
-            pytest.fail(f"job {job_id} did not reach the expected state in {timeout_s:.0f} s: {job}")
-        await asyncio.sleep(0.2)
-
-
-def _done(job: Job) -> bool:
-    return job.status in ("succeeded", "failed")
-
-
-async def _submit(api: httpx.AsyncClient, params: dict[str, Any]) -> str:
-    r = await api.post("/v1/jobs", json={"kind": "train", "symbol": "SPXTRAIN", "timeframe": "D1", "params": params})
-    assert r.status_code == 202, r.text
-    return str(r.json()["job_id"])
-
-
-async def _versions_of(database_url: str, job_id: str) -> list[str]:
-    conn = await asyncpg.connect(database_url)
-    try:
-        rows = await conn.fetch("SELECT version FROM model_versions WHERE training_job_id = $1", job_id)
-    finally:
-        await conn.close()
-    return [r["version"] for r in rows]
 
 
 async def _updated_at(database_url: str, job_id: str) -> Any:
@@ -133,7 +92,7 @@ async def _broker_forgets(redis_url: str, queue: str, job_id: str, timeout_s: fl
 
 
 async def _exactly_one_version(database_url: str, store: ObjectStore, job: Job) -> None:
-    versions = await _versions_of(database_url, job.id)
+    versions = await versions_of(database_url, job.id)
     assert len(versions) == 1, versions
     assert job.result is not None and job.result["version"] == versions[0]
     assert _folders(store, job.id) == set(versions)
@@ -154,17 +113,17 @@ async def test_pool_child_sigkilled_mid_training_is_redelivered_and_completes_on
     s3_store: ObjectStore,
     spx_bars: str,
 ) -> None:
-    job_id = await _submit(api, LONG)
-    await _wait(database_url, job_id, lambda j: j.status == "running" and len(j.history) >= 1)
+    job_id = await submit_train(api, LONG)
+    await wait_for_job(database_url, job_id, lambda j: j.status == "running" and len(j.history) >= 1)
     main = _live(worker)
     children = pool_children(main.pid)
     assert len(children) == 1, children  # -c 1: one prefork child runs the task
     os.kill(children[0], signal.SIGKILL)
     killed = time.monotonic()
 
-    await _wait(database_url, job_id, lambda j: j.attempts == 2)
+    await wait_for_job(database_url, job_id, lambda j: j.attempts == 2)
     redelivered_s = time.monotonic() - killed
-    job = await _wait(database_url, job_id, _done)
+    job = await wait_for_job(database_url, job_id, job_done)
     done_s = time.monotonic() - killed
     assert main.poll() is None  # the main process lived on and started a new pool child
     assert job.status == "succeeded", job.error
@@ -188,8 +147,8 @@ async def test_main_process_sigkilled_and_restarted_completes_once_within_the_bo
     spx_bars: str,
     what: str,
 ) -> None:
-    job_id = await _submit(api, LONG)
-    await _wait(database_url, job_id, lambda j: j.status == "running" and len(j.history) >= 1)
+    job_id = await submit_train(api, LONG)
+    await wait_for_job(database_url, job_id, lambda j: j.status == "running" and len(j.history) >= 1)
     main = _live(worker)
     children = pool_children(main.pid)
     assert children
@@ -210,9 +169,9 @@ async def test_main_process_sigkilled_and_restarted_completes_once_within_the_bo
     worker.start()
     restarted = time.monotonic()
     try:
-        await _wait(database_url, job_id, lambda j: j.attempts == 2)
+        await wait_for_job(database_url, job_id, lambda j: j.attempts == 2)
         redelivered_s = time.monotonic() - restarted
-        job = await _wait(database_url, job_id, _done)
+        job = await wait_for_job(database_url, job_id, job_done)
         done_s = time.monotonic() - restarted
         assert job.status == "succeeded", job.error
         assert job.attempts == 2
@@ -220,10 +179,10 @@ async def test_main_process_sigkilled_and_restarted_completes_once_within_the_bo
         # The restored message is consumed (a no-op for a finished job) and acknowledged; still one version.
         await _broker_forgets(redis_url, worker_env["TRAINER_QUEUE"], job_id, timeout_s=visibility + 60)
         gone_s = time.monotonic() - restarted
-        assert len(await _versions_of(database_url, job_id)) == 1
+        assert len(await versions_of(database_url, job_id)) == 1
     finally:
         # The series takes one training job at a time: never leave this one running for the next test.
-        await _wait(database_url, job_id, _done)
+        await wait_for_job(database_url, job_id, job_done)
     print(
         f"\n{what} killed: attempt 2 started {redelivered_s:.1f} s after the restart (bound {bound:.0f} s after the "
         f"message was taken), job done after {done_s:.1f} s, broker empty after {gone_s:.1f} s"
@@ -237,8 +196,8 @@ async def test_a_job_that_always_crashes_ends_failed_and_leaves_no_message_behin
 ) -> None:
     """`exit`: the pool process dies on every attempt (os._exit, as a segfault); `raise`: the task raises."""
     started = time.monotonic()
-    job_id = await _submit(api, {**TINY, "fault": fault})
-    job = await _wait(database_url, job_id, _done)
+    job_id = await submit_train(api, {**TINY, "fault": fault})
+    job = await wait_for_job(database_url, job_id, job_done)
     failed_s = time.monotonic() - started
     assert job.status == "failed" and job.attempts == 3, job
     queue = worker_env["TRAINER_QUEUE"]
@@ -246,7 +205,7 @@ async def test_a_job_that_always_crashes_ends_failed_and_leaves_no_message_behin
     touched = await _updated_at(database_url, job_id)
     # Several retry delays (1 s) and restore sweeps (2 s) later, nothing has happened to it.
     await asyncio.sleep(6)
-    later = await _job(database_url, job_id)
+    later = await fetch_job(database_url, job_id)
     assert (later.status, later.attempts, later.error, later.finished_at) == (
         job.status,
         job.attempts,

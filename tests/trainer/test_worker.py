@@ -4,9 +4,7 @@ crashing jobs, PostgreSQL going away under the worker, lost messages recovered b
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import asyncpg
 import httpx
@@ -14,12 +12,11 @@ import pytest
 
 from services.trainer import repository as repo
 from services.trainer.main import create_app
-from services.trainer.schemas import Job
 from services.trainer.settings import TrainerSettings
 from shared.storage import ObjectStore
 from tests.support.celery import Worker
 from tests.support.clients import asgi_client
-from tests.support.trainer import TINY, TcpProxy, new_job
+from tests.support.trainer import TINY, TcpProxy, fetch_job, job_done, new_job, submit_train, versions_of, wait_for_job
 
 pytestmark = pytest.mark.slow
 
@@ -35,44 +32,13 @@ async def api(
         yield client
 
 
-async def _job(database_url: str, job_id: str) -> Job:
-    conn = await asyncpg.connect(database_url)
-    try:
-        job = await repo.get_job(conn, job_id)
-    finally:
-        await conn.close()
-    assert job is not None
-    return job
-
-
-async def _wait(database_url: str, job_id: str, until: Any, timeout_s: float = 240.0) -> Job:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        job = await _job(database_url, job_id)
-        if until(job):
-            return job
-        if time.monotonic() > deadline:
-            pytest.fail(f"job {job_id} did not reach the expected state in {timeout_s:.0f} s: {job}")
-        await asyncio.sleep(0.5)
-
-
-def _done(job: Job) -> bool:
-    return job.status in ("succeeded", "failed")
-
-
-async def _submit(api: httpx.AsyncClient, params: dict[str, Any]) -> str:
-    r = await api.post("/v1/jobs", json={"kind": "train", "symbol": "SPXTRAIN", "timeframe": "D1", "params": params})
-    assert r.status_code == 202, r.text
-    return str(r.json()["job_id"])
-
-
 @pytest.mark.faults
 async def test_crashing_worker_process_ends_failed_after_bounded_attempts(
     api: httpx.AsyncClient, database_url: str, spx_bars: str
 ) -> None:
     # The pool process exits hard on every attempt, as on a segfault or an out-of-memory kill.
-    job_id = await _submit(api, {**TINY, "fault": "exit"})
-    job = await _wait(database_url, job_id, _done)
+    job_id = await submit_train(api, {**TINY, "fault": "exit"})
+    job = await wait_for_job(database_url, job_id, job_done, poll_s=0.5)
     assert job.status == "failed"
     assert job.attempts == 3
     assert job.error is not None and "gave up after 3 attempts" in job.error
@@ -84,8 +50,8 @@ async def test_crashing_worker_process_ends_failed_after_bounded_attempts(
 async def test_job_raising_every_time_ends_failed_with_its_error(
     api: httpx.AsyncClient, database_url: str, spx_bars: str
 ) -> None:
-    job_id = await _submit(api, {**TINY, "fault": "raise"})
-    job = await _wait(database_url, job_id, _done)
+    job_id = await submit_train(api, {**TINY, "fault": "raise"})
+    job = await wait_for_job(database_url, job_id, job_done, poll_s=0.5)
     assert job.status == "failed"
     assert job.attempts == 3
     assert job.error == "failed after 3 attempts: RuntimeError: injected fault"
@@ -96,17 +62,17 @@ async def test_sigkilled_worker_job_completes_exactly_once(
     api: httpx.AsyncClient, database_url: str, worker: Worker, s3_store: ObjectStore, spx_bars: str
 ) -> None:
     params = {**TINY, "epochs": 8, "patience": 8}
-    job_id = await _submit(api, params)
+    job_id = await submit_train(api, params)
     # Mid-training: running, at least one epoch reported.
-    await _wait(database_url, job_id, lambda j: j.status == "running" and len(j.history) >= 1)
+    await wait_for_job(database_url, job_id, lambda j: j.status == "running" and len(j.history) >= 1, poll_s=0.5)
     live = [p for p in worker.procs if p.poll() is None]
     assert live, "no live worker"
     for p in live:
         worker.kill(p)
-    assert (await _job(database_url, job_id)).status == "running"  # nobody will tell PostgreSQL otherwise
+    assert (await fetch_job(database_url, job_id)).status == "running"  # nobody will tell PostgreSQL otherwise
     worker.start()
 
-    job = await _wait(database_url, job_id, _done)
+    job = await wait_for_job(database_url, job_id, job_done, poll_s=0.5)
     assert job.status == "succeeded", job.error
     assert job.attempts == 2
     assert [h.epoch for h in job.history][0] == 1  # the second attempt's own history, from epoch 1
@@ -126,49 +92,40 @@ async def test_sigkilled_worker_job_completes_exactly_once(
     assert rows[0]["version"] in [m["version"] for m in r.json()]
 
 
-async def _versions_of(database_url: str, job_id: str) -> list[str]:
-    conn = await asyncpg.connect(database_url)
-    try:
-        rows = await conn.fetch("SELECT version FROM model_versions WHERE training_job_id = $1", job_id)
-    finally:
-        await conn.close()
-    return [r["version"] for r in rows]
-
-
 async def test_database_down_when_the_worker_picks_the_job_is_retried_not_lost(
     api: httpx.AsyncClient, database_url: str, pg_proxy: TcpProxy, spx_bars: str
 ) -> None:
     pg_proxy.down()  # the worker cannot reach PostgreSQL (the API can)
     try:
-        job_id = await _submit(api, TINY)
+        job_id = await submit_train(api, TINY)
         await asyncio.sleep(4)  # several deliveries fail to connect and are retried with backoff
-        job = await _job(database_url, job_id)
+        job = await fetch_job(database_url, job_id)
         assert job.status == "queued" and job.attempts == 0
     finally:
         pg_proxy.up()
-    job = await _wait(database_url, job_id, _done)
+    job = await wait_for_job(database_url, job_id, job_done, poll_s=0.5)
     assert job.status == "succeeded", job.error
     assert job.attempts == 1  # deliveries that could not reach PostgreSQL started no attempt
-    assert len(await _versions_of(database_url, job_id)) == 1
+    assert len(await versions_of(database_url, job_id)) == 1
 
 
 async def test_database_lost_during_training_is_retried_and_the_job_completes_once(
     api: httpx.AsyncClient, database_url: str, pg_proxy: TcpProxy, s3_store: ObjectStore, spx_bars: str
 ) -> None:
-    job_id = await _submit(api, {**TINY, "epochs": 10, "patience": 10})
-    await _wait(database_url, job_id, lambda j: j.status == "running" and len(j.history) >= 1)
+    job_id = await submit_train(api, {**TINY, "epochs": 10, "patience": 10})
+    await wait_for_job(database_url, job_id, lambda j: j.status == "running" and len(j.history) >= 1, poll_s=0.5)
     pg_proxy.down()  # drops the worker's connection mid-training: the next epoch's progress write fails
     try:
         await asyncio.sleep(4)
-        job = await _job(database_url, job_id)
+        job = await fetch_job(database_url, job_id)
         assert job.status == "running" and job.attempts == 1  # nobody could record anything meanwhile
     finally:
         pg_proxy.up()
-    job = await _wait(database_url, job_id, _done)
+    job = await wait_for_job(database_url, job_id, job_done, poll_s=0.5)
     assert job.status == "succeeded", job.error
     assert job.attempts == 2  # the interrupted attempt counts, once
     assert [h.epoch for h in job.history][0] == 1
-    versions = await _versions_of(database_url, job_id)
+    versions = await versions_of(database_url, job_id)
     assert len(versions) == 1
     folders = {k.split("/")[2] for k in s3_store.list("SPXTRAIN/D1/") if k.split("/")[2].endswith("-" + job_id)}
     assert folders == set(versions)
@@ -209,10 +166,10 @@ async def test_sweeper_resends_an_orphaned_job_which_completes_exactly_once(
         again = await asyncio.to_thread(run_sweep, send, settings)
         assert again["resent"] == []  # claimed rows wait another stale period before a second send
 
-        job = await _wait(database_url, orphan, _done)
+        job = await wait_for_job(database_url, orphan, job_done, poll_s=0.5)
         assert job.status == "succeeded", job.error
         assert job.attempts == 1
-        assert len(await _versions_of(database_url, orphan)) == 1
+        assert len(await versions_of(database_url, orphan)) == 1
         await conn.execute("UPDATE training_jobs SET updated_at = now() - interval '1 hour' WHERE id = $1", orphan)
         assert (await asyncio.to_thread(run_sweep, send, settings))["resent"] == []
         assert sent == [orphan]
