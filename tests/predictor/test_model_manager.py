@@ -238,7 +238,7 @@ async def test_an_unreadable_verdict_is_served_as_not_validated() -> None:
 
 # --- fault case 8: tampered or hostile artifacts (docs/SECURITY.md) ---
 
-RSYMBOL = "PRED7"
+RSYMBOL = "PRED8"  # PRED7 is test_weights.py's
 
 
 @pytest.fixture(scope="module")

@@ -397,7 +397,8 @@ async def test_postgresql_restart_fails_fast_loses_no_log_row_it_can_hold_and_wr
             await asyncio.to_thread(stack.pg.start)
             t_started = load_a.now()
             await _until(lambda: probe.first("healthy", t_started) is not None, 10)
-            await asyncio.sleep(max(0.0, t_started + 5 - load_a.now()))
+            # Load goes on past the recovery bound, so that requests after it are there to be checked.
+            await asyncio.sleep(max(2.0, t_started + RECOVERY_S + 2 - load_a.now()))
         await probe.stop()
 
         samples = load_a.samples

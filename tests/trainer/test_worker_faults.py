@@ -1,5 +1,8 @@
 """Fault cases of the trainer's Celery worker (issue 12, cases 2 and 3; docs/RELIABILITY.md).
 
+Named to run after the other trainer modules: its jobs train SPXTRAIN versions, which test_jobs, test_retrain and
+test_worker count.
+
 A real `celery worker` subprocess (the session's, tests/trainer/conftest.py) on a Redis queue of this run's own,
 with the redelivery knobs lowered as in every worker test: TRAINER_VISIBILITY_TIMEOUT_SECONDS=15,
 TRAINER_UNACKED_RESTORE_INTERVAL_SECONDS=2 (production: 4 h and 60 s), TRAINER_RETRY_DELAY_SECONDS=1. The tests
