@@ -122,8 +122,17 @@ async def models(
 def settings(
     database_url: str, redis_url: str, indicators_url: str, store_url: str, trainer_url: str, models: dict[str, str]
 ) -> PredictorSettings:
+    # No bar-close signals from this session-long app: it would compute every bar the streaming tests' replicas
+    # compute (under their own stream prefix) and log a second stream row for it. Apps that test the stream
+    # (test_streaming's replicas, test_webhooks' app) turn it on.
     return predictor_settings(
-        database_url, redis_url, indicators_url, store_url, trainer_url=trainer_url, trainer_api_key=TRAINER_KEY
+        database_url,
+        redis_url,
+        indicators_url,
+        store_url,
+        trainer_url=trainer_url,
+        trainer_api_key=TRAINER_KEY,
+        stream_enabled=False,
     )
 
 

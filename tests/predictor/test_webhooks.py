@@ -140,6 +140,7 @@ def allow_settings(settings: PredictorSettings, queue: str, redis_url: str, stre
             "webhook_queue": queue,
             "celery_broker_url": redis_url,
             # Its own signal stream: this app computes (and dispatches) every bar close itself.
+            "stream_enabled": True,
             "stream_key_prefix": stream_prefix,
             "stream_sweep_seconds": 1.0,
         }
