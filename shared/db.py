@@ -14,6 +14,24 @@ class DatabaseNotConfigured(RuntimeError):
     pass
 
 
+# PostgreSQL unreachable, restarting or the connection lost under a request: the database being away, not the
+# request being bad, so every service answers 503 (shared/errors.py's handler, and the routes that say which
+# dependency). A server shutting down ends the sessions with AdminShutdown (57P01, operator intervention) while
+# their queries run, refuses new ones with CannotConnectNow (57P03) and a connection broken under the client
+# raises InternalClientError. The global handler listed only some of these: CI saw one 500 in the PostgreSQL
+# restart case of tests/predictor/test_process_faults.py (its traceback was not kept; that test now prints the
+# server log of such a request).
+DATABASE_DOWN: tuple[type[Exception], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.TooManyConnectionsError,
+)
+
+
 def require_database_url(settings: Settings) -> str:
     if not settings.database_url:
         raise DatabaseNotConfigured(

@@ -366,13 +366,6 @@ def _allowed_methods(request: Request) -> list[str]:
 
 
 def _dependency_errors() -> tuple[type[Exception], ...]:
-    import asyncpg
+    from shared.db import DATABASE_DOWN
 
-    return (
-        OSError,
-        TimeoutError,
-        asyncpg.InterfaceError,
-        asyncpg.exceptions.ConnectionDoesNotExistError,
-        asyncpg.exceptions.CannotConnectNowError,
-        asyncpg.exceptions.TooManyConnectionsError,
-    )
+    return DATABASE_DOWN

@@ -74,3 +74,13 @@ def hourly() -> OHLCV:
     from tests.data import generate_bars
 
     return generate_bars("H1", 3000, seed=42)
+
+
+@pytest.fixture(scope="session")
+def live_stack(server_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """The whole system as `make up` runs it, started on first use and shared by the session's users of it
+    (tests/support/live_stack.py: the README tour, the console in a browser)."""
+    from tests.support.live_stack import live_stack as start
+
+    with start(server_url, tmp_path_factory.mktemp("live")) as stack:
+        yield stack

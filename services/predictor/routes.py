@@ -8,7 +8,6 @@ from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC
 from typing import Annotated, Any
 
-import asyncpg
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
@@ -43,6 +42,7 @@ from services.predictor.signals import Weights
 from shared.app import json_body, read_body
 from shared.auth import Authenticator, Principal, Role, WriteKey
 from shared.bars import parse_json
+from shared.db import DATABASE_DOWN
 from shared.errors import (
     ERROR_SCHEMA,
     SYMBOL_SCHEMA,
@@ -423,17 +423,8 @@ async def get_models(predictor: PredictorDep, _: ReadKey) -> list[ModelOut]:
     ]
 
 
-# PostgreSQL unreachable or the connection lost: 503, never a 500 (the outcome routes read and write the database).
-# A server shutting down or restarting (AdminShutdown, CannotConnectNow: operator intervention) and a connection
-# that broke under the client (InternalClientError) are the database being away, not the request being bad.
-DATABASE_DOWN = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    asyncpg.exceptions.OperatorInterventionError,
-)
+# PostgreSQL unreachable or the connection lost: 503 that says so, never a 500 (the outcome routes read and write
+# the database); the list is shared/db.py's DATABASE_DOWN.
 
 
 @router.post(

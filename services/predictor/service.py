@@ -37,6 +37,7 @@ from services.predictor.signals import (
     risk,
 )
 from shared.bars import bars_from_items
+from shared.db import DATABASE_DOWN
 from shared.errors import (
     AppError,
     NotEnoughBars,
@@ -232,7 +233,7 @@ class Predictor:
             return "bars:" + h.hexdigest()[:32], float(ohlcv.close[-1])
         try:
             stamp = await self.series.get(req.symbol, tf)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except (*DATABASE_DOWN, asyncpg.PostgresError) as exc:
             raise ServiceUnavailable(f"database unavailable: {type(exc).__name__}; try again later") from None
         if stamp is None:
             raise NotFoundError(f"no {tf} bars stored for {req.symbol}; upload bars or send them in the request")

@@ -160,9 +160,16 @@ async def _until(cond: Callable[[], object], timeout_s: float, every_s: float = 
         await asyncio.sleep(every_s)
 
 
-def _no_server_errors(samples: list[Sample]) -> None:
+def _no_server_errors(samples: list[Sample], *logs: Path) -> None:
+    """No 5xx but 503 and no request without an answer; on failure, the server log lines (the traceback) of the
+    first bad request's id, so that a failure seen once in CI says what raised."""
     bad = [s for s in samples if (s.status >= 500 and s.status != 503) or s.status == 0]
-    assert not bad, f"{len(bad)} requests failed without a clean answer, e.g. {bad[:3]}"
+    context = ""
+    if bad:
+        lines = [line for log in logs if log.exists() for line in log.read_text(errors="replace").splitlines()]
+        hits = [i for i, line in enumerate(lines) if bad[0].request_id in line]
+        context = "\n".join(lines[hits[0] : hits[0] + 60]) if hits else "(no server log line names it)"
+    assert not bad, f"{len(bad)} requests failed without a clean answer, e.g. {bad[:3]}\n{context}"
 
 
 def _after(t: float | None, ref: float) -> str:
@@ -267,7 +274,7 @@ async def test_redis_stopped_under_load_no_5xx_degraded_then_healthy_and_caching
             f"and caching {t_caching - t_started:.2f} s after redis was back; stream: {sub.connects} connection(s), "
             f"events {events}, signal {t_signal - t_bar:.2f} s after the bar\n[case 4] p99 ms per 2 s: {buckets}"
         )
-        _no_server_errors(load.samples)
+        _no_server_errors(load.samples, server.log)
         assert {s.status for s in load.samples} == {200}, stats(load.samples)
         assert probe.statuses(t_stop + 0.5, t_back) == {"degraded"}
         assert "healthy" in probe.statuses(2, t_stop)
@@ -324,7 +331,7 @@ async def test_indicators_killed_uncached_503_within_the_timeout_cached_keep_suc
             f"[case 12] down, cached: {stats(down_cached)}\n[case 12] indicators restart took "
             f"{t_started - t_back:.2f} s; first uncached 200 {_after(recovered, t_started)} s after"
         )
-        _no_server_errors(load.samples)
+        _no_server_errors(load.samples, server.log)
         assert down_nocache and {s.status for s in down_nocache} == {503}, stats(down_nocache)
         assert all(s.body and "indicators service" in str(s.body.get("detail")) for s in down_nocache)
         assert max(s.latency_s for s in down_nocache) < 2.0, stats(down_nocache)
@@ -454,7 +461,7 @@ async def test_postgresql_restart_fails_fast_loses_no_log_row_it_can_hold_and_wr
             f"{dropped_b:g} dropped; outcomes: {len(created)} created, {len(stored_outcomes)} stored, "
             f"{orphans} without audit, {audits_alone} audit rows alone"
         )
-        _no_server_errors(samples + load_b.samples)
+        _no_server_errors(samples + load_b.samples, a.log, b.log)
         # Bounded by the pool's 5 s connect timeout (shared/db.py) whatever the machine's load; measured 0.3-1.6 s.
         assert max((s.latency_s for s in failed), default=0) < 5.0, "a request that needs PostgreSQL hung"
         assert failed, "no request noticed PostgreSQL was down"

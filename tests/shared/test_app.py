@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
+import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -83,3 +85,63 @@ async def test_each_request_is_logged_once_with_status_and_duration(caplog: pyte
     assert record.getMessage() == "GET /v1/indicators/catalog 200"
     assert record.status == 200  # type: ignore[attr-defined]
     assert record.duration_ms >= 0  # type: ignore[attr-defined]
+
+
+async def test_a_query_whose_session_the_server_ends_is_a_503_not_a_500(database_url: str) -> None:
+    """A session the server ends under a running query (pg_terminate_backend here; `pg_ctl stop -m fast` in the
+    process fault tests) is the database going away: 503 that names the error, not a 500."""
+    app = FastAPI()
+    install_error_handlers(app)
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    started = asyncio.Event()
+    pid: list[int] = []
+
+    @app.get("/slow")
+    async def slow() -> None:
+        async with pool.acquire() as conn:
+            pid.append(await conn.fetchval("SELECT pg_backend_pid()"))
+            started.set()
+            await conn.execute("SELECT pg_sleep(30)")
+
+    async def end_the_session() -> None:
+        await asyncio.wait_for(started.wait(), 10)
+        killer = await asyncpg.connect(database_url)
+        try:
+            assert await killer.fetchval("SELECT pg_terminate_backend($1)", pid[0])
+        finally:
+            await killer.close()
+
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=20) as c:
+            r, _ = await asyncio.gather(c.get("/slow"), end_the_session())
+    finally:
+        pool.terminate()
+    assert r.status_code == 503, r.text
+    assert r.json()["error"] == "service_unavailable"
+    assert "a dependency is unavailable" in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        asyncpg.InternalClientError("cannot switch to state 15; another operation (2) is in progress"),
+        asyncpg.exceptions.AdminShutdownError("terminating connection due to administrator command"),
+        asyncpg.exceptions.CrashShutdownError("the database system is in recovery mode"),
+        asyncpg.exceptions.CannotConnectNowError("the database system is shutting down"),
+        asyncpg.exceptions.ConnectionFailureError("connection failure"),
+        ConnectionResetError("reset by peer"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+async def test_every_way_the_database_goes_away_is_a_503(exc: Exception) -> None:
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/db")
+    async def db() -> None:
+        raise exc
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        r = await c.get("/db")
+    assert r.status_code == 503, r.text
+    assert r.json() == {"error": "service_unavailable", "detail": f"a dependency is unavailable ({type(exc).__name__})"}
