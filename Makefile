@@ -49,7 +49,7 @@ lock: | $(UV)
 	$(UV) lock --python "$$py"
 
 up: install
-	$(PY) -m shared.devstack up
+	$(PY) -m shared.devstack up $(UP_ARGS)
 
 # nginx, promtool and docker-compose (config checks) come from Debian when missing; see scripts/.
 test: install

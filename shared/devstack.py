@@ -14,6 +14,7 @@ everything.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import secrets
@@ -21,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,11 @@ def _local_key() -> str:
         path.write_text(secrets.token_urlsafe(24))
         path.chmod(0o600)
     return path.read_text().strip()
+
+
+def _local_key_if_made() -> str | None:
+    path = VAR / "local-api-key"
+    return path.read_text().strip() if path.exists() else None
 
 
 def _has(module: str) -> bool:
@@ -159,8 +166,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _foreground() -> Iterator[None]:
+    """In a terminal, this process becomes its foreground process group while it runs: Ctrl-C then signals
+    it alone, not `make` above it, which would otherwise die of the SIGINT itself (GNU make re-raises it after
+    its child exits, whatever the child's status) and report an error for a clean stop. The terminal goes back
+    to the group it came from on the way out."""
+    if not os.isatty(0):
+        yield
+        return
+    try:
+        before = os.tcgetpgrp(0)
+        os.setpgid(0, 0)  # refused to a session leader: it is its terminal's foreground group already
+        with _ttou_ignored():
+            os.tcsetpgrp(0, os.getpgrp())
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        with _ttou_ignored(), contextlib.suppress(OSError):
+            os.tcsetpgrp(0, before)
+
+
+@contextlib.contextmanager
+def _ttou_ignored() -> Iterator[None]:
+    # Changing the terminal's foreground group from a background group raises SIGTTOU, which stops the process.
+    old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTTOU, old)
+
+
 def main(argv: list[str] | None = None) -> None:
+    with _foreground():
+        _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    # Ctrl-C (SIGINT) and SIGTERM both stop everything and exit 0. Set here rather than inherited: a shell's
+    # background job starts with SIGINT ignored, and Python's default SIGTERM exits without the cleanup below.
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
 
     env = dict(os.environ)
     handles: list[object] = []
@@ -173,7 +227,10 @@ def main(argv: list[str] | None = None) -> None:
     def start(name: str, cmd: list[str]) -> None:
         log = (logs / f"{name}.log").open("ab")
         log_files.append(log)  # closed on the way out
-        procs.append((name, subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)))
+        # Its own session: the terminal's Ctrl-C reaches this process only, which stops the children in order
+        # (SIGTERM, then SIGKILL after 10 s) instead of each dying on its own and leaving the rest behind.
+        child = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append((name, child))
         console.print(f"[dim]started {name}: {' '.join(cmd)} (log: var/logs/{name}.log)[/dim]")
 
     def proc_of(name: str) -> subprocess.Popen[bytes]:
@@ -206,9 +263,11 @@ def main(argv: list[str] | None = None) -> None:
         env.setdefault("INDICATORS_API_KEY", key)
         # The predictor asks the trainer for explanations with this key (the local key is admin).
         env["TRAINER_URL"] = f"http://127.0.0.1:{PORTS['trainer']}"
+        # The trainer's console (/ui) reads the predictor's API and relays its signal stream.
+        env["PREDICTOR_URL"] = f"http://127.0.0.1:{PORTS['predictor']}"
         env.setdefault("TRAINER_API_KEY", key)
 
-        subprocess.run([str(BIN / "aicash"), "db", "upgrade"], env=env, cwd=ROOT, check=True)
+        subprocess.run([str(BIN / "aicash"), "db", "upgrade"], env=env, cwd=ROOT, check=True, start_new_session=True)
 
         uvicorn = [str(BIN / "uvicorn"), "--host", "127.0.0.1", "--no-access-log"]
         start(
@@ -276,6 +335,7 @@ def main(argv: list[str] | None = None) -> None:
             env=env,
             cwd=ROOT,
             check=True,
+            start_new_session=True,
         )
         if has_trainer:
             wait_http(f"http://127.0.0.1:{PORTS['trainer']}/health", proc=proc_of("trainer-api"))
@@ -283,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
                 console.print(f"training the first model for {SAMPLE_SYMBOL} {SAMPLE_TF} on the Celery worker")
                 epochs = ["--epochs", str(args.epochs)] if args.epochs else []
                 train = [str(BIN / "aicash"), "train", "--symbol", SAMPLE_SYMBOL, "--timeframe", SAMPLE_TF, "--wait"]
-                subprocess.run([*train, *epochs], env=env, cwd=ROOT, check=True)
+                subprocess.run([*train, *epochs], env=env, cwd=ROOT, check=True, start_new_session=True)
         verdict = None
         if has_trainer and not args.no_train:
             console.print("waiting for the walk-forward validation and the SHAP weights of the serving model")
@@ -322,6 +382,11 @@ def main(argv: list[str] | None = None) -> None:
                 if n == "indicators" or (n == "trainer" and has_trainer) or (n == "predictor" and has_predictor)
             )
         )
+        if has_trainer:
+            console.print(f"console:     http://127.0.0.1:{PORTS['trainer']}/ui (log in with the key)")
+        if key:
+            where = " (made for this machine, kept in var/local-api-key)" if key == _local_key_if_made() else ""
+            console.print(f"key:         {key}{where}")
         if args.smoke:
             r = httpx.get(
                 f"http://127.0.0.1:{PORTS['indicators']}/v1/indicators/{SAMPLE_SYMBOL}/{SAMPLE_TF}",
@@ -341,16 +406,27 @@ def main(argv: list[str] | None = None) -> None:
         console.print(f"[red]{', '.join(dead)} stopped; see var/logs/[/red]")
         raise SystemExit(1)
     except KeyboardInterrupt:
-        pass
+        console.print("\nstopping")
+    except subprocess.CalledProcessError as exc:  # a step failed: its own output said why
+        console.print(f"[red]{' '.join(map(str, exc.cmd[:3]))} failed (exit {exc.returncode})[/red]")
+        raise SystemExit(1) from None
     finally:
+        # A second Ctrl-C while stopping would leave children behind: the stop is bounded (10 s) instead.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for _, p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
         for _, p in procs:
             try:
-                p.wait(timeout=10)
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                p.kill()
+                pass
+            # Whatever is left of its group (a Celery worker still in a task, its pool children) goes too.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
         for f in log_files:
             f.close()
         for h in handles:

@@ -47,3 +47,84 @@ def test_make_up_trains_the_first_model_and_serves_predictions(database_url: str
     assert "/validation" in out
     # the prediction itself carries the model's verdict
     assert re.search(r"'quality': \{ ?'gate': '(passed|failed)'", out), proc.stdout[-3000:]
+
+
+def test_ctrl_c_in_a_terminal_stops_make_up_with_exit_0_and_leaves_no_process(database_url: str) -> None:
+    """`make up` in a real terminal (a pty, so that ^C is the terminal's SIGINT to the foreground group, make
+    included), up with no model to train, then ^C: make exits 0 and none of the processes it started remain."""
+    import os
+    import pty
+    import select
+    import time
+    from pathlib import Path
+
+    ports = {name: free_port() for name in ("INDICATORS", "PREDICTOR", "TRAINER")}
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "COLUMNS": "200",
+        "AICASH_SAMPLE_SYMBOL": "SPXCTRLC",
+        **{f"{name}_PORT": str(port) for name, port in ports.items()},
+    }
+    for name in ("REDIS_URL", "CELERY_BROKER_URL", "API_KEYS", "TRAINER_QUEUE"):
+        env.pop(name, None)  # an embedded Redis of its own: its workers meet no other test's queues
+    root = Path(__file__).resolve().parent.parent
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: make, in the pty's session as a terminal user runs it
+        os.chdir(root)
+        os.execvpe("make", ["make", "up", "UP_ARGS=--no-train"], env)
+    out = b""
+
+    def read(timeout: float) -> bool:
+        nonlocal out
+        ready, _, _ = select.select([fd], [], [], timeout)
+        if ready:
+            try:
+                out += os.read(fd, 65536)
+            except OSError:  # the pty closed: make is gone
+                return False
+        return True
+
+    def started() -> list[int]:
+        """Processes whose command line names one of this stack's ports (the services, its devstack)."""
+        found = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                environ = (proc / "environ").read_bytes()
+            except OSError:
+                continue
+            if any(f"--port {p}" in cmd for p in ports.values()) or b"AICASH_SAMPLE_SYMBOL=SPXCTRLC" in environ:
+                found.append(int(proc.name))
+        return found
+
+    status = None
+    try:
+        deadline = time.monotonic() + 300
+        while b"Ctrl-C stops everything" not in out and time.monotonic() < deadline and read(1.0):
+            pass
+        assert b"Ctrl-C stops everything" in out, out.decode(errors="replace")[-3000:]
+        assert b"/ui" in out and b"key:" in out  # the console's URL and the key to log in with
+        assert started(), "found none of the stack's processes while it was up: the check below would be blind"
+        os.write(fd, b"\x03")  # ^C, through the terminal's line discipline
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            read(0.5)
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+        else:
+            status = None
+    finally:
+        if status is None:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    text = out.decode(errors="replace")
+    assert status is not None, "make up did not stop within 60 s of ^C: " + text[-2000:]
+    assert os.waitstatus_to_exitcode(status) == 0, text[-2000:]
+    assert "Error" not in text.split("Ctrl-C stops everything")[-1], text[-2000:]
+    time.sleep(0.5)
+    assert not started(), f"processes left after make up stopped: {started()}"

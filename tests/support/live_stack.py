@@ -75,6 +75,7 @@ def live_stack(server_url: str, workdir: Path) -> Iterator[LiveStack]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "shared.devstack", "up", "--epochs", "2"],
             env=env,
+            stdin=subprocess.DEVNULL,  # a terminal pytest runs in stays pytest's (devstack takes a tty's foreground)
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
