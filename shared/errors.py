@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -181,6 +181,7 @@ def document_errors(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         schema = original()
         _document(schema)
+        _restore_example_nulls(app, schema)
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -201,6 +202,48 @@ def _document(schema: dict[str, Any]) -> None:
                 _document_operation(operation)
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)
+
+
+def _restore_example_nulls(app: FastAPI, schema: dict[str, Any]) -> None:
+    """Put back the nulls FastAPI drops from examples: it renders the document with `exclude_none`, which also
+    removes every `None` inside an example, so an example with a required nullable field (`"error": null`) would
+    no longer validate against its own schema. Models' examples come from their JSON schemas again, the routes'
+    own (`responses=`, `openapi_extra=`) as written."""
+    from fastapi.routing import APIRoute
+    from pydantic import TypeAdapter
+
+    components = schema.get("components", {}).get("schemas", {})
+    for route in app.routes:
+        if not isinstance(route, APIRoute) or not route.include_in_schema:
+            continue
+        fields = [f for f in (route.body_field, route.response_field, *route.response_fields.values()) if f]
+        for field in fields:
+            if field.field_info.annotation is None:
+                continue
+            mode: Literal["validation", "serialization"] = (
+                "validation" if field.mode == "validation" else "serialization"
+            )
+            js = TypeAdapter(field.field_info.annotation).json_schema(mode=mode)
+            for name, sub in {**js.get("$defs", {}), str(js.get("title")): js}.items():
+                for key in ("example", "examples"):
+                    for target in (name, f"{name}-Input", f"{name}-Output"):
+                        if key in sub and key in components.get(target, {}):
+                            components[target][key] = sub[key]
+        for method in route.methods or ():
+            operation = schema.get("paths", {}).get(route.path_format, {}).get(method.lower())
+            if operation is None:
+                continue
+            written = [
+                (response.get("content", {}), operation["responses"].get(str(code), {}).get("content", {}))
+                for code, response in route.responses.items()
+            ]
+            body = (route.openapi_extra or {}).get("requestBody", {}).get("content", {})
+            written.append((body, operation.get("requestBody", {}).get("content", {})))
+            for given, rendered in written:
+                for media_type, media in given.items():
+                    for key in ("example", "examples"):
+                        if key in media and key in rendered.get(media_type, {}):
+                            rendered[media_type][key] = media[key]
 
 
 def _document_operation(operation: dict[str, Any]) -> None:

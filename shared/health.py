@@ -26,6 +26,12 @@ class Readiness(BaseModel):
     services: dict[str, Check]
 
 
+_READY_EXAMPLE = {
+    "status": "healthy",
+    "timestamp": "2024-03-01T10:00:02.114Z",
+    "services": {"database": {"status": "healthy", "latency_ms": 0.61}},
+}
+
 # A check returns None when fine, or raises. `critical` checks make the service unhealthy (503) when they
 # fail; the others make it degraded (still 200: it can do its job, worse).
 CheckFn = Callable[[Request], Awaitable[None]]
@@ -57,7 +63,12 @@ async def _run(fn: CheckFn, request: Request, timeout_s: float) -> tuple[bool, f
 
 
 def install_health(app: FastAPI, checks: ReadinessChecks, timeout_s: float = 2.0) -> None:
-    @app.get("/health", tags=["health"], summary="Liveness")
+    @app.get(
+        "/health",
+        tags=["health"],
+        summary="Liveness",
+        responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}},
+    )
     async def health() -> dict[str, str]:
         """Liveness: the process answers. Checks no dependency."""
         return {"status": "ok"}
@@ -68,7 +79,10 @@ def install_health(app: FastAPI, checks: ReadinessChecks, timeout_s: float = 2.0
         summary="Readiness",
         response_model=Readiness,
         response_model_exclude_none=True,
-        responses={503: {"description": "The service cannot do its job", "model": Readiness}},
+        responses={
+            200: {"content": {"application/json": {"example": _READY_EXAMPLE}}},
+            503: {"description": "The service cannot do its job", "model": Readiness},
+        },
     )
     async def ready(request: Request, response: Response) -> Readiness:
         """Readiness: each dependency with its status and latency. 200 when healthy or degraded, 503 when

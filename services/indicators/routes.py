@@ -10,7 +10,9 @@ from services.indicators import service
 from services.indicators.deps import PoolDep, ReadKey, SettingsDep, WriteKey
 from services.indicators.metrics import BARS_REJECTED
 from services.indicators.schemas import (
+    BARS_IN_EXAMPLE,
     COLUMNS_EXAMPLE,
+    INDICATORS_IN_EXAMPLE,
     ROWS_EXAMPLE,
     BarsOut,
     CatalogEntry,
@@ -44,10 +46,11 @@ router = APIRouter()
 
 @router.post(
     "/v1/bars/{symbol}/{timeframe}",
+    summary="Store bars of a series",
     tags=["bars"],
     response_model=IngestResult,
     responses=error_responses(401, 403, 413, 422, 503),
-    openapi_extra=json_body(BarsIn),
+    openapi_extra=json_body(BarsIn, BARS_IN_EXAMPLE),
 )
 async def post_bars(
     symbol: str, timeframe: str, request: Request, pool: PoolDep, settings: SettingsDep, _: WriteKey
@@ -82,6 +85,7 @@ def _count_bars(raw: object) -> int:
 
 @router.get(
     "/v1/bars/{symbol}/{timeframe}",
+    summary="Read stored bars of a series",
     tags=["bars"],
     response_model=BarsOut,
     responses=error_responses(401, 403, 422),
@@ -107,6 +111,7 @@ async def get_bars(
 
 @router.get(
     "/v1/series",
+    summary="List stored series",
     tags=["bars"],
     response_model=list[SeriesOut],
     responses=error_responses(401, 403),
@@ -118,7 +123,9 @@ async def get_series(pool: PoolDep, _: ReadKey, symbol: str | None = None) -> li
     return [SeriesOut(symbol=s.symbol, timeframe=s.timeframe, first_ts=s.first_ts, last_ts=s.last_ts) for s in rows]
 
 
-@router.get("/v1/indicators/catalog", tags=["indicators"], response_model=list[CatalogEntry])
+@router.get(
+    "/v1/indicators/catalog", summary="The feature catalog", tags=["indicators"], response_model=list[CatalogEntry]
+)
 async def get_catalog() -> list[CatalogEntry]:
     """The 17 features: name, description, formula, parameters and warm-up bars. Public."""
     return [CatalogEntry.model_validate(entry) for entry in catalog()]
@@ -162,6 +169,7 @@ def _parse_timeframes(value: str | None, base: Timeframe) -> list[Timeframe]:
 
 @router.get(
     "/v1/indicators/{symbol}/{timeframe}",
+    summary="Indicators of a stored series",
     tags=["indicators"],
     response_model=IndicatorsAnswer,
     responses={**INDICATORS_200, **error_responses(401, 403, 404, 422)},
@@ -195,10 +203,11 @@ async def get_indicators(
 
 @router.post(
     "/v1/indicators",
+    summary="Indicators of bars sent in the body",
     tags=["indicators"],
     response_model=IndicatorsAnswer,
     responses={**INDICATORS_200, **error_responses(401, 403, 413, 422)},
-    openapi_extra=json_body(IndicatorsIn),
+    openapi_extra=json_body(IndicatorsIn, INDICATORS_IN_EXAMPLE),
 )
 async def post_indicators(
     request: Request,

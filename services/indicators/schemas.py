@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import math
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
@@ -19,7 +20,19 @@ class IngestResult(BaseModel):
     flagged: int = Field(description="bars stored with a data-quality flag (large move or gap)")
 
 
+BAR_EXAMPLE: dict[str, Any] = {
+    "ts": "2024-03-01T09:00:00Z",
+    "open": 1.08412,
+    "high": 1.08497,
+    "low": 1.08371,
+    "close": 1.08466,
+    "volume": 1834.0,
+}
+
+
 class BarOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [BAR_EXAMPLE]})
+
     ts: datetime
     open: float
     high: float
@@ -29,6 +42,19 @@ class BarOut(BaseModel):
 
 
 class BarsOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "bars": [
+                        BAR_EXAMPLE,
+                        {**BAR_EXAMPLE, "ts": "2024-03-01T10:00:00Z", "open": 1.08466, "close": 1.08431},
+                    ]
+                }
+            ]
+        }
+    )
+
     bars: list[BarOut] = Field(description="oldest first, newest last")
 
 
@@ -99,6 +125,38 @@ IndicatorsAnswer = Annotated[
 ]
 
 
+def synthetic_bars(count: int, start: datetime, step: timedelta) -> list[dict[str, Any]]:
+    """`count` consecutive bars of a smooth made-up series that every ingest rule accepts (for examples)."""
+    bars = []
+    close = 1.08
+    for i in range(count):
+        open_ = close
+        close = round(1.08 + 0.004 * math.sin(i / 9) + 0.0015 * math.sin(i / 2.3), 5)
+        spread = 0.0004 + 0.0002 * (i % 3)
+        bars.append(
+            {
+                "ts": (start + i * step).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "open": open_,
+                "high": round(max(open_, close) + spread, 5),
+                "low": round(min(open_, close) - spread, 5),
+                "close": close,
+                "volume": float(1000 + (i * 37) % 900),
+            }
+        )
+    return bars
+
+
+# POST /v1/bars: two hours of EURUSD H1.
+BARS_IN_EXAMPLE: dict[str, Any] = {"bars": synthetic_bars(2, datetime(2024, 3, 1, 9, tzinfo=UTC), timedelta(hours=1))}
+# POST /v1/indicators needs warm-up (500) + 1 bars: 510 H1 bars, the newest 2 rows asked for.
+INDICATORS_IN_EXAMPLE: dict[str, Any] = {
+    "symbol": "EURUSD",
+    "timeframe": "H1",
+    "bars": synthetic_bars(510, datetime(2024, 1, 1, tzinfo=UTC), timedelta(hours=1)),
+    "limit": 2,
+}
+
+
 class IndicatorsIn(BaseModel):
     """Bars sent by the client; features are computed from them alone (nothing is stored)."""
 
@@ -113,7 +171,15 @@ class IndicatorsIn(BaseModel):
     )
 
 
+def _catalog_example(schema: dict[str, Any]) -> None:
+    from shared.features import catalog
+
+    schema["examples"] = [catalog()[0]]
+
+
 class CatalogEntry(BaseModel):
+    model_config = ConfigDict(json_schema_extra=_catalog_example)
+
     name: str
     description: str
     formula: str
@@ -123,6 +189,19 @@ class CatalogEntry(BaseModel):
 
 
 class SeriesOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "symbol": "EURUSD",
+                    "timeframe": "H1",
+                    "first_ts": "2019-01-02T00:00:00Z",
+                    "last_ts": "2024-03-01T10:00:00Z",
+                }
+            ]
+        }
+    )
+
     symbol: str
     timeframe: Timeframe
     first_ts: datetime

@@ -190,6 +190,7 @@ async def _measured(predictor: Predictor, symbol: Callable[[], object], fn: Call
 
 @lean.post(
     "/v1/predictions",
+    summary="Predict a signal",
     tags=["predictions"],
     response_model=PredictionOut,
     responses=error_responses(401, 403, 404, 413, 422, 503),
@@ -221,6 +222,7 @@ async def post_prediction(request: Request, _: ReadKey) -> Response:
 
 @lean.get(
     "/v1/signals/{symbol}/{timeframe}",
+    summary="Latest signal of a series",
     tags=["predictions"],
     response_model=PredictionOut,
     responses=error_responses(401, 403, 404, 422, 503),
@@ -243,6 +245,7 @@ async def get_signal(symbol: str, timeframe: str, request: Request, _: ReadKey) 
 
 @router.get(
     "/v1/predictions/{prediction_id}",
+    summary="A logged prediction",
     tags=["predictions"],
     response_model=PredictionRecord,
     responses=error_responses(401, 403, 404, 503),
@@ -273,6 +276,7 @@ def _prediction_uuid(prediction_id: str) -> uuid.UUID:
 
 @router.get(
     "/v1/predictions/{prediction_id}/explanation",
+    summary="Explain a served prediction",
     tags=["predictions"],
     response_model=ExplanationOut,
     responses={
@@ -371,7 +375,13 @@ def _weights(w: Weights, symbol: str | None, timeframe: str | None) -> WeightsOu
     )
 
 
-@router.get("/weights", tags=["weights"], response_model=WeightsOut, responses=error_responses(401, 403))
+@router.get(
+    "/weights",
+    summary="Default indicator weights",
+    tags=["weights"],
+    response_model=WeightsOut,
+    responses=error_responses(401, 403),
+)
 async def get_default_weights(predictor: PredictorDep, _: ReadKey) -> WeightsOut:
     """The default-scope (`*`/`*`) indicator weights used by `indicator_score`, with how they were computed
     (role read; deploy smoke tests call it)."""
@@ -380,6 +390,7 @@ async def get_default_weights(predictor: PredictorDep, _: ReadKey) -> WeightsOut
 
 @router.get(
     "/v1/weights",
+    summary="Indicator weights of a series",
     tags=["weights"],
     response_model=WeightsOut,
     responses=error_responses(401, 403, 422),
@@ -401,7 +412,13 @@ async def get_weights(
     return _weights(predictor.weights.lookup(symbol, timeframe), symbol, timeframe)
 
 
-@router.get("/v1/models", tags=["models"], response_model=list[ModelOut], responses=error_responses(401, 403))
+@router.get(
+    "/v1/models",
+    summary="Models this predictor serves",
+    tags=["models"],
+    response_model=list[ModelOut],
+    responses=error_responses(401, 403),
+)
 async def get_models(predictor: PredictorDep, _: ReadKey) -> list[ModelOut]:
     """The models this process has loaded and serves: each series' production version and, where its rollout
     has one, the candidate (`role`), with the promotion gate's current verdict on each (role read)."""
@@ -429,6 +446,7 @@ async def get_models(predictor: PredictorDep, _: ReadKey) -> list[ModelOut]:
 
 @router.post(
     "/v1/outcomes",
+    summary="Record a prediction's outcome",
     tags=["outcomes"],
     status_code=201,
     response_model=OutcomeOut,
@@ -456,6 +474,7 @@ async def post_outcome(body: OutcomeIn, predictor: PredictorDep, principal: Writ
 
 @router.get(
     "/v1/performance",
+    summary="Live performance of a series' models",
     tags=["outcomes"],
     response_model=PerformanceOut,
     responses=error_responses(401, 403, 404, 422, 503),

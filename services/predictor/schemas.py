@@ -79,8 +79,69 @@ class Risk(BaseModel):
     take_profit: float | None
 
 
+_PROBS: dict[str, Any] = {"BUY": 0.58, "SELL": 0.17, "HOLD": 0.25}
+_QUALITY: dict[str, Any] = {
+    "gate": "passed",
+    "reasons": ["log loss 1.0655 beats every baseline out of sample"],
+    "validation_id": 7,
+}
+_PID = "0192f3a4-5b6c-7d8e-9f00-112233445566"
+PREDICTION_EXAMPLE: dict[str, Any] = {
+    "prediction_id": _PID,
+    "symbol": "EURUSD",
+    "timeframe": "H1",
+    "signal": "BUY",
+    "confidence": 0.58,
+    "probabilities": _PROBS,
+    "model_version": "20240301T100512Z",
+    "variant": "production",
+    "cached": False,
+    "timeframes": {
+        "H1": {
+            "status": "ok",
+            "signal": "BUY",
+            "confidence": 0.58,
+            "model_version": "20240301T100512Z",
+            "probabilities": _PROBS,
+            "bar_ts": "2024-03-01T09:00:00Z",
+        },
+        "H4": {
+            "status": "no_model",
+            "signal": None,
+            "confidence": None,
+            "model_version": None,
+            "detail": "no production model for EURUSD H4",
+        },
+    },
+    "consensus": {
+        "signal": "BUY",
+        "rule": "confidence_weighted_vote",
+        "votes": {"BUY": 0.58, "SELL": 0.0, "HOLD": 0.0},
+        "strength": 1.0,
+        "agreement": 1.0,
+        "timeframes_used": ["H1"],
+    },
+    "indicator_score": 0.29,
+    "weights_version": "default",
+    "risk": {
+        "side": "long",
+        "position_fraction": 0.058,
+        "max_position_fraction": 0.1,
+        "risk_per_trade_fraction": 0.0012,
+        "entry_price": 1.08466,
+        "atr": 0.00112,
+        "atr_pct": 0.1033,
+        "stop_loss": 1.08242,
+        "take_profit": 1.0880,
+    },
+    "bar_ts": "2024-03-01T09:00:00Z",
+    "generated_at": "2024-03-01T10:00:00.412Z",
+    "quality": _QUALITY,
+}
+
+
 class PredictionOut(BaseModel):
-    model_config = ConfigDict(protected_namespaces=())
+    model_config = ConfigDict(protected_namespaces=(), json_schema_extra={"examples": [PREDICTION_EXAMPLE]})
 
     prediction_id: str
     symbol: str
@@ -106,7 +167,32 @@ class PredictionOut(BaseModel):
 
 
 class PredictionRecord(BaseModel):
-    model_config = ConfigDict(protected_namespaces=())
+    model_config = ConfigDict(
+        protected_namespaces=(),
+        json_schema_extra={
+            "examples": [
+                {
+                    "prediction_id": _PID,
+                    "created_at": "2024-03-01T10:00:00.412Z",
+                    "symbol": "EURUSD",
+                    "timeframe": "H1",
+                    "bar_ts": "2024-03-01T09:00:00Z",
+                    "model_version": "20240301T100512Z",
+                    "variant": "production",
+                    "user_hash": None,
+                    "window_hash": "5d41402abc4b2a76b9719d911017c592",
+                    "feature_names": ["rsi_14", "macd_line"],
+                    "features": [[52.1, 0.0114], [55.8, 0.0131]],
+                    "probabilities": _PROBS,
+                    "signal": "BUY",
+                    "confidence": 0.58,
+                    "consensus_signal": "BUY",
+                    "cached": False,
+                    "request_id": "9f1c2a7b3e4d5f60a1b2000000000001",
+                }
+            ]
+        },
+    )
 
     prediction_id: str
     created_at: datetime
@@ -128,7 +214,32 @@ class PredictionRecord(BaseModel):
 
 
 class WeightsOut(BaseModel):
-    model_config = ConfigDict(protected_namespaces=())
+    model_config = ConfigDict(
+        protected_namespaces=(),
+        json_schema_extra={
+            "examples": [
+                {
+                    "symbol": None,
+                    "timeframe": None,
+                    "weights_version": "default",
+                    "source": "default",
+                    "weights": {"rsi_14": 1.0, "macd_line": 1.0},
+                    "id": None,
+                    "method": "default",
+                    "model_version_id": None,
+                    "data_start": None,
+                    "data_end": None,
+                    "created_at": None,
+                    "importances": None,
+                    "correlation": None,
+                    "feature_names": None,
+                    "inputs": {},
+                    "detail": "no indicator_weights row covers this scope: built-in equal weights (every voting "
+                    "indicator 1.0)",
+                }
+            ]
+        },
+    )
 
     symbol: str | None
     timeframe: str | None
@@ -156,7 +267,24 @@ class WeightsOut(BaseModel):
 
 
 class ModelOut(BaseModel):
-    model_config = ConfigDict(protected_namespaces=())
+    model_config = ConfigDict(
+        protected_namespaces=(),
+        json_schema_extra={
+            "examples": [
+                {
+                    "symbol": "EURUSD",
+                    "timeframe": "H1",
+                    "version": "20240301T100512Z",
+                    "role": "production",
+                    "sha256": "9c1185a5c5e9fc54612808977ee8f548b2258d31f2f6b1fcb1b5d1e1c8f0a4d2",
+                    "sequence_length": 20,
+                    "feature_names": ["rsi_14", "macd_line"],
+                    "temperature": 1.31,
+                    "quality": _QUALITY,
+                }
+            ]
+        },
+    )
 
     symbol: str
     timeframe: str
@@ -182,7 +310,25 @@ class Contribution(BaseModel):
 class ExplanationOut(BaseModel):
     """A finished explanation; `detail` keys of the trainer's row (base value, ...) are added as they are."""
 
-    model_config = ConfigDict(protected_namespaces=(), extra="allow", populate_by_name=True)
+    model_config = ConfigDict(
+        protected_namespaces=(),
+        extra="allow",
+        populate_by_name=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "prediction_id": _PID,
+                    "status": "succeeded",
+                    "model_version": "20240301T100512Z",
+                    "class": "BUY",
+                    "method": "shap.GradientExplainer",
+                    "contributions": [{"feature": "rsi_14", "step": 0, "value": 55.8, "contribution": 0.0412}],
+                    "created_at": "2024-03-01T10:01:00Z",
+                    "finished_at": "2024-03-01T10:01:04Z",
+                }
+            ]
+        },
+    )
 
     prediction_id: str
     status: Literal["succeeded"]
@@ -196,6 +342,8 @@ class ExplanationOut(BaseModel):
 
 class ExplanationPending(BaseModel):
     """The explanation is being computed: ask again after `Retry-After` seconds."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"prediction_id": _PID, "status": "queued"}]})
 
     prediction_id: str
     status: Literal["queued", "running"]
@@ -249,7 +397,24 @@ class OutcomeIn(BaseModel):
 
 
 class OutcomeOut(BaseModel):
-    model_config = ConfigDict(protected_namespaces=())
+    model_config = ConfigDict(
+        protected_namespaces=(),
+        json_schema_extra={
+            "examples": [
+                {
+                    "prediction_id": _PID,
+                    "symbol": "EURUSD",
+                    "timeframe": "H1",
+                    "model_version": "20240301T100512Z",
+                    "variant": "production",
+                    "pnl": 0.0042,
+                    "detail": {"trade_id": "T-1842", "entry": 1.0831, "exit": 1.0876},
+                    "recorded_by": "write-1",
+                    "recorded_at": "2024-03-01T14:00:00Z",
+                }
+            ]
+        },
+    )
 
     prediction_id: str
     symbol: str
@@ -299,6 +464,48 @@ class VariantPerformance(BaseModel):
 
 
 class PerformanceOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "symbol": "EURUSD",
+                    "timeframe": "H1",
+                    "since": None,
+                    "versions": [
+                        {
+                            "model_version": "20240301T100512Z",
+                            "variant": "production",
+                            "predictions": 1532,
+                            "settled_bars": 212,
+                            "first_bar": "2024-03-01T09:00:00Z",
+                            "last_bar": "2024-03-12T16:00:00Z",
+                            "hits": 109,
+                            "hit_rate": 0.514,
+                            "hit_rate_ci_low": 0.448,
+                            "hit_rate_ci_high": 0.580,
+                            "brier": 0.641,
+                            "log_loss": 1.071,
+                            "calibration": [
+                                {
+                                    "confidence_low": 0.5,
+                                    "confidence_high": 0.6,
+                                    "bars": 121,
+                                    "mean_confidence": 0.55,
+                                    "hit_rate": 0.53,
+                                }
+                            ],
+                            "trades": 164,
+                            "profit_factor": 1.07,
+                            "return_after_costs": 0.0061,
+                            "external_outcomes": 3,
+                            "external_pnl": 0.0042,
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
     symbol: str
     timeframe: str
     since: datetime | None

@@ -207,12 +207,22 @@ class _SignalStreamResponse(EventSourceResponse):
 
 @stream_router.get(
     "/v1/signals/stream",
+    summary="Stream signals (Server-Sent Events)",
     tags=["predictions"],
+    # Only the OpenAPI document reads it (the handler returns its response): the 200 is text/event-stream.
+    response_class=EventSourceResponse,
     responses={
         200: {
             "description": "`text/event-stream`: `event: signal` (id = prediction id, data = the prediction JSON "
             "of POST /v1/predictions), `event: error` / `event: status` with a JSON reason, keep-alive comments",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {
+                "text/event-stream": {
+                    "schema": {"type": "string"},
+                    "example": 'id: 0192f3a4-5b6c-7d8e-9f00-112233445566\nevent: signal\ndata: {"prediction_id": '
+                    '"0192f3a4-5b6c-7d8e-9f00-112233445566", "symbol": "EURUSD", "timeframe": "H1", "signal": '
+                    '"BUY", "confidence": 0.58, ...}\n\n: ping\n\n',
+                }
+            },
         },
         **error_responses(401, 403, 422, 503),
     },

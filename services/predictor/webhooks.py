@@ -271,8 +271,48 @@ def _webhook_id(webhook_id: str) -> int:
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
+# Answer examples of the routes below (the models live in webhook_repository.py).
+_WEBHOOK = {
+    "id": 3,
+    "url": "https://hooks.example.com/aicash",
+    "series": ["EURUSD:H1"],
+    "created_by": "admin-1",
+    "created_at": "2024-03-01T10:00:00Z",
+    "updated_at": "2024-03-01T10:00:00Z",
+    "paused": False,
+    "paused_reason": None,
+    "paused_at": None,
+    "failures": 0,
+    "last_success_at": "2024-03-01T11:00:01Z",
+    "last_failure_at": None,
+}
+_DELIVERY = {
+    "id": 88,
+    "webhook_id": 3,
+    "prediction_id": "0192f3a4-5b6c-7d8e-9f00-112233445566",
+    "attempt": 1,
+    "status": "delivered",
+    "http_status": 200,
+    "error": None,
+    "duration_ms": 41.7,
+    "at": "2024-03-01T11:00:01Z",
+}
 
-@router.post("", status_code=201, response_model=WebhookCreated, responses=error_responses(401, 403, 422, 503))
+
+def _example(status: int, value: object) -> dict[int | str, dict[str, Any]]:
+    return {status: {"content": {"application/json": {"example": value}}}}
+
+
+@router.post(
+    "",
+    summary="Create a webhook",
+    status_code=201,
+    response_model=WebhookCreated,
+    responses={
+        **_example(201, {**_WEBHOOK, "last_success_at": None, "secret": "q3JkA0f8Qz7c1VbN9xWm2LpT5rYs6UeH4gDiKoZa_Ew"}),
+        **error_responses(401, 403, 422, 503),
+    },
+)
 async def create_webhook(body: WebhookIn, request: Request, principal: AdminKey) -> WebhookCreated:
     """Subscribe a URL to the bar-close signals of some series (role admin).
 
@@ -304,7 +344,12 @@ async def create_webhook(body: WebhookIn, request: Request, principal: AdminKey)
     return WebhookCreated(**hook.model_dump(), secret=secret if generated else None)
 
 
-@router.get("", response_model=list[Webhook], responses=error_responses(401, 403, 503))
+@router.get(
+    "",
+    summary="List webhooks",
+    response_model=list[Webhook],
+    responses={**_example(200, [_WEBHOOK]), **error_responses(401, 403, 503)},
+)
 async def list_webhooks(request: Request, _: AdminKey) -> list[Webhook]:
     """Every webhook with its state (paused, reason, consecutive failures); secrets are never returned
     (role admin)."""
@@ -313,8 +358,9 @@ async def list_webhooks(request: Request, _: AdminKey) -> list[Webhook]:
 
 @router.get(
     "/{webhook_id}",
+    summary="A webhook",
     response_model=Webhook,
-    responses=error_responses(401, 403, 404, 422, 503),
+    responses={**_example(200, _WEBHOOK), **error_responses(401, 403, 404, 422, 503)},
     openapi_extra=handler_checked(webhook_id=WEBHOOK_ID_SCHEMA),
 )
 async def get_webhook(webhook_id: str, request: Request, _: AdminKey) -> Webhook:
@@ -327,8 +373,9 @@ async def get_webhook(webhook_id: str, request: Request, _: AdminKey) -> Webhook
 
 @router.get(
     "/{webhook_id}/deliveries",
+    summary="A webhook's delivery attempts",
     response_model=list[Delivery],
-    responses=error_responses(401, 403, 404, 422, 503),
+    responses={**_example(200, [_DELIVERY]), **error_responses(401, 403, 404, 422, 503)},
     openapi_extra=handler_checked(webhook_id=WEBHOOK_ID_SCHEMA),
 )
 async def list_deliveries(
@@ -348,8 +395,9 @@ async def list_deliveries(
 
 @router.patch(
     "/{webhook_id}",
+    summary="Pause or unpause a webhook",
     response_model=Webhook,
-    responses=error_responses(401, 403, 404, 422, 503),
+    responses={**_example(200, _WEBHOOK), **error_responses(401, 403, 404, 422, 503)},
     openapi_extra=handler_checked(webhook_id=WEBHOOK_ID_SCHEMA),
 )
 async def patch_webhook(webhook_id: str, body: WebhookPatch, request: Request, principal: AdminKey) -> Webhook:
@@ -377,6 +425,7 @@ async def patch_webhook(webhook_id: str, body: WebhookPatch, request: Request, p
 
 @router.delete(
     "/{webhook_id}",
+    summary="Delete a webhook",
     status_code=204,
     responses=error_responses(401, 403, 404, 422, 503),
     openapi_extra=handler_checked(webhook_id=WEBHOOK_ID_SCHEMA),

@@ -43,6 +43,7 @@ router = APIRouter()
 
 @router.post(
     "/v1/jobs",
+    summary="Queue a job",
     tags=["jobs"],
     status_code=202,
     response_model=JobCreated,
@@ -70,13 +71,21 @@ async def post_job(
     return JobCreated(job_id=job_id)
 
 
-@router.get("/v1/jobs", tags=["jobs"], response_model=list[Job], responses=error_responses(401, 403))
+@router.get(
+    "/v1/jobs", summary="List recent jobs", tags=["jobs"], response_model=list[Job], responses=error_responses(401, 403)
+)
 async def get_jobs(pool: PoolDep, _: ReadKey, limit: Annotated[int, Query(ge=1, le=500)] = 50) -> list[Job]:
     """The newest jobs of every kind, newest first (role read)."""
     return await with_retry(lambda: repo.list_jobs(pool, limit))
 
 
-@router.get("/v1/jobs/{job_id}", tags=["jobs"], response_model=Job, responses=error_responses(401, 403, 404))
+@router.get(
+    "/v1/jobs/{job_id}",
+    summary="A job's status and result",
+    tags=["jobs"],
+    response_model=Job,
+    responses=error_responses(401, 403, 404),
+)
 async def get_job(job_id: str, pool: PoolDep, _: ReadKey) -> Job:
     """A job's status (queued, running, succeeded, failed), progress 0..1, per-epoch loss and validation
     loss (training), result (the registered version, the validation's verdict, the backtest's metrics...) or
@@ -89,6 +98,7 @@ async def get_job(job_id: str, pool: PoolDep, _: ReadKey) -> Job:
 
 @router.get(
     "/v1/models",
+    summary="The model registry",
     tags=["models"],
     response_model=list[ModelVersion],
     responses=error_responses(401, 403),
@@ -122,7 +132,11 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
 
 
 @router.get(
-    "/v1/models/{model_id}", tags=["models"], response_model=ModelDetail, responses=error_responses(401, 403, 404)
+    "/v1/models/{model_id}",
+    summary="A model version with its verdict and business targets",
+    tags=["models"],
+    response_model=ModelDetail,
+    responses=error_responses(401, 403, 404),
 )
 async def get_model(model_id: int, pool: PoolDep, _: ReadKey) -> ModelDetail:
     """One version with its gate verdict, a summary of its latest walk-forward validation and the design's
@@ -142,6 +156,7 @@ async def get_model(model_id: int, pool: PoolDep, _: ReadKey) -> ModelDetail:
 
 @router.get(
     "/v1/models/{model_id}/validation",
+    summary="A model version's latest walk-forward report",
     tags=["models"],
     response_model=ValidationOut,
     responses=error_responses(401, 403, 404),
@@ -160,6 +175,7 @@ async def get_model_validation(model_id: int, pool: PoolDep, _: ReadKey) -> Vali
 
 @router.post(
     "/v1/models/{model_id}/promote",
+    summary="Promote a model version to production",
     tags=["models"],
     response_model=ModelVersion,
     responses=error_responses(401, 403, 404, 409, 422),
@@ -185,6 +201,7 @@ async def promote_model(
 
 @router.post(
     "/v1/models/{symbol}/{timeframe}/rollback",
+    summary="Roll a series back to its previous production version",
     tags=["models"],
     response_model=ModelVersion,
     responses=error_responses(401, 403, 409, 422),
@@ -221,6 +238,7 @@ async def _rollout_out(conn: asyncpg.Connection, r: Rollout) -> RolloutOut:
 
 @router.get(
     "/v1/rollouts/{symbol}/{timeframe}",
+    summary="A series' rollout",
     tags=["rollouts"],
     response_model=RolloutOut,
     responses=error_responses(401, 403, 422),
@@ -239,6 +257,7 @@ async def get_rollout(
 
 @router.put(
     "/v1/rollouts/{symbol}/{timeframe}",
+    summary="Change a series' rollout",
     tags=["rollouts"],
     response_model=RolloutOut,
     responses=error_responses(401, 403, 404, 409, 422),
@@ -264,6 +283,7 @@ async def put_rollout(
 
 @router.get(
     "/v1/audit",
+    summary="The audit trail",
     tags=["audit"],
     response_model=AuditPage,
     responses=error_responses(401, 403, 422),
@@ -305,6 +325,7 @@ async def get_audit(
 
 @router.get(
     "/v1/backtests/{backtest_id}",
+    summary="A stored backtest",
     tags=["backtests"],
     response_model=BacktestOut,
     responses=error_responses(401, 403, 404),
@@ -320,6 +341,7 @@ async def get_backtest(backtest_id: int, pool: PoolDep, _: ReadKey) -> BacktestO
 
 @router.get(
     "/v1/weights/{weights_id}/plot.png",
+    summary="Plot of stored indicator weights",
     tags=["weights"],
     response_class=Response,
     responses={200: {"content": {"image/png": {}}}, **error_responses(401, 403, 404)},
@@ -340,6 +362,7 @@ async def get_weights_plot(weights_id: int, pool: PoolDep, _: ReadKey) -> Respon
 
 @router.post(
     "/v1/explanations",
+    summary="Queue a prediction's explanation",
     tags=["explanations"],
     status_code=202,
     response_model=ExplanationOut,
@@ -369,6 +392,7 @@ async def post_explanation(
 
 @router.get(
     "/v1/explanations/{prediction_id}",
+    summary="A prediction's explanation",
     tags=["explanations"],
     response_model=ExplanationOut,
     responses=error_responses(401, 403, 404),
@@ -392,7 +416,11 @@ def _is_uuid(value: str) -> bool:
 
 
 @router.get(
-    "/v1/retrain-decisions", tags=["models"], response_model=list[RetrainDecision], responses=error_responses(401, 403)
+    "/v1/retrain-decisions",
+    summary="Retrain decisions",
+    tags=["models"],
+    response_model=list[RetrainDecision],
+    responses=error_responses(401, 403),
 )
 async def get_decisions(
     pool: PoolDep, _: ReadKey, limit: Annotated[int, Query(ge=1, le=1000)] = 100

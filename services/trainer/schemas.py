@@ -76,7 +76,30 @@ class EpochLog(BaseModel):
     val_accuracy: float | None = None
 
 
+JOB_EXAMPLE: dict[str, Any] = {
+    "id": "3f9a1c0e5b7d4e2fa1b2c3d4e5f60718",
+    "kind": "train",
+    "symbol": "EURUSD",
+    "timeframe": "H1",
+    "params": {"epochs": 20},
+    "status": "succeeded",
+    "progress": 1.0,
+    "history": [
+        {"epoch": 1, "loss": 1.0921, "val_loss": 1.0874, "accuracy": 0.371, "val_accuracy": 0.384},
+        {"epoch": 2, "loss": 1.0815, "val_loss": 1.0842, "accuracy": 0.392, "val_accuracy": 0.397},
+    ],
+    "result": {"model_version_id": 12, "version": "20240301T100512Z"},
+    "error": None,
+    "attempts": 1,
+    "created_at": "2024-03-01T10:00:00Z",
+    "started_at": "2024-03-01T10:00:01Z",
+    "finished_at": "2024-03-01T10:05:12Z",
+}
+
+
 class Job(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [JOB_EXAMPLE]})
+
     id: str
     kind: JobKind
     symbol: str | None
@@ -97,7 +120,31 @@ class Job(BaseModel):
 Quality = ModelQuality
 
 
+MODEL_VERSION_EXAMPLE: dict[str, Any] = {
+    "id": 12,
+    "symbol": "EURUSD",
+    "timeframe": "H1",
+    "version": "20240301T100512Z",
+    "status": "production",
+    "metrics": {"val_loss": 1.0842, "val_accuracy": 0.397},
+    "artifact_uri": "s3://aicash-models/EURUSD/H1/20240301T100512Z/",
+    "sha256": "9c1185a5c5e9fc54612808977ee8f548b2258d31f2f6b1fcb1b5d1e1c8f0a4d2",
+    "created_at": "2024-03-01T10:05:12Z",
+    "training_job_id": "3f9a1c0e5b7d4e2fa1b2c3d4e5f60718",
+    "quality": {
+        "gate": "passed",
+        "reasons": ["log loss 1.0655 beats every baseline out of sample"],
+        "validation_id": 7,
+    },
+    "promoted_at": "2024-03-01T11:00:00Z",
+    "retired_at": None,
+    "rolled_back_at": None,
+}
+
+
 class ModelVersion(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [MODEL_VERSION_EXAMPLE]})
+
     id: int
     symbol: str
     timeframe: str
@@ -134,6 +181,33 @@ class TargetResult(BaseModel):
 class ModelDetail(ModelVersion):
     """A version with its latest validation's verdict and the design's business targets (pass or fail each)."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    **MODEL_VERSION_EXAMPLE,
+                    "validation": {
+                        "id": 7,
+                        "folds": 5,
+                        "data_start": "2019-01-02T00:00:00Z",
+                        "data_end": "2024-02-29T23:00:00Z",
+                        "primary_metric": "log_loss",
+                    },
+                    "business_targets": [
+                        {
+                            "name": "win rate > 55 %",
+                            "metric": "win_rate",
+                            "value": 0.521,
+                            "threshold": 0.55,
+                            "comparison": ">",
+                            "passed": False,
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+
     validation: dict[str, Any] | None = Field(
         description="summary of the latest walk-forward report: folds, data range, pooled metrics, comparisons"
     )
@@ -144,6 +218,25 @@ class ModelDetail(ModelVersion):
 
 
 class ValidationOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": 7,
+                    "model_version_id": 12,
+                    "symbol": "EURUSD",
+                    "timeframe": "H1",
+                    "job_id": "5b7d4e2fa1b2c3d4e5f607183f9a1c0e",
+                    "folds": 5,
+                    "data_start": "2019-01-02T00:00:00Z",
+                    "data_end": "2024-02-29T23:00:00Z",
+                    "created_at": "2024-03-01T10:40:00Z",
+                    "report": {"primary_metric": "log_loss", "folds": [], "gate": {"verdict": "passed"}},
+                }
+            ]
+        }
+    )
+
     id: int
     model_version_id: int | None
     symbol: str
@@ -157,6 +250,27 @@ class ValidationOut(BaseModel):
 
 
 class BacktestOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": 3,
+                    "model_version_id": 12,
+                    "symbol": "EURUSD",
+                    "timeframe": "H1",
+                    "job_id": "a1b2c3d4e5f607183f9a1c0e5b7d4e2f",
+                    "params": {"cost_bps": 2},
+                    "metrics": {"trades": 412, "win_rate": 0.521, "profit_factor": 1.08, "max_drawdown": 0.094},
+                    "trades": [{"entry_ts": "2024-02-01T09:00:00Z", "exit_ts": "2024-02-01T13:00:00Z", "side": "long"}],
+                    "equity": {"ts": ["2024-02-01T09:00:00Z", "2024-02-01T13:00:00Z"], "equity": [1.0, 1.0021]},
+                    "data_start": "2023-03-01T00:00:00Z",
+                    "data_end": "2024-02-29T23:00:00Z",
+                    "created_at": "2024-03-01T10:50:00Z",
+                }
+            ]
+        }
+    )
+
     id: int
     model_version_id: int | None
     symbol: str
@@ -172,13 +286,30 @@ class BacktestOut(BaseModel):
 
 
 class ExplanationIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"prediction_id": "0192f3a4-5b6c-7d8e-9f00-112233445566"}]}
+    )
 
     prediction_id: uuid.UUID = Field(description="id of a logged prediction")
 
 
 class ExplanationOut(BaseModel):
-    model_config = ConfigDict(protected_namespaces=())
+    model_config = ConfigDict(
+        protected_namespaces=(),
+        json_schema_extra={
+            "examples": [
+                {
+                    "prediction_id": "0192f3a4-5b6c-7d8e-9f00-112233445566",
+                    "status": "succeeded",
+                    "model_version": "20240301T100512Z",
+                    "contributions": [{"feature": "rsi_14", "step": 0, "value": 71.2, "contribution": 0.0412}],
+                    "detail": {"class": "SELL", "method": "shap.GradientExplainer"},
+                    "error": None,
+                },
+                {"prediction_id": "0192f3a4-5b6c-7d8e-9f00-112233445566", "status": "queued"},
+            ]
+        },
+    )
 
     prediction_id: str
     status: Literal["queued", "running", "succeeded", "failed"]
@@ -189,6 +320,23 @@ class ExplanationOut(BaseModel):
 
 
 class RetrainDecision(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "symbol": "EURUSD",
+                    "timeframe": "H1",
+                    "decided_at": "2024-03-04T00:00:00Z",
+                    "retrain": True,
+                    "reasons": ["feature drift: rsi_14 PSI 0.31 > 0.25"],
+                    "detail": {"psi": {"rsi_14": 0.31}},
+                    "source_job_id": None,
+                    "training_job_id": "c3d4e5f607183f9a1c0e5b7d4e2fa1b2",
+                }
+            ]
+        }
+    )
+
     symbol: str
     timeframe: str
     decided_at: datetime
@@ -282,6 +430,28 @@ class RolloutIn(BaseModel):
 class RolloutOut(Rollout):
     """A series' rollout with the versions it routes between."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "symbol": "EURUSD",
+                    "timeframe": "H1",
+                    "policy": "canary",
+                    "candidate_model_id": 13,
+                    "candidate_traffic_percent": 10.0,
+                    "test_group_user_ids": ["alice"],
+                    "rollout_symbols": [],
+                    "shadow": True,
+                    "updated_at": "2024-03-02T08:00:00Z",
+                    "updated_by": "admin-1",
+                    "production_model_id": 12,
+                    "production_version": "20240301T100512Z",
+                    "candidate_version": "20240302T073000Z",
+                }
+            ]
+        }
+    )
+
     production_model_id: int | None = Field(description="registry id of the production version, if any")
     production_version: str | None = Field(description="version name of the production version")
     candidate_version: str | None = Field(description="version name of the candidate, if any")
@@ -318,6 +488,31 @@ class AuditEntry(BaseModel):
 
 
 class AuditPage(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "entries": [
+                        {
+                            "id": 41,
+                            "at": "2024-03-02T08:00:00Z",
+                            "actor": "admin-1",
+                            "action": "model.promote",
+                            "symbol": "EURUSD",
+                            "timeframe": "H1",
+                            "target": "model_version:12",
+                            "before": {"status": "candidate"},
+                            "after": {"status": "production"},
+                            "evidence": {"reason": "canary looked good"},
+                            "request_id": "9f1c2a7b3e4d5f60a1b2000000000001",
+                        }
+                    ],
+                    "next_before_id": None,
+                }
+            ]
+        }
+    )
+
     entries: list[AuditEntry] = Field(description="newest first (by id, the order rows were appended)")
     next_before_id: int | None = Field(
         description="pass as `before_id` for the next (older) page; null when this page is the last"
