@@ -269,7 +269,14 @@ def _document_operation(operation: dict[str, Any]) -> None:
         if code[0] in "45":
             if code == "422" and response.get("description") == "Validation Error":
                 response["description"] = _DESCRIPTIONS[422]
-            response["content"] = ERROR_SCHEMA["content"]
+            own = response.get("content", {}).get("application/json", {}).get("schema")
+            error_ref = ERROR_SCHEMA["content"]["application/json"]["schema"]
+            if own is not None and own != error_ref and code != "422":
+                # A route that answers this code with a body of its own (503 from /health/ready: the
+                # Readiness report) documents both: its body, or the error model from the framework's layers.
+                response["content"] = {"application/json": {"schema": {"anyOf": [own, error_ref]}}}
+            else:
+                response["content"] = ERROR_SCHEMA["content"]
 
 
 # pydantic reads a date-time query parameter as ISO 8601 or, being lax, as a number of epoch seconds

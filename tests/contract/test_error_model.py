@@ -63,7 +63,11 @@ async def test_every_operation_documents_the_error_model(services: dict[str, Ser
         assert expected <= set(responses), f"{method} {path}: {sorted(expected - set(responses))} undocumented"
         for code, response in responses.items():
             if code[0] in "45":
-                assert response["content"]["application/json"]["schema"] == {"$ref": ERROR_REF}, (method, path, code)
+                # The one answer with a body of its own: readiness's 503 is its report (or, from the framework's
+                # layers, the error model).
+                own = [{"$ref": "#/components/schemas/Readiness"}] if (path, code) == ("/health/ready", "503") else []
+                allowed = {"$ref": ERROR_REF} if not own else {"anyOf": [*own, {"$ref": ERROR_REF}]}
+                assert response["content"]["application/json"]["schema"] == allowed, (method, path, code)
     assert count >= 8
 
 
