@@ -24,6 +24,7 @@ ORDER = [
     "bench_indicators",
     "bench_training",
     "bench_predictor",
+    "bench_peer_bentoml",
     "bench_backtest",
     "bench_validation",
     "bench_weights",
@@ -103,11 +104,16 @@ PARTIAL_NOTE = (
 
 def merge(document: str, fresh: dict[str, str]) -> str:
     """`document` with each `<!-- bench:NAME -->` section replaced by `fresh[NAME]`; a section it lacks goes
-    before the GPU section (or at the end)."""
+    after the nearest section before it in ORDER, else before the GPU section (or at the end)."""
     for name, section in fresh.items():
         pattern = re.compile(rf"<!-- bench:{name} -->.*?<!-- /bench:{name} -->\n?", re.S)
+        earlier = ORDER[: ORDER.index(name)] if name in ORDER else []
+        ends = [f"<!-- /bench:{n} -->\n" for n in reversed(earlier) if f"<!-- /bench:{n} -->\n" in document]
         if pattern.search(document):
             document = pattern.sub(section.replace("\\", "\\\\"), document, count=1)
+        elif ends:
+            at = document.find(ends[0]) + len(ends[0])
+            document = document[:at] + "\n\n" + section + document[at:]
         elif (at := document.find("\n## Training on a GPU")) >= 0:
             document = document[:at] + "\n" + section + document[at:]
         else:
@@ -118,6 +124,77 @@ def merge(document: str, fresh: dict[str, str]) -> str:
         lines[mode + 1 : mode + 1] = [PARTIAL_NOTE, ""]
         document = "\n".join(lines)
     return document
+
+
+TARGETS_START, TARGETS_END = "<!-- bench:targets -->", "<!-- /bench:targets -->"
+
+
+def _section(document: str, name: str) -> str | None:
+    found = re.search(rf"<!-- bench:{name} -->(.*?)<!-- /bench:{name} -->", document, re.S)
+    return found.group(1) if found else None
+
+
+def targets(document: str) -> str:
+    """The design's targets (prediction p95 < 100 ms, training < 2 h) as pass/fail, read from the figures of the
+    sections in `document` (so a partial run's new figures count), with the section each comes from."""
+    rows = []
+    predictor = _section(document, "bench_predictor")
+    open_loop = r"^\| uncached, open loop (\d+) req/s \(achieved \d+\) \| p50 [\d.]+ ms, p95 ([\d.]+) ms"
+    runs = [(float(rate), float(p95)) for rate, p95 in re.findall(open_loop, predictor or "", re.M)]
+    upto = [(r, p) for r, p in runs if r <= 1000]
+    if upto:
+        worst = max(upto, key=lambda rp: rp[1])
+        saturation = re.search(r"^\| saturation: [^|]*\| ([^|]*)\|", predictor or "", re.M)
+        rows.append(
+            f"| prediction latency p95 < 100 ms, uncached (every open-loop rate up to 1,000 req/s) | worst p95 "
+            f"{worst[1]:.1f} ms (at {worst[0]:.0f} req/s); saturation: "
+            f"{saturation.group(1).strip() if saturation else 'not measured'} | "
+            f"{'pass' if worst[1] < 100 else 'FAIL'} | bench_predictor |"
+        )
+    else:
+        rows.append("| prediction latency p95 < 100 ms | not measured in this document | — | bench_predictor |")
+    cached = re.search(r"^\| cached predictions \(POST[^|]*\| [\d,]+ req/s, p99 ([\d.]+) ms", predictor or "", re.M)
+    if cached:
+        p99 = float(cached.group(1))
+        rows.append(
+            f"| prediction latency p95 < 100 ms, cached (wrk 32 connections, closed loop; its p99 bounds the p95) | "
+            f"p99 {p99:.1f} ms | {'pass' if p99 < 100 else 'FAIL'} | bench_predictor |"
+        )
+    training = _section(document, "bench_training")
+    wall = re.search(r"^\| full retrain wall time [^|]*\| ([\d.]+) s", training or "", re.M)
+    if wall:
+        s = float(wall.group(1))
+        rows.append(
+            f"| training < 2 h (full retrain of one model: import to registered artifacts) | {s:.1f} s "
+            f"({s / 3600:.2f} h) | {'pass' if s < 7200 else 'FAIL'} | bench_training |"
+        )
+    else:
+        rows.append("| training < 2 h | not measured in this document | — | bench_training |")
+    return "\n".join(
+        [
+            TARGETS_START,
+            "## The design's targets",
+            "",
+            "Read by the runner from the sections below (a rerun section's figures count once it is rerun).",
+            "",
+            "| target | measured | verdict | section |",
+            "| --- | --- | --- | --- |",
+            *rows,
+            TARGETS_END,
+            "",
+        ]
+    )
+
+
+def with_targets(document: str) -> str:
+    """`document` with its targets table (re)written before the first benchmark section."""
+    document = re.sub(rf"{TARGETS_START}.*?{TARGETS_END}\n*", "", document, flags=re.S)
+    at = document.find("<!-- bench:")
+    table = targets(document)
+    if at < 0:
+        return document.rstrip() + "\n\n" + table
+    head = document[:at].rstrip("\n") + "\n\n"
+    return head + table + "\n" + document[at:]
 
 
 def main() -> None:
@@ -155,13 +232,13 @@ def main() -> None:
     out = Path(args.out)
     if args.only and out.exists():
         # A partial run replaces (or adds) its own sections and keeps every other one as measured before.
-        out.write_text(merge(out.read_text(), dict(zip(names, sections, strict=True))))
+        out.write_text(with_targets(merge(out.read_text(), dict(zip(names, sections, strict=True)))))
         print(f"updated {', '.join(names)} in {args.out}", file=sys.stderr)
         return
     gpu = ROOT / "docs" / "GPU_TRAINING.md"
     if gpu.exists():  # measured on a lent GPU machine, not by this run: kept verbatim and labelled so
         sections.append(gpu.read_text().strip() + "\n")
-    out.write_text("\n".join(header) + "\n\n".join(sections))
+    out.write_text(with_targets("\n".join(header) + "\n\n".join(sections)))
     print(f"wrote {args.out}", file=sys.stderr)
 
 
