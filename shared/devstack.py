@@ -29,10 +29,9 @@ from typing import Any
 import httpx
 from rich.console import Console
 
-from shared.local_services import VAR, embedded_postgres, embedded_redis, wait_http
+from shared.local_services import ROOT, VAR, embedded_postgres, embedded_redis, wait_http
 
 console = Console()
-ROOT = VAR.parent
 BIN = Path(sys.executable).parent
 # the symbol the S&P 500 sample is stored under (tests use their own)
 SAMPLE_SYMBOL, SAMPLE_TF = os.environ.get("AICASH_SAMPLE_SYMBOL", "SPX"), "D1"
@@ -231,7 +230,7 @@ def _main(argv: list[str] | None = None) -> None:
         # (SIGTERM, then SIGKILL after 10 s) instead of each dying on its own and leaving the rest behind.
         child = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         procs.append((name, child))
-        console.print(f"[dim]started {name}: {' '.join(cmd)} (log: var/logs/{name}.log)[/dim]")
+        console.print(f"[dim]started {name}: {' '.join(cmd)} (log: {logs / f'{name}.log'})[/dim]")
 
     def proc_of(name: str) -> subprocess.Popen[bytes]:
         # A service that crashes at start fails the wait at once, naming its log, instead of after 60 s.
@@ -403,7 +402,7 @@ def _main(argv: list[str] | None = None) -> None:
         while all(p.poll() is None for _, p in procs):
             time.sleep(1)
         dead = [n for n, p in procs if p.poll() is not None]
-        console.print(f"[red]{', '.join(dead)} stopped; see var/logs/[/red]")
+        console.print(f"[red]{', '.join(dead)} stopped; see {logs}[/red]")
         raise SystemExit(1)
     except KeyboardInterrupt:
         console.print("\nstopping")

@@ -19,7 +19,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-VAR = Path(__file__).resolve().parent.parent / "var"
+ROOT = Path(__file__).resolve().parent.parent
+# Embedded servers' data, `make up`'s logs, keys and model store. AICASH_VAR_DIR moves it, so that two stacks on
+# one checkout (the tests' live stack beside a developer's `make up`) share no Redis, logs or metrics files.
+VAR = Path(os.environ.get("AICASH_VAR_DIR") or ROOT / "var")
 
 
 def free_port() -> int:

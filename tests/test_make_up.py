@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from shared.local_services import free_port
 
@@ -49,14 +50,15 @@ def test_make_up_trains_the_first_model_and_serves_predictions(database_url: str
     assert re.search(r"'quality': \{ ?'gate': '(passed|failed)'", out), proc.stdout[-3000:]
 
 
-def test_ctrl_c_in_a_terminal_stops_make_up_with_exit_0_and_leaves_no_process(database_url: str) -> None:
+def test_ctrl_c_in_a_terminal_stops_make_up_with_exit_0_and_leaves_no_process(
+    database_url: str, tmp_path: Path
+) -> None:
     """`make up` in a real terminal (a pty, so that ^C is the terminal's SIGINT to the foreground group, make
     included), up with no model to train, then ^C: make exits 0 and none of the processes it started remain."""
     import os
     import pty
     import select
     import time
-    from pathlib import Path
 
     ports = {name: free_port() for name in ("INDICATORS", "PREDICTOR", "TRAINER")}
     env = {
@@ -64,6 +66,7 @@ def test_ctrl_c_in_a_terminal_stops_make_up_with_exit_0_and_leaves_no_process(da
         "DATABASE_URL": database_url,
         "COLUMNS": "200",
         "AICASH_SAMPLE_SYMBOL": "SPXCTRLC",
+        "AICASH_VAR_DIR": str(tmp_path / "var"),
         **{f"{name}_PORT": str(port) for name, port in ports.items()},
     }
     for name in ("REDIS_URL", "CELERY_BROKER_URL", "API_KEYS", "TRAINER_QUEUE"):

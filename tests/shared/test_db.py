@@ -32,3 +32,16 @@ async def test_listener_delivers_notifications_and_reports_a_lost_connection(dat
         await listener.close()
         await other.close()
     assert not listener.connected
+
+
+def test_migrations_run_on_a_url_with_libpq_sslmode(server_url: str) -> None:
+    """Hosted PostgreSQL URLs carry `?sslmode=require`; `aicash db upgrade` (SQLAlchemy's asyncpg dialect)
+    raised TypeError on it. `prefer` here: the local server has no TLS, so the connection falls back to plain."""
+    from shared.local_services import scratch_database
+    from shared.migrate import sqlalchemy_url, upgrade
+
+    assert sqlalchemy_url("postgresql://u:p@db.example.com:5432/postgres?sslmode=require&application_name=x") == (
+        "postgresql+asyncpg://u:p@db.example.com:5432/postgres?ssl=require&application_name=x"
+    )
+    with scratch_database(server_url, "aicash_sslmode") as url:
+        upgrade(url + "?sslmode=prefer")  # already at head: connects, reads the revision, changes nothing

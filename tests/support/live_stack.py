@@ -66,6 +66,7 @@ def live_stack(server_url: str, workdir: Path) -> Iterator[LiveStack]:
             "API_KEYS": API_KEYS,
             "AICASH_API_KEY": ADMIN_KEY,
             "MODEL_STORE_URL": f"file://{workdir / 'models'}",
+            "AICASH_VAR_DIR": str(workdir / "var"),  # its own embedded Redis, logs and metrics files
             "AICASH_SAMPLE_SYMBOL": SYMBOL,
             "COLUMNS": "200",  # devstack prints with rich: long lines unwrapped
             **{f"{name.upper()}_PORT": str(port) for name, port in ports.items()},
