@@ -7,6 +7,8 @@
 #   prometheus     -> a real Prometheus scraping the services (tests/infra/test_prometheus_live.py)
 #   shellcheck     -> actionlint checks the workflows' `run:` scripts with it
 #   pg_dump, pg_restore -> backups (shared/backup.py); Debian's client must be at least the server's major
+#   chromium, chromedriver -> the operator console in a real browser (tests/ui/test_console_browser.py; selenium
+#                     drives Debian's chromium through chromium-driver: no browser download)
 # Idempotent and quiet: prints nothing and exits 0 when everything is already there.
 # As root it installs with apt-get; otherwise it says what to install and exits 1.
 set -euo pipefail
@@ -21,6 +23,8 @@ declare -A PACKAGE_FOR=(
   [shellcheck]=shellcheck
   [pg_dump]=postgresql-client
   [pg_restore]=postgresql-client
+  [chromium]=chromium
+  [chromedriver]=chromium-driver
 )
 
 have() {

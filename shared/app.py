@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import asyncpg
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi_offline import FastAPIOffline
 from prometheus_client.registry import Collector
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
@@ -255,7 +256,9 @@ def build_app(
     extra_schemas: Iterable[type[BaseModel]] = (),
     max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
-    app = FastAPI(title=title, description=description, version="0.1.0", lifespan=lifespan)
+    # /docs and /redoc load Swagger UI and ReDoc from files this process serves (/static-offline-docs), not a
+    # CDN: the docs render on machines without internet access (tests/ui/test_console_browser.py loads them).
+    app = FastAPIOffline(title=title, description=description, version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.auth = Authenticator(settings)
     if not settings.access_log:

@@ -20,6 +20,9 @@ class Settings(BaseSettings):
     model_store_url: str = "file://var/models"
     s3_endpoint_url: str | None = None
     indicators_url: str = "http://127.0.0.1:8081"
+    # The predictor's base URL: the operator console (trainer, /ui) reads performance, served models and the
+    # signal stream from it with the signed-in user's key.
+    predictor_url: str = "http://127.0.0.1:8080"
     # Comma-separated `key_id:role:secret` entries; roles read < write < admin.
     api_keys: SecretStr = SecretStr("")
     # Local runs only; logged as a warning at start.

@@ -18,6 +18,7 @@ from services.trainer.celery_app import create_celery
 from services.trainer.metrics import TrainingJobsCollector
 from services.trainer.routes import router
 from services.trainer.settings import TrainerSettings, get_trainer_settings
+from services.trainer.ui import create_console
 from shared.app import add_routes, build_app, periodic
 from shared.db import create_pool
 from shared.health import ReadinessChecks, check_database
@@ -42,8 +43,9 @@ def create_app(settings: TrainerSettings) -> FastAPI:
         # This process's own publisher (broker from its settings, socket timeouts): connects on first send.
         app.state.celery = create_celery(settings)
         try:
-            async with periodic(
-                "training metrics", METRICS_REFRESH_SECONDS, lambda: jobs_metrics.refresh(app.state.pool)
+            async with (
+                periodic("training metrics", METRICS_REFRESH_SECONDS, lambda: jobs_metrics.refresh(app.state.pool)),
+                console.state.console.running(),
             ):
                 log.info("trainer API started")
                 yield
@@ -65,6 +67,9 @@ def create_app(settings: TrainerSettings) -> FastAPI:
     )
     app.state.jobs_metrics = jobs_metrics
     add_routes(app, router)
+    # The operator console (services/trainer/ui.py): HTML pages over the APIs, signed in with an API key.
+    console = create_console(app, settings)
+    app.mount("/ui", console)
     return app
 
 
