@@ -141,6 +141,7 @@ APP_ENV = {
     "S3_ENDPOINT_URL",
     "INDICATORS_URL",
     "TRAINER_URL",
+    "PREDICTOR_URL",
     "API_KEYS",
     "AUTH_DISABLED",
     "LOG_LEVEL",

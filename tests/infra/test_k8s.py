@@ -210,6 +210,7 @@ def test_ingress_routes(docs: list[dict[str, Any]]) -> None:
         "/v1/models": "trainer-api",
         "/v1/series": "indicators",
         "/v1/retrain-decisions": "trainer-api",
+        "/ui": "trainer-api",
         "/": "predictor",
     }
     services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}

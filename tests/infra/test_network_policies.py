@@ -180,6 +180,9 @@ def test_needed_flows_are_allowed(cluster: tuple[Policies, dict[str, Pod]]) -> N
         needed.append((f"prometheus -> {name} /metrics", PROMETHEUS, pods[name], port, "TCP"))
     needed.append(("predictor -> indicators", pods["predictor"], pods["indicators"], 8081, "TCP"))
     needed.append(("predictor -> trainer-api (explanations)", pods["predictor"], pods["trainer-api"], 8082, "TCP"))
+    # The console at the trainer's /ui calls the other two services' APIs with its user's key.
+    needed.append(("trainer-api -> predictor (console)", pods["trainer-api"], pods["predictor"], 8080, "TCP"))
+    needed.append(("trainer-api -> indicators (console)", pods["trainer-api"], pods["indicators"], 8081, "TCP"))
     for name in [*CONNECTED, "aicash-migrate", "aicash-backup"]:
         needed.append((f"{name} -> DNS", pods[name], DNS, 53, "UDP"))
         needed.append((f"{name} -> PostgreSQL", pods[name], DATA_STORE, 5432, "TCP"))
@@ -197,7 +200,8 @@ def test_unneeded_flows_are_denied(cluster: tuple[Policies, dict[str, Pod]]) -> 
     denied: list[tuple[str, Endpoint, Endpoint, int]] = [
         ("indicators -> trainer-api", pods["indicators"], pods["trainer-api"], 8082),
         ("indicators -> predictor", pods["indicators"], pods["predictor"], 8080),
-        ("trainer-api -> predictor", pods["trainer-api"], pods["predictor"], 8080),
+        ("trainer-api -> predictor on another port", pods["trainer-api"], pods["predictor"], 9000),
+        ("trainer-worker -> predictor", pods["trainer-worker"], pods["predictor"], 8080),
         ("trainer-worker -> indicators", pods["trainer-worker"], pods["indicators"], 8081),
         ("webhook-worker -> indicators", pods["webhook-worker"], pods["indicators"], 8081),
         ("predictor -> indicators on another port", pods["predictor"], pods["indicators"], 9000),
