@@ -36,7 +36,7 @@ MARKERS: dict[str, str] = {
     "stream": r'"inserted":1.*event: signal\s+data: \{"prediction_id":"[0-9a-f-]+".*"bar_ts":"2019-01-02T00:00:00Z"',
     "A/B test": r"candidate traffic %\s+\S\s+50\s.*test group\s+\S\s+desk-alice\s.*^candidate \d{8}T\d{6}Z-",
     "promote and roll back": r"promoted \S+ \(id \d+\): now production.*rolled back to \S+ \(id \d+\): now production",
-    "performance and drift": r"live performance.*predictions.*(^ml_feature_drift\{|no drift check stored yet)",
+    "performance and drift": r'live performance.*predictions.*("drifted_features":|"no drift check stored for \S+ D1)',
     "audit": r"model\.rollback.*model\.promote.*rollout\.update.*\"action\":\"model\.rollback\"",
 }
 TOUR_TIMEOUT_S = 600

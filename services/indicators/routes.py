@@ -223,6 +223,9 @@ async def post_indicators(
     raw = parse_json(await read_body(request))
     if not isinstance(raw, dict):
         raise ValidationFailed("body must be a JSON object")
+    for name in ("symbol", "timeframe"):
+        if name in raw and not isinstance(raw[name], str):
+            raise ValidationFailed(f"{name} must be a string, got {type(raw[name]).__name__}")
     symbol = check_symbol(str(raw.get("symbol", "CUSTOM")))
     tf = parse_timeframe(str(raw.get("timeframe", "")))
     limit = raw.get("limit")

@@ -331,6 +331,26 @@ async def latest_feature_drift(
     return [(r["symbol"], r["timeframe"], r["feature"], r["psi"], r["ks"], r["drifted"]) for r in rows]
 
 
+async def newest_drift_check(pool: asyncpg.Pool, symbol: str, timeframe: str) -> list[asyncpg.Record]:
+    """The rows of the newest drift check of a series (any version), largest PSI first; [] if none."""
+    return list(
+        await pool.fetch(
+            "SELECT model_version, feature, psi, ks, drifted, live_bars, window_start, window_end, computed_at "
+            "FROM feature_drift WHERE symbol = $1 AND timeframe = $2 AND computed_at = (SELECT max(computed_at) "
+            "FROM feature_drift WHERE symbol = $1 AND timeframe = $2) ORDER BY psi DESC, feature",
+            symbol,
+            timeframe,
+        )
+    )
+
+
+async def model_flag(pool: asyncpg.Pool, symbol: str, timeframe: str) -> asyncpg.Record | None:
+    row: asyncpg.Record | None = await pool.fetchrow(
+        "SELECT drift, performance, reason FROM model_flags WHERE symbol = $1 AND timeframe = $2", symbol, timeframe
+    )
+    return row
+
+
 # --- outcomes and live performance (services/predictor/performance.py) -----------------------------------------
 
 

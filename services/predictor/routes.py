@@ -25,8 +25,10 @@ from services.predictor.explanations import RETRY_AFTER_SECONDS
 from services.predictor.metrics import PREDICTION_DURATION, PREDICTION_REQUESTS
 from services.predictor.performance import record_outcome, series_performance
 from services.predictor.schemas import (
+    DriftOut,
     ExplanationOut,
     ExplanationPending,
+    FeatureDriftOut,
     ModelOut,
     OutcomeIn,
     OutcomeOut,
@@ -503,3 +505,49 @@ async def get_performance(
         return await series_performance(predictor.pool, predictor.log, symbol, tf.value, since)
     except DATABASE_DOWN as exc:
         raise ServiceUnavailable(f"database unavailable: {type(exc).__name__}; try again later") from None
+
+
+@router.get(
+    "/v1/drift",
+    summary="Newest feature drift check of a series",
+    tags=["outcomes"],
+    response_model=DriftOut,
+    responses=error_responses(401, 403, 404, 422, 503),
+    openapi_extra=handler_checked(symbol=SYMBOL_SCHEMA, timeframe=TIMEFRAME_SCHEMA),
+)
+async def get_drift(
+    predictor: PredictorDep,
+    _: ReadKey,
+    symbol: Annotated[str, Query(description="series symbol, e.g. EURUSD")],
+    timeframe: Annotated[str, Query(description="series timeframe, e.g. H1")],
+) -> DriftOut:
+    """The newest drift check of a series (role read): PSI and KS of every feature of the live window against
+    the serving version's training reference, which features drifted, and the series' model flag. Checks run
+    every DRIFT_CHECK_INTERVAL_SECONDS (one replica) on served series with at least DRIFT_MIN_BARS live bars
+    (docs/LIFECYCLE.md, "Drift"). 404 while no check of the series was stored."""
+    check_symbol(symbol)
+    tf = parse_timeframe(timeframe)
+    try:
+        rows = await repository.newest_drift_check(predictor.pool, symbol, tf.value)
+        flag = await repository.model_flag(predictor.pool, symbol, tf.value)
+    except DATABASE_DOWN as exc:
+        raise ServiceUnavailable(f"database unavailable: {type(exc).__name__}; try again later") from None
+    if not rows:
+        raise NotFoundError(
+            f"no drift check stored for {symbol} {tf.value}: checks run every DRIFT_CHECK_INTERVAL_SECONDS on "
+            "served series once they have DRIFT_MIN_BARS live bars"
+        )
+    first = rows[0]
+    features = [FeatureDriftOut(feature=r["feature"], psi=r["psi"], ks=r["ks"], drifted=r["drifted"]) for r in rows]
+    return DriftOut(
+        symbol=symbol,
+        timeframe=tf.value,
+        model_version=first["model_version"],
+        checked_at=first["computed_at"],
+        window_start=first["window_start"],
+        window_end=first["window_end"],
+        live_bars=first["live_bars"],
+        drifted_features=[f.feature for f in features if f.drifted],
+        features=features,
+        flag=None if flag is None else dict(flag),
+    )

@@ -521,3 +521,51 @@ class PerformanceOut(BaseModel):
 _SERIES_ITEM = rf"\s*[A-Z0-9._-]{{1,20}}:({'|'.join(t.value for t in Timeframe)})\s*"
 SERIES_LIST_SCHEMA: dict[str, Any] = {"type": "string", "pattern": rf"^{_SERIES_ITEM}(,{_SERIES_ITEM})*$"}
 WEBHOOK_ID_SCHEMA: dict[str, Any] = {"type": "string", "pattern": r"^[0-9]{1,18}$"}
+
+
+class FeatureDriftOut(BaseModel):
+    feature: str
+    psi: float = Field(description="population stability index of the live window against the training reference")
+    ks: float = Field(description="Kolmogorov-Smirnov statistic on the same bins (a lower bound of the exact one)")
+    drifted: bool = Field(description="PSI or KS above its threshold (the fixed one or the calibrated null one)")
+
+
+class DriftOut(BaseModel):
+    """The newest drift check of a series (docs/LIFECYCLE.md, "Drift"), with its model flag."""
+
+    model_config = ConfigDict(
+        protected_namespaces=(),
+        json_schema_extra={
+            "examples": [
+                {
+                    "symbol": "EURUSD",
+                    "timeframe": "H1",
+                    "model_version": "20240301T100512Z",
+                    "checked_at": "2024-03-02T10:00:03Z",
+                    "window_start": "2024-02-24T10:00:00Z",
+                    "window_end": "2024-03-02T10:00:00Z",
+                    "live_bars": 168,
+                    "drifted_features": ["atr_14_pct"],
+                    "features": [
+                        {"feature": "atr_14_pct", "psi": 1.31, "ks": 0.41, "drifted": True},
+                        {"feature": "rsi_14", "psi": 0.04, "ks": 0.07, "drifted": False},
+                    ],
+                    "flag": {"drift": True, "performance": False, "reason": "drift: atr_14_pct"},
+                }
+            ]
+        },
+    )
+
+    symbol: str
+    timeframe: str
+    model_version: str = Field(description="the version whose training reference the window was compared with")
+    checked_at: datetime
+    window_start: datetime | None
+    window_end: datetime | None
+    live_bars: int = Field(description="bars in the live window")
+    drifted_features: list[str]
+    features: list[FeatureDriftOut] = Field(description="every feature of the check, largest PSI first")
+    flag: dict[str, Any] | None = Field(
+        description="the series' model_flags row (drift, performance, reason): set by a check that found drift, "
+        "cleared by a promotion; null when never set"
+    )

@@ -398,10 +398,12 @@ class RolloutIn(BaseModel):
     )
     candidate_model_id: int | None = Field(
         default=None,
+        strict=True,
         description="registry id of a `candidate` version of this series; null clears the candidate",
     )
     candidate_traffic_percent: float | None = Field(
         default=None,
+        strict=True,
         ge=0,
         le=100,
         allow_inf_nan=False,
@@ -415,7 +417,7 @@ class RolloutIn(BaseModel):
         default=None, max_length=1_000, description="symbols whose every request gets the candidate (replaces the list)"
     )
     shadow: bool | None = Field(
-        default=None, description="the candidate also scores production traffic, logged as variant shadow"
+        default=None, strict=True, description="the candidate also scores production traffic, logged as variant shadow"
     )
 
     @model_validator(mode="after")

@@ -294,7 +294,11 @@ def monitor_on(database_url: str, redis_url: str, store: ObjectStore, store_url:
 
 
 async def test_planted_volatility_shift_is_flagged_and_steady_bars_are_not(
-    monitor_on: MonitorOn, pool: asyncpg.Pool, now: int, m1_series: dict[str, tuple[Ints, Array]]
+    monitor_on: MonitorOn,
+    pool: asyncpg.Pool,
+    now: int,
+    m1_series: dict[str, tuple[Ints, Array]],
+    client: httpx.AsyncClient,
 ) -> None:
     steady_sym, shifted_sym = unique("DRS"), unique("DRV")
     train = m1_series["steady"][1][:TRAIN_BARS]
@@ -342,6 +346,19 @@ async def test_planted_volatility_shift_is_flagged_and_steady_bars_are_not(
 
     assert gauge(shifted_sym) > 1.0
     assert gauge(steady_sym) < 0.25
+
+    # GET /v1/drift serves the same check, largest PSI first, with the flag.
+    r = await client.get("/v1/drift", params={"symbol": shifted_sym, "timeframe": "M1"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["live_bars"] == LIVE_BARS and len(body["features"]) == len(FEATURE_NAMES)
+    assert set(body["drifted_features"]) == set(drifted)
+    assert body["features"][0]["psi"] == max(f.psi for f in shifted.features)
+    assert body["flag"]["drift"] is True and "atr_14_pct" in body["flag"]["reason"]
+    r = await client.get("/v1/drift", params={"symbol": steady_sym, "timeframe": "M1"})
+    assert r.status_code == 200 and r.json()["drifted_features"] == [] and r.json()["flag"] is None, r.text
+    r = await client.get("/v1/drift", params={"symbol": unique("DRN"), "timeframe": "M1"})
+    assert r.status_code == 404 and "no drift check stored" in r.json()["detail"], r.text
 
     # A later check never clears the flag (promotion does), even when it finds nothing.
     later = await monitor.check(now=now + 2 * 86400)
