@@ -31,6 +31,7 @@ ORDER = [
     "bench_shadow",
     "bench_lifecycle",
     "bench_streaming",
+    "bench_make_up",
 ]
 
 
@@ -170,6 +171,15 @@ def targets(document: str) -> str:
         )
     else:
         rows.append("| training < 2 h | not measured in this document | — | bench_training |")
+    make_up = _section(document, "bench_make_up")
+    for run, target in (("first", 90), ("second", 15)):
+        got = re.search(rf"^\| {run} \| ([\d.]+) s \|", make_up or "", re.M)
+        if got:
+            s = float(got.group(1))
+            rows.append(
+                f"| `make up` on a fresh checkout, {run} run: first prediction < {target} s (issue 13) | {s:.1f} s | "
+                f"{'pass' if s < target else 'FAIL'} | bench_make_up |"
+            )
     return "\n".join(
         [
             TARGETS_START,

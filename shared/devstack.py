@@ -5,10 +5,11 @@
   CELERY_BROKER_URL is set.
 - MODEL_STORE_URL unset: var/models on disk.
 - API_KEYS unset: one local admin key, made once and kept in var/local-api-key.
-Then: migrations, the services (uvicorn / celery subprocesses), the S&P 500 sample imported through the
-indicators API, the first model trained if none exists, its walk-forward validation and SHAP weights (queued
-by the worker after training), and a curl to paste next to the promotion gate's verdict. Ctrl-C stops
-everything.
+Then: migrations, the indicators service and the predictor, the S&P 500 sample imported through the indicators
+API, the first model trained on the Celery worker if none exists, the first signal, printed with the curls to
+paste and the key; then the rest (the trainer's API, beat and worker when a model already existed, webhook
+deliveries), and the serving model's walk-forward verdict and SHAP weights (queued by the worker after
+training) once they are in. Ctrl-C stops everything.
 """
 
 from __future__ import annotations
@@ -63,15 +64,19 @@ def _has(module: str) -> bool:
 
 
 def _sample_csv() -> Path:
-    import pandas as pd
-    from arch.data import sp500
-
     path = VAR / "sample" / f"{SAMPLE_SYMBOL}_{SAMPLE_TF}.csv"
     if not path.exists():
+        import pandas as pd
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        df = sp500.load()
+        # arch's bundled S&P 500 file (what `arch.data.sp500.load()` reads), found without importing arch: that
+        # takes 8 s on a quiet 2-core machine, on the first start's critical path.
+        spec = importlib.util.find_spec("arch")
+        if spec is None or spec.origin is None:
+            raise SystemExit("the sample data come with the `arch` package (the `local` extra): make install")
+        df = pd.read_csv(Path(spec.origin).parent / "data" / "sp500" / "sp500.csv.gz", index_col="Date")
         out = df[["Open", "High", "Low", "Close", "Volume"]].copy()
-        out.index = pd.DatetimeIndex(out.index).strftime("%Y-%m-%dT%H:%M:%SZ")
+        out.index = pd.to_datetime(out.index).strftime("%Y-%m-%dT%H:%M:%SZ")
         out.index.name = "ts"
         out.to_csv(path)
     return path
@@ -137,7 +142,7 @@ def _verdict(database_url: str, timeout_s: float) -> dict[str, Any] | None:
     return None
 
 
-def _first_prediction(port: int, key: str, timeout_s: float = 60.0) -> dict[str, object]:
+def _first_prediction(port: int, key: str, timeout_s: float = 60.0) -> dict[str, Any]:
     """The prediction the printed curl makes, once the predictor has loaded the new model."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -151,6 +156,61 @@ def _first_prediction(port: int, key: str, timeout_s: float = 60.0) -> dict[str,
             r.raise_for_status()
             return dict(r.json())
         time.sleep(1.0)
+
+
+def _sample_stored(database_url: str, csv_path: Path) -> int | None:
+    """The sample's bar count when the series already holds exactly the CSV's span and count (a second start),
+    else None."""
+    import asyncio
+    from datetime import datetime
+
+    import asyncpg
+
+    with csv_path.open() as f:
+        lines = f.read().splitlines()[1:]
+    first, last = (datetime.fromisoformat(line.split(",", 1)[0]) for line in (lines[0], lines[-1]))
+
+    async def query() -> bool:
+        conn = await asyncpg.connect(database_url)
+        try:
+            row = await conn.fetchrow(
+                "SELECT count(*) AS n, min(ts) AS first, max(ts) AS last FROM bars "
+                "WHERE symbol = $1 AND timeframe = $2",
+                SAMPLE_SYMBOL,
+                SAMPLE_TF,
+            )
+        finally:
+            await conn.close()
+        return row is not None and (row["n"], row["first"], row["last"]) == (len(lines), first, last)
+
+    return len(lines) if asyncio.run(query()) else None
+
+
+def _import_sample(indicators_url: str, database_url: str) -> None:
+    """The S&P 500 sample through the indicators API (`aicash import-bars`, in this process), unless a start
+    before stored it: the import would change nothing, and its parse and check cost a second start 3 s."""
+    csv_path = _sample_csv()
+    stored = _sample_stored(database_url, csv_path)
+    if stored is not None:
+        console.print(f"{SAMPLE_SYMBOL} {SAMPLE_TF}: the sample's {stored} bars are already stored")
+        return
+    import typer
+
+    from shared.cli import import_bars
+
+    try:
+        import_bars(csv_path, symbol=SAMPLE_SYMBOL, timeframe=SAMPLE_TF, url=indicators_url)
+    except typer.Exit as exc:  # it said why
+        raise SystemExit(exc.exit_code or 1) from None
+
+
+def _signal_line(p: dict[str, Any]) -> str:
+    quality = p.get("quality")
+    gate = quality.get("gate") if isinstance(quality, dict) else None
+    return (
+        f"{p.get('symbol')} {p.get('timeframe')} {p.get('signal')} (confidence {float(p.get('confidence') or 0):.2f}) "
+        f"from model {p.get('model_version')}, gate {gate}"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    t_start = time.monotonic()
     # Ctrl-C (SIGINT) and SIGTERM both stop everything and exit 0. Set here rather than inherited: a shell's
     # background job starts with SIGINT ignored, and Python's default SIGTERM exits without the cleanup below.
     signal.signal(signal.SIGINT, _stop)
@@ -266,92 +327,57 @@ def _main(argv: list[str] | None = None) -> None:
         env["PREDICTOR_URL"] = f"http://127.0.0.1:{PORTS['predictor']}"
         env.setdefault("TRAINER_API_KEY", key)
 
-        subprocess.run([str(BIN / "aicash"), "db", "upgrade"], env=env, cwd=ROOT, check=True, start_new_session=True)
+        os.environ.update(env)  # the in-process steps below (migrations, the sample's import) use the stack's env
+        from shared.migrate import upgrade  # in this process: a second interpreter would add ~2 s to every start
 
-        uvicorn = [str(BIN / "uvicorn"), "--host", "127.0.0.1", "--no-access-log"]
-        start(
-            "indicators",
-            [*uvicorn, "services.indicators.main:app", "--port", str(PORTS["indicators"]), "--workers", "2"],
-        )
-        wait_http(f"http://127.0.0.1:{PORTS['indicators']}/health", proc=proc_of("indicators"))
+        upgrade(env["DATABASE_URL"])
+        console.print("database at revision head")
+
         has_trainer = _has("services.trainer.main") and _has("services.trainer.celery_app")
         has_predictor = _has("services.predictor.main")
-        if has_trainer:
+        trained = _has_production_model(env["DATABASE_URL"])
+        must_train = has_trainer and not args.no_train and not trained
+        uvicorn = [str(BIN / "uvicorn"), "--host", "127.0.0.1", "--no-access-log"]
+        celery = str(BIN / "celery")
+
+        def start_trainer() -> None:
             start("trainer-api", [*uvicorn, "services.trainer.main:app", "--port", str(PORTS["trainer"])])
-            celery = str(BIN / "celery")
             start(
                 "trainer-worker",
                 [celery, "-A", "services.trainer.celery_app", "worker", "-c", "1", "--loglevel", "INFO"],
             )
-            start(
-                "trainer-beat",
-                [
-                    celery,
-                    "-A",
-                    "services.trainer.celery_app",
-                    "beat",
-                    "--loglevel",
-                    "INFO",
-                    "--schedule",
-                    str(VAR / "celerybeat-schedule"),
-                ],
-            )
+            beat = [celery, "-A", "services.trainer.celery_app", "beat", "--loglevel", "INFO"]
+            start("trainer-beat", [*beat, "--schedule", str(VAR / "celerybeat-schedule")])
+
+        # What the first signal waits for starts first, so that it does not share the 2 cores with the rest:
+        # the indicators service and the predictor; the trainer too when the first model is still to be trained
+        # (its worker's TensorFlow import then overlaps the sample's import), else after the first signal.
+        # One indicators worker: the local stack's ingest is one sample and a bar at a time, and a second worker
+        # would cost every start the import of one more process (docs/BENCHMARKS.md, `make up`).
+        start("indicators", [*uvicorn, "services.indicators.main:app", "--port", str(PORTS["indicators"])])
         if has_predictor:
             start(
                 "predictor",
                 [*uvicorn, "services.predictor.main:app", "--port", str(PORTS["predictor"]), "--workers", "2"],
             )
-            # Webhook deliveries (docs/STREAMING.md): their own queue, so a training job never holds them back.
-            start(
-                "webhook-worker",
-                [
-                    str(BIN / "celery"),
-                    "-A",
-                    "services.predictor.webhook_worker",
-                    "worker",
-                    "-Q",
-                    "webhooks",
-                    "-c",
-                    "2",
-                    "--loglevel",
-                    "INFO",
-                ],
-            )
-
-        csv_path = _sample_csv()
-        subprocess.run(
-            [
-                str(BIN / "aicash"),
-                "import-bars",
-                str(csv_path),
-                "--symbol",
-                SAMPLE_SYMBOL,
-                "--timeframe",
-                SAMPLE_TF,
-                "--url",
-                env["INDICATORS_URL"],
-            ],
-            env=env,
-            cwd=ROOT,
-            check=True,
-            start_new_session=True,
-        )
-        if has_trainer:
+        if must_train:
+            start_trainer()
+        wait_http(f"http://127.0.0.1:{PORTS['indicators']}/health", proc=proc_of("indicators"))
+        _import_sample(env["INDICATORS_URL"], env["DATABASE_URL"])
+        if must_train:
             wait_http(f"http://127.0.0.1:{PORTS['trainer']}/health", proc=proc_of("trainer-api"))
-            if not args.no_train and not _has_production_model(env["DATABASE_URL"]):
-                console.print(f"training the first model for {SAMPLE_SYMBOL} {SAMPLE_TF} on the Celery worker")
-                epochs = ["--epochs", str(args.epochs)] if args.epochs else []
-                train = [str(BIN / "aicash"), "train", "--symbol", SAMPLE_SYMBOL, "--timeframe", SAMPLE_TF, "--wait"]
-                subprocess.run([*train, *epochs], env=env, cwd=ROOT, check=True, start_new_session=True)
-        verdict = None
-        if has_trainer and not args.no_train:
-            console.print("waiting for the walk-forward validation and the SHAP weights of the serving model")
-            verdict = _verdict(env["DATABASE_URL"], args.verdict_timeout)
+            console.print(f"training the first model for {SAMPLE_SYMBOL} {SAMPLE_TF} on the Celery worker")
+            epochs = ["--epochs", str(args.epochs)] if args.epochs else []
+            train = [str(BIN / "aicash"), "train", "--symbol", SAMPLE_SYMBOL, "--timeframe", SAMPLE_TF, "--wait"]
+            subprocess.run([*train, *epochs], env=env, cwd=ROOT, check=True, start_new_session=True)
+        first: dict[str, object] | None = None
         if has_predictor:
             wait_http(f"http://127.0.0.1:{PORTS['predictor']}/health", proc=proc_of("predictor"))
+            if trained or must_train:
+                first = _first_prediction(PORTS["predictor"], key)
 
         hdr = f" -H 'X-API-Key: {key}'" if key else ""
-        console.print("\n[bold green]AI Cash Evolution is up.[/bold green]")
+        console.print(f"\n[bold green]AI Cash Evolution is up[/bold green] ({time.monotonic() - t_start:.0f} s).")
         console.print(
             f"indicators:  curl -s{hdr} 'http://127.0.0.1:{PORTS['indicators']}/v1/indicators/{SAMPLE_SYMBOL}/{SAMPLE_TF}?limit=1'"
         )
@@ -361,18 +387,21 @@ def _main(argv: list[str] | None = None) -> None:
                 f'-d \'{{"symbol": "{SAMPLE_SYMBOL}", "timeframe": "{SAMPLE_TF}"}}\' '
                 f"http://127.0.0.1:{PORTS['predictor']}/v1/predictions"
             )
-        if verdict is not None:
-            colour = "green" if verdict["gate"] == "passed" else "red"
-            console.print(
-                f"model:       {verdict['version']} (id {verdict['id']}): gate [{colour}]{verdict['gate']}[/]"
-            )
-            for reason in verdict.get("reasons") or []:
-                console.print(f"             - {reason}")
-            console.print(
-                f"validation:  curl -s{hdr} http://127.0.0.1:{PORTS['trainer']}/v1/models/{verdict['id']}/validation"
-            )
-        elif has_trainer and not args.no_train:
-            console.print("model:       validation still running; see GET /v1/jobs on the trainer")
+        if first is not None:
+            console.print(f"first signal: {_signal_line(first)}")
+        if key:
+            where = " (made for this machine, kept in var/local-api-key)" if key == _local_key_if_made() else ""
+            console.print(f"key:         {key}{where}")
+
+        # The rest of the system, now that the first signal is served.
+        if has_trainer and not must_train:
+            start_trainer()
+        if has_predictor:
+            # Webhook deliveries (docs/STREAMING.md): their own queue, so a training job never holds them back.
+            hooks = [celery, "-A", "services.predictor.webhook_worker", "worker", "-Q", "webhooks", "-c", "2"]
+            start("webhook-worker", [*hooks, "--loglevel", "INFO"])
+        if has_trainer:
+            wait_http(f"http://127.0.0.1:{PORTS['trainer']}/health", proc=proc_of("trainer-api"))
         console.print(
             "docs:        "
             + ", ".join(
@@ -383,9 +412,22 @@ def _main(argv: list[str] | None = None) -> None:
         )
         if has_trainer:
             console.print(f"console:     http://127.0.0.1:{PORTS['trainer']}/ui (log in with the key)")
-        if key:
-            where = " (made for this machine, kept in var/local-api-key)" if key == _local_key_if_made() else ""
-            console.print(f"key:         {key}{where}")
+        if has_trainer and (trained or must_train):
+            console.print("model:       waiting for its walk-forward validation and SHAP weights (the verdict follows)")
+            verdict = _verdict(env["DATABASE_URL"], args.verdict_timeout)
+            if verdict is None:
+                console.print("model:       validation still running; see GET /v1/jobs on the trainer")
+            else:
+                colour = "green" if verdict["gate"] == "passed" else "red"
+                console.print(
+                    f"model:       {verdict['version']} (id {verdict['id']}): gate [{colour}]{verdict['gate']}[/] "
+                    f"({time.monotonic() - t_start:.0f} s)"
+                )
+                for reason in verdict.get("reasons") or []:
+                    console.print(f"             - {reason}")
+                console.print(
+                    f"validation:  curl -s{hdr} http://127.0.0.1:{PORTS['trainer']}/v1/models/{verdict['id']}/validation"
+                )
         if args.smoke:
             r = httpx.get(
                 f"http://127.0.0.1:{PORTS['indicators']}/v1/indicators/{SAMPLE_SYMBOL}/{SAMPLE_TF}",

@@ -42,7 +42,7 @@ def test_make_up_trains_the_first_model_and_serves_predictions(database_url: str
     # the first model was trained through the worker and the predictor serves it
     assert "'model_version':" in proc.stdout
     assert "'signal':" in proc.stdout
-    # validated walk-forward and weighted before the curl is printed; the verdict is whatever the data say
+    # the verdict (validated walk-forward and weighted) follows the first signal; it is whatever the data say
     out = " ".join(proc.stdout.split())
     assert "gate passed" in out or "gate failed" in out, proc.stdout[-3000:]
     assert "/validation" in out

@@ -190,6 +190,9 @@ NEEDS_STATE = {
     # a walk-forward validation needs thousands of stored bars (the detail says how many); the examples store two
     ("trainer", "POST /v1/jobs"): "not_enough_bars",
 }
+# The same, told by the detail: the example's candidate id (12) may by then be a model of another series, made
+# by a test that ran earlier in the session (404 when nobody made one).
+NEEDS_STATE_DETAIL = {("trainer", "PUT /v1/rollouts/{symbol}/{timeframe}"): ("validation_error", "belongs to")}
 
 
 @pytest.mark.parametrize("name", SERVICES)
@@ -214,6 +217,9 @@ async def test_request_examples_are_accepted(services: dict[str, Service], name:
             code = NEEDS_STATE.get((name, f"{method} {path}"))
             if code is not None and r.status_code == 422:
                 assert r.json()["error"] == code, r.text
+                continue
+            code, detail = NEEDS_STATE_DETAIL.get((name, f"{method} {path}"), (None, ""))
+            if code is not None and r.status_code == 422 and r.json()["error"] == code and detail in r.text:
                 continue
             if not (r.is_success or r.status_code in (404, 409)):
                 refused.append(f"{method} {url} {example!r:.200}: {r.status_code} {r.text[:300]}")

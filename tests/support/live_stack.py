@@ -26,7 +26,7 @@ from tests.support.keys import ADMIN_KEY, API_KEYS
 
 SYMBOL = "SPXLIVE"  # the sample's symbol in the live stack
 TIMEFRAME = "D1"
-UP_LINE = "AI Cash Evolution is up."
+UP_LINE = "Ctrl-C stops everything."  # the last line: validated and weighted by then
 START_TIMEOUT_S = 900.0
 
 
