@@ -1,9 +1,11 @@
 """Parsing and validation of client-sent bars: the one set of rules for ingest and for predictions.
 
-Bodies of up to 50,000 bars are parsed with orjson and checked column-wise with numpy: every ingest rule in
-about the time pydantic model validation of the same body takes to check types and signs only (50,000 bars:
-94 against 114 ms in a quiet run, 223 against 213 ms in a loaded one; benchmarks/bench_stack.py). A batch
-with any invalid bar is refused whole, with a message naming the bar index, the field and the rule.
+Bodies of up to 50,000 bars are checked column-wise with numpy, every ingest rule in less time than pydantic
+model validation of the same body takes to check types and signs only. Ingest decodes the usual body with
+msgspec into typed structs (`bars_from_body`), anything else with orjson (`parse_json`, `bars_from_payload`):
+the same rules and messages either way. 50,000 bars: 76 ms typed, 143 ms through orjson, 218 ms for pydantic
+(benchmarks/bench_stack.py, alternating rounds). A batch with any invalid bar is refused whole, with a message naming
+the bar index, the field and the rule.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 import orjson
@@ -65,6 +68,7 @@ class BarValidationError(ValidationFailed):
         more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
         super().__init__("; ".join(errors[:5]) + more)
         self.errors = errors
+        self.batch_size: int | None = None  # bars in the refused batch, where the check knows it
 
 
 def _reject_constant(token: str) -> float:
@@ -104,6 +108,49 @@ def bars_from_payload(raw: Any, timeframe: Timeframe, max_bars: int) -> tuple[OH
     return bars_from_items(items, timeframe)
 
 
+# gc=False: the structs hold only str, int and float (no cycles), so the collector need not track them: 50,000
+# tracked objects per body otherwise set off collections while they are made.
+class _FastBar(msgspec.Struct, gc=False):
+    # 64-bit: orjson (the general path) reads a larger integer as a float, and says so
+    ts: str | Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: float
+
+
+class _FastBody(msgspec.Struct, gc=False):
+    bars: list[_FastBar]
+
+
+# The usual body decoded straight into typed structs: no dict per bar, and the types checked in C. 50,000 bars
+# (7.4 MB) with every rule: 76 ms against 143 ms for orjson's dicts and `_columns_fast` (bench_stack).
+_FAST_BODY = msgspec.json.Decoder(_FastBody)
+_FAST_TS = operator.attrgetter("ts")
+_FAST_FIELDS = {f: operator.attrgetter(f) for f in FIELDS}
+
+
+def bars_from_body(body: bytes, timeframe: Timeframe, max_bars: int) -> tuple[OHLCV, list[int]]:
+    """`bars_from_payload(parse_json(body), ...)`, faster for the usual body: a JSON object whose `bars` are
+    objects with every field, numbers (not bool) for prices and volume and a string or an integer `ts`. Any
+    other body, or one of those with too many bars, takes the general path, which names what is wrong; both
+    then apply the same rules (`_validated`)."""
+    try:
+        items = _FAST_BODY.decode(body).bars
+    except msgspec.MsgspecError:
+        items = []
+    if not items or len(items) > max_bars:
+        return bars_from_payload(parse_json(body), timeframe, max_bars)
+    n = len(items)
+    cols = {f: np.fromiter(map(get, items), dtype=np.float64, count=n) for f, get in _FAST_FIELDS.items()}
+    try:
+        return _validated(cols, list(map(_FAST_TS, items)), timeframe)
+    except BarValidationError as exc:
+        exc.batch_size = n
+        raise
+
+
 _GET_TS = operator.itemgetter("ts")
 _GETTERS = {f: operator.itemgetter(f) for f in FIELDS}
 _NUMBER_TYPES = frozenset({float, int})
@@ -127,12 +174,16 @@ def _columns_fast(items: list[Any]) -> tuple[dict[str, npt.NDArray[np.float64]],
 
 
 def bars_from_items(items: list[Any], timeframe: Timeframe) -> tuple[OHLCV, list[int]]:
-    fast = _columns_fast(items)
-    if fast is not None:
-        cols, raw_ts = fast
-    else:
-        cols, raw_ts = _columns_checked(items)
-    return _validated(cols, raw_ts, timeframe)
+    try:
+        fast = _columns_fast(items)
+        if fast is not None:
+            cols, raw_ts = fast
+        else:
+            cols, raw_ts = _columns_checked(items)
+        return _validated(cols, raw_ts, timeframe)
+    except BarValidationError as exc:
+        exc.batch_size = len(items)
+        raise
 
 
 def _columns_checked(items: list[Any]) -> tuple[dict[str, npt.NDArray[np.float64]], list[Any]]:

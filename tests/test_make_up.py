@@ -12,6 +12,11 @@ from pathlib import Path
 from shared.local_services import free_port
 
 
+def _smoke(env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "shared.devstack", "up", "--smoke", "--epochs", "2"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
 def test_make_up_trains_the_first_model_and_serves_predictions(database_url: str, redis_url: str) -> None:
     env = {
         **os.environ,
@@ -25,14 +30,7 @@ def test_make_up_trains_the_first_model_and_serves_predictions(database_url: str
         "AICASH_SAMPLE_SYMBOL": "SPXUP",
     }
     env.pop("API_KEYS", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "shared.devstack", "up", "--smoke", "--epochs", "2"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    proc = _smoke(env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "SPXUP D1: 5031 inserted" in " ".join((proc.stdout + proc.stderr).split())
     assert "'symbol': 'SPXUP'" in proc.stdout
@@ -48,6 +46,19 @@ def test_make_up_trains_the_first_model_and_serves_predictions(database_url: str
     assert "/validation" in out
     # the prediction itself carries the model's verdict
     assert re.search(r"'quality': \{ ?'gate': '(passed|failed)'", out), proc.stdout[-3000:]
+    # the first signal came before the verdict, from a model not yet validated
+    assert out.index("first signal:") < out.index("gate failed" if "gate failed" in out else "gate passed")
+
+    # A second start on what the first left: nothing imported or trained again, the first signal served before
+    # the trainer's processes start (they are not needed for it), the verdict already there.
+    again = _smoke(env, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    out2 = " ".join(again.stdout.split())
+    assert "SPXUP D1: the sample's 5031 bars are already stored" in out2, out2[-3000:]
+    assert "training the first model" not in out2
+    assert out2.index("first signal:") < out2.index("started trainer-api"), out2[-3000:]
+    assert re.search(r"first signal: SPXUP D1 (BUY|SELL|HOLD) .* gate (passed|failed)", out2), out2[-3000:]
+    assert re.search(r"'quality': \{ ?'gate': '(passed|failed)'", out2), out2[-3000:]
 
 
 def test_ctrl_c_in_a_terminal_stops_make_up_with_exit_0_and_leaves_no_process(

@@ -22,7 +22,7 @@ from services.indicators.schemas import (
     SeriesOut,
 )
 from shared.app import json_body, read_body
-from shared.bars import BarsIn, bars_from_payload, bars_to_rows, parse_json
+from shared.bars import BarsIn, BarValidationError, bars_from_body, bars_from_payload, bars_to_rows, parse_json
 from shared.db import with_retry
 from shared.errors import (
     TEXT_SCHEMA,
@@ -62,22 +62,28 @@ async def post_bars(
     `QUALITY_MOVE_SIGMA` recent standard deviations, a gap in the series) are stored and flagged.
     """
     label = symbol if SYMBOL_RE.match(symbol) else "invalid"
-    raw: object = None
+    body: bytes | None = None
     try:
         check_symbol(symbol)
         tf = parse_timeframe(timeframe)
-        raw = parse_json(await read_body(request))
-        bars, _order = bars_from_payload(raw, tf, settings.max_bars_per_request)
-    except AppError:
-        BARS_REJECTED.labels(label).inc(_count_bars(raw))
+        body = await read_body(request)
+        bars, _order = bars_from_body(body, tf, settings.max_bars_per_request)
+    except AppError as exc:
+        size = exc.batch_size if isinstance(exc, BarValidationError) else None
+        BARS_REJECTED.labels(label).inc(size or _count_bars(body))
         raise
     result = await service.ingest(pool, settings, symbol, tf, bars)
     request.app.state.staleness.observe(symbol, tf, int(bars.ts[-1]))
     return result
 
 
-def _count_bars(raw: object) -> int:
-    """Bars in a refused batch, for the rejected-bars metric (1 when the body could not be read)."""
+def _count_bars(body: bytes | None) -> int:
+    """Bars in a batch refused before its bars were checked (too many, not JSON, a bad symbol), for the
+    rejected-bars metric: 1 when the body could not be read. Parsed again: only such a body pays for it."""
+    try:
+        raw = parse_json(body) if body is not None else None
+    except AppError:
+        return 1
     if isinstance(raw, dict) and isinstance(raw.get("bars"), list):
         return max(len(raw["bars"]), 1)
     return 1
