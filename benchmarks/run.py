@@ -136,8 +136,9 @@ def _section(document: str, name: str) -> str | None:
 
 
 def targets(document: str) -> str:
-    """The design's targets (prediction p95 < 100 ms, training < 2 h) as pass/fail, read from the figures of the
-    sections in `document` (so a partial run's new figures count), with the section each comes from."""
+    """The design's targets (prediction p95 < 100 ms, training < 2 h) and the issues' goals as pass/fail, read
+    from the figures of the sections in `document` (so a partial run's new figures count), with the section each
+    comes from."""
     rows = []
     predictor = _section(document, "bench_predictor")
     open_loop = r"^\| uncached, open loop (\d+) req/s \(achieved \d+\) \| p50 [\d.]+ ms, p95 ([\d.]+) ms"
@@ -171,6 +172,25 @@ def targets(document: str) -> str:
         )
     else:
         rows.append("| training < 2 h | not measured in this document | — | bench_training |")
+    # Issue 14's goals: each a row of its section, "| label | figure (pairs …) | ≥ goal |".
+    for name, label, what in (
+        (
+            "bench_predictor",
+            "cached / bare",
+            "cached predictions ≥ 60 % of the bare FastAPI endpoint (per-pair median)",
+        ),
+        ("bench_predictor", "cached / the predictor's /health floor", "cached predictions ≥ 80 % of the /health floor"),
+        ("bench_indicators", "ingest over HTTP", "ingest ≥ 150,000 bars/s (1,000,000 M1 bars, 50,000 a request)"),
+        ("bench_indicators", "API / binary COPY floor", "ingest ≥ 70 % of the binary COPY floor"),
+        ("bench_indicators", "API / `copy_records_to_table`", "ingest ≥ 70 % of a bare `copy_records_to_table`"),
+    ):
+        row = re.search(
+            rf"^\| {re.escape(label)}[^|]* \| ([^|]*) \| ≥ ([\d,]+) ?%? ?[^|]*\|", _section(document, name) or "", re.M
+        )
+        if row:
+            figure, goal = row.group(1).strip(), float(row.group(2).replace(",", ""))
+            value = float(re.match(r"[\d,.]+", figure).group(0).replace(",", ""))  # type: ignore[union-attr]
+            rows.append(f"| {what} (issue 14) | {figure} | {'pass' if value >= goal else 'FAIL'} | {name} |")
     make_up = _section(document, "bench_make_up")
     for run, target in (("first", 90), ("second", 15)):
         got = re.search(rf"^\| {run} \| ([\d.]+) s \|", make_up or "", re.M)
@@ -183,9 +203,11 @@ def targets(document: str) -> str:
     return "\n".join(
         [
             TARGETS_START,
-            "## The design's targets",
+            "## Targets",
             "",
-            "Read by the runner from the sections below (a rerun section's figures count once it is rerun).",
+            "The design's targets and the open issues' goals, read by the runner from the sections below (a rerun "
+            "section's figures count once it is rerun). A goal held to a per-pair median passes on the median; its "
+            "range and ⚠ say how far one run can be trusted.",
             "",
             "| target | measured | verdict | section |",
             "| --- | --- | --- | --- |",
