@@ -135,6 +135,10 @@ def _section(document: str, name: str) -> str | None:
     return found.group(1) if found else None
 
 
+def _row(target: str, measured: str, ok: bool, section: str) -> str:
+    return f"| {target} | {measured} | {'pass' if ok else 'FAIL'} | {section} |"
+
+
 def targets(document: str) -> str:
     """The design's targets (prediction p95 < 100 ms, training < 2 h) and the issues' goals as pass/fail, read
     from the figures of the sections in `document` (so a partial run's new figures count), with the section each
@@ -148,28 +152,27 @@ def targets(document: str) -> str:
         worst = max(upto, key=lambda rp: rp[1])
         saturation = re.search(r"^\| saturation: [^|]*\| ([^|]*)\|", predictor or "", re.M)
         rows.append(
-            f"| prediction latency p95 < 100 ms, uncached (every open-loop rate up to 1,000 req/s) | worst p95 "
-            f"{worst[1]:.1f} ms (at {worst[0]:.0f} req/s); saturation: "
-            f"{saturation.group(1).strip() if saturation else 'not measured'} | "
-            f"{'pass' if worst[1] < 100 else 'FAIL'} | bench_predictor |"
+            _row(
+                "prediction latency p95 < 100 ms, uncached (every open-loop rate up to 1,000 req/s)",
+                f"worst p95 {worst[1]:.1f} ms (at {worst[0]:.0f} req/s); saturation: "
+                f"{saturation.group(1).strip() if saturation else 'not measured'}",
+                worst[1] < 100,
+                "bench_predictor",
+            )
         )
     else:
         rows.append("| prediction latency p95 < 100 ms | not measured in this document | — | bench_predictor |")
     cached = re.search(r"^\| cached predictions \(POST[^|]*\| [\d,]+ req/s, p99 ([\d.]+) ms", predictor or "", re.M)
     if cached:
         p99 = float(cached.group(1))
-        rows.append(
-            f"| prediction latency p95 < 100 ms, cached (wrk 32 connections, closed loop; its p99 bounds the p95) | "
-            f"p99 {p99:.1f} ms | {'pass' if p99 < 100 else 'FAIL'} | bench_predictor |"
-        )
+        what = "prediction latency p95 < 100 ms, cached (wrk 32 connections, closed loop; its p99 bounds the p95)"
+        rows.append(_row(what, f"p99 {p99:.1f} ms", p99 < 100, "bench_predictor"))
     training = _section(document, "bench_training")
     wall = re.search(r"^\| full retrain wall time [^|]*\| ([\d.]+) s", training or "", re.M)
     if wall:
         s = float(wall.group(1))
-        rows.append(
-            f"| training < 2 h (full retrain of one model: import to registered artifacts) | {s:.1f} s "
-            f"({s / 3600:.2f} h) | {'pass' if s < 7200 else 'FAIL'} | bench_training |"
-        )
+        what = "training < 2 h (full retrain of one model: import to registered artifacts)"
+        rows.append(_row(what, f"{s:.1f} s ({s / 3600:.2f} h)", s < 7200, "bench_training"))
     else:
         rows.append("| training < 2 h | not measured in this document | — | bench_training |")
     # Issue 14's goals: each a row of its section, "| label | figure (pairs …) | ≥ goal |".
@@ -187,19 +190,17 @@ def targets(document: str) -> str:
         row = re.search(
             rf"^\| {re.escape(label)}[^|]* \| ([^|]*) \| ≥ ([\d,]+) ?%? ?[^|]*\|", _section(document, name) or "", re.M
         )
-        if row:
+        value = re.match(r"[\d,.]+", row.group(1).strip()) if row else None
+        if row and value:
             figure, goal = row.group(1).strip(), float(row.group(2).replace(",", ""))
-            value = float(re.match(r"[\d,.]+", figure).group(0).replace(",", ""))  # type: ignore[union-attr]
-            rows.append(f"| {what} (issue 14) | {figure} | {'pass' if value >= goal else 'FAIL'} | {name} |")
+            rows.append(_row(f"{what} (issue 14)", figure, float(value.group(0).replace(",", "")) >= goal, name))
     make_up = _section(document, "bench_make_up")
     for run, target in (("first", 90), ("second", 15)):
         got = re.search(rf"^\| {run} \| ([\d.]+) s \|", make_up or "", re.M)
         if got:
             s = float(got.group(1))
-            rows.append(
-                f"| `make up` on a fresh checkout, {run} run: first prediction < {target} s (issue 13) | {s:.1f} s | "
-                f"{'pass' if s < target else 'FAIL'} | bench_make_up |"
-            )
+            what = f"`make up` on a fresh checkout, {run} run: first prediction < {target} s (issue 13)"
+            rows.append(_row(what, f"{s:.1f} s", s < target, "bench_make_up"))
     return "\n".join(
         [
             TARGETS_START,
