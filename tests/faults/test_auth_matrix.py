@@ -194,6 +194,11 @@ async def test_every_admin_action_leaves_an_audit_row(services: dict[str, Servic
             lambda: predictor.client.patch(f"/v1/webhooks/{hook['id']}", json={"paused": True}, headers=admin),
         ),
         (
+            ("predictor", "PATCH", "/v1/webhooks/{webhook_id}"),
+            "webhook.unpause",
+            lambda: predictor.client.patch(f"/v1/webhooks/{hook['id']}", json={"paused": False}, headers=admin),
+        ),
+        (
             ("predictor", "DELETE", "/v1/webhooks/{webhook_id}"),
             "webhook.delete",
             lambda: predictor.client.delete(f"/v1/webhooks/{hook['id']}", headers=admin),

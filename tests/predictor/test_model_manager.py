@@ -320,6 +320,7 @@ async def test_refused_artifacts_are_counted_by_reason_and_the_previous_model_ke
         assert (r.json()["model_version"], r.json()["signal"]) == ("v1", "BUY"), (version, r.json())
 
 
+@pytest.mark.faults
 def test_load_refuses_metadata_naming_a_file_outside_its_prefix(store: ObjectStore) -> None:
     write_model(store, "PRED5", "H1", "v3")
     key = artifact_prefix("PRED5", "H1", "v3") + "metadata.json"

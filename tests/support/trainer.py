@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -56,8 +56,15 @@ class TcpProxy:
     session ends, its advisory locks go with it) and turns new connections away until `up()`.
     """
 
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
+    def __init__(self, database_url: str) -> None:
+        # The server's address: TCP host and port, or the Unix socket that a `?host=/dir` URL names (the embedded
+        # PostgreSQL of a machine with no DATABASE_URL listens only there).
+        u = urlsplit(database_url)
+        port = u.port or 5432
+        socket_dir = next((v for k, v in parse_qsl(u.query) if k == "host" and v.startswith("/")), None)
+        self.target: tuple[str, int] | str = (
+            f"{socket_dir}/.s.PGSQL.{port}" if socket_dir else (u.hostname or "127.0.0.1", port)
+        )
         self.server = socket.create_server(("127.0.0.1", 0), backlog=128)
         self.port = self.server.getsockname()[1]
         self.available = threading.Event()
@@ -77,7 +84,7 @@ class TcpProxy:
                 client.close()
                 continue
             try:
-                upstream = socket.create_connection(self.target, timeout=5)
+                upstream = _connect(self.target)
             except OSError:
                 client.close()
                 continue
@@ -116,11 +123,25 @@ class TcpProxy:
         self.server.close()
 
 
+def _connect(target: tuple[str, int] | str) -> socket.socket:
+    if isinstance(target, tuple):
+        return socket.create_connection(target, timeout=5)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    try:
+        sock.connect(target)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def via_proxy(database_url: str, proxy: TcpProxy) -> str:
-    """`database_url` with its host and port replaced by the proxy's."""
+    """`database_url` with its host and port replaced by the proxy's (and a Unix-socket `host` dropped)."""
     u = urlsplit(database_url)
     netloc = (u.netloc.rsplit("@", 1)[0] + "@" if "@" in u.netloc else "") + f"127.0.0.1:{proxy.port}"
-    return urlunsplit(u._replace(netloc=netloc))
+    query = urlencode([(k, v) for k, v in parse_qsl(u.query) if k != "host"])
+    return urlunsplit(u._replace(netloc=netloc, query=query))
 
 
 async def fetch_job(database_url: str, job_id: str) -> Job:

@@ -8,7 +8,6 @@ import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -87,8 +86,7 @@ async def spx_bars(database_url: str, sp500: OHLCV) -> str:
 
 @pytest.fixture(scope="session")
 def pg_proxy(database_url: str) -> Iterator[TcpProxy]:
-    u = urlsplit(database_url)
-    proxy = TcpProxy(u.hostname or "127.0.0.1", u.port or 5432)
+    proxy = TcpProxy(database_url)
     yield proxy
     proxy.close()
 

@@ -206,3 +206,33 @@ async def test_the_console_is_not_part_of_the_apis_openapi_document(app: object)
         assert "/static-offline-docs/swagger-ui-bundle.js" in docs.text and "cdn." not in docs.text
         js = await b.get("/static-offline-docs/swagger-ui-bundle.js")
         assert js.status_code == 200 and len(js.content) > 100_000
+
+
+# The console's pages are not in the API's OpenAPI document, so the auth matrix (tests/faults/test_auth_matrix.py)
+# cannot see them: this walks the mounted app's own routes instead, so a new page cannot ship unguarded.
+CONSOLE_PUBLIC = {("GET", "/login"), ("POST", "/login"), ("POST", "/logout")}
+
+
+@pytest.mark.faults
+async def test_every_console_route_but_sign_in_and_out_needs_a_valid_cookie(app: object) -> None:
+    from starlette.routing import Mount, Route
+
+    mount = next(r for r in app.routes if isinstance(r, Mount) and r.path == "/ui")  # type: ignore[attr-defined]
+    pages = [
+        (method, route.path)
+        for route in mount.routes
+        if isinstance(route, Route)
+        for method in sorted(route.methods or ())
+        if method != "HEAD" and (method, route.path) not in CONSOLE_PUBLIC
+    ]
+    assert len(pages) >= 10, pages  # every page of the console, the equity image and the stream relay
+    async with browser(app) as b:
+        for method, path in pages:
+            url = "/ui" + path.replace("{model_id}", "1")
+            for cookie in (None, "not-a-key-of-this-deployment"):
+                b.cookies.clear()
+                if cookie is not None:
+                    b.cookies.set("aicash_console_key", cookie, domain="console.test", path="/ui/")
+                r = await b.request(method, url)
+                assert r.status_code == 303, f"{method} {url} with cookie {cookie!r}: {r.status_code}"
+                assert r.headers["location"].startswith("/ui/login?next="), (method, url)
