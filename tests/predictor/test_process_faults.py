@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import re
 import secrets
 import signal
@@ -20,6 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -176,6 +178,14 @@ def _after(t: float | None, ref: float) -> str:
     return "never" if t is None else f"{t - ref:.2f}"
 
 
+def _json_or_empty(data: str) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def _metric(text: str, name: str) -> float:
     m = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.MULTILINE)
     return float(m.group(1)) if m else 0.0
@@ -211,9 +221,10 @@ async def test_redis_stopped_under_load_no_5xx_degraded_then_healthy_and_caching
 ) -> None:
     """Case 4. 30 s of load (3 cached : 1 `no-cache`, about 100 req/s) with Redis stopped from 8 s to 18 s, and an
     SSE subscriber connected throughout. Pass: no 5xx and no failed request at all; p99 while Redis is down
-    within P99_RISE_MS of before (asserted loosely, see below); readiness `degraded` while it is down and
-    `healthy` within 5 s of its return; cache entries written to Redis again within 5 s; the subscriber gets the
-    signal of a bar that closes after Redis is back (on the same connection, or by resuming with Last-Event-ID)."""
+    within P99_RISE_MS of its p99 with Redis up; readiness `degraded` while it is down and `healthy` within 5 s of
+    its return; cache entries written to Redis again within 5 s; the subscriber keeps its one connection, is told
+    Redis is unavailable while it is down and reachable again within 5 s of its return, and gets the signal of a
+    bar that closes after Redis is back."""
     server = Server(PREDICTOR, stack.env(own_redis.url), tmp_path / "predictor.log").start()
     rconn = aioredis.Redis(port=own_redis.port, socket_timeout=0.5)
     try:
@@ -249,6 +260,7 @@ async def test_redis_stopped_under_load_no_5xx_degraded_then_healthy_and_caching
             t_caching = load.now()
             await _until(lambda: probe.first("healthy", t_started) is not None, 10)
             await asyncio.sleep(max(0.0, 22 - load.now()))
+            t_ingest = load.now()
             bar = await stack.ingest_next()
             t_bar = load.now()
             bar_ts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(bar))
@@ -260,9 +272,17 @@ async def test_redis_stopped_under_load_no_5xx_degraded_then_healthy_and_caching
 
         before = stats(load.window(2, t_stop))
         during = stats(load.window(t_stop + 0.5, t_back))
-        after = stats(load.window(t_bar + 2, 30))
+        # Redis up again and caching, before the test's own bar (whose recomputation is not Redis's doing).
+        after = stats(load.window(t_caching + 1, t_ingest))
         healthy_at = probe.first("healthy", t_started)
         events = [e for e, _i, _d in sub.events if e != "signal"]
+        notices = [
+            (e, _json_or_empty(d), t - load.t0)
+            for (e, _i, d), t in zip(sub.events, sub.at, strict=True)
+            if e != "signal"
+        ]
+        stream_down = next((t for e, d, t in notices if e == "error" and d.get("reason") == "redis_unavailable"), None)
+        stream_ok = next((t for e, d, t in notices if e == "status" and d.get("redis") == "ok" and t > t_back), None)
         buckets = {f"{t}-{t + 2}": round(stats(load.window(t, t + 2)).p99_ms) for t in range(2, 30, 2)}
         print(
             f"\n[case 4] redis down {t_back - t_stop:.1f} s (restart took {t_started - t_back:.2f} s); "
@@ -272,7 +292,9 @@ async def test_redis_stopped_under_load_no_5xx_degraded_then_healthy_and_caching
             f"/{len(load.window(t_stop + 0.5, t_back, 'cached'))}; readiness while down "
             f"{probe.statuses(t_stop + 0.5, t_back)}; healthy {_after(healthy_at, t_started)} s "
             f"and caching {t_caching - t_started:.2f} s after redis was back; stream: {sub.connects} connection(s), "
-            f"events {events}, signal {t_signal - t_bar:.2f} s after the bar\n[case 4] p99 ms per 2 s: {buckets}"
+            f"events {events}, 'redis_unavailable' {_after(stream_down, t_stop)} s after the stop, 'redis ok' "
+            f"{_after(stream_ok, t_started)} s after the return, signal {t_signal - t_bar:.2f} s after the bar\n"
+            f"[case 4] p99 ms per 2 s: {buckets}"
         )
         _no_server_errors(load.samples, server.log)
         assert {s.status for s in load.samples} == {200}, stats(load.samples)
@@ -281,13 +303,18 @@ async def test_redis_stopped_under_load_no_5xx_degraded_then_healthy_and_caching
         assert healthy_at is not None and healthy_at - t_started < RECOVERY_S
         assert t_caching - t_started < RECOVERY_S
         assert got_signal, f"no signal for the bar closed after Redis came back; events {sub.events}"
-        # The issue's bound is P99_RISE_MS. While Redis is down the L1 keeps serving what it holds and the breaker
-        # skips Redis between refused connections, so little changes on the request path; but on this shared
-        # 2-core machine (load average 6-8 while other suites run) the rise over `before` measured -33 to +173 ms
-        # between runs, and the p99 of 2 s slices moves as much with Redis up. So the baseline is the worse of
-        # the two Redis-up windows and the bound 5x the issue's; the measured rise is printed and reported.
+        # The streaming fan-out, the same way: its connection kept throughout, told that Redis is unavailable
+        # while it is down and that it is reachable again within RECOVERY_S of its return.
+        assert sub.connects == 1, f"the stream was reconnected: {sub.events}"
+        assert stream_down is not None and t_stop <= stream_down < t_back, notices
+        assert stream_ok is not None and stream_ok - t_started < RECOVERY_S, notices
+        # The issue's bound: p99 while Redis is down under P99_RISE_MS above its p99 with Redis up, before the
+        # outage or after it (the worse of the two windows, so one noisy second on a shared machine does not decide
+        # it). While Redis is down the L1 serves what it holds and the breaker skips Redis between refused
+        # connections, so little changes on the request path: measured +1.2 to +4.7 ms over `before` when the
+        # suite ran alone.
         baseline = max(before.p99_ms, after.p99_ms)
-        assert during.p99_ms - baseline < 5 * P99_RISE_MS, (before, during, after)
+        assert during.p99_ms - baseline < P99_RISE_MS, (before, during, after)
     finally:
         await rconn.aclose()
         server.stop()

@@ -229,11 +229,13 @@ class ReadinessProbe:
 @dataclass
 class StreamSubscriber:
     """One SSE subscriber of GET /v1/signals/stream that reconnects with Last-Event-ID whenever its connection
-    ends; `events` are (event, id, data) in arrival order, `connects` counts the connections it opened."""
+    ends; `events` are (event, id, data) in arrival order, `at` their arrival times (time.monotonic()),
+    `connects` counts the connections it opened."""
 
     url: str
     series: str
     events: list[tuple[str, str, str]] = field(default_factory=list)
+    at: list[float] = field(default_factory=list)
     connects: int = 0
     _task: asyncio.Task[None] | None = None
 
@@ -249,6 +251,7 @@ class StreamSubscriber:
                         self.connects += 1
                         async for sse in source.aiter_sse():
                             self.events.append((sse.event, sse.id, sse.data))
+                            self.at.append(time.monotonic())
                             if sse.event == "signal" and sse.id:
                                 last = sse.id
                 except httpx.HTTPError:
