@@ -5,7 +5,8 @@ model validation of the same body takes to check types and signs only. Ingest de
 msgspec into typed structs (`bars_from_body`), anything else with orjson (`parse_json`, `bars_from_payload`):
 the same rules and messages either way. 50,000 bars: 76 ms typed, 143 ms through orjson, 218 ms for pydantic
 (benchmarks/bench_stack.py, alternating rounds). A batch with any invalid bar is refused whole, with a message naming
-the bar index, the field and the rule.
+the bar index, the field and the rule. Large ingest bodies are also read piece by piece while they are written
+(`split_body`, `sorted_piece`): the same rules, and whatever that accepts `bars_from_body` accepts with the same bars.
 """
 
 from __future__ import annotations
@@ -149,6 +150,61 @@ def bars_from_body(body: bytes, timeframe: Timeframe, max_bars: int) -> tuple[OH
     except BarValidationError as exc:
         exc.batch_size = n
         raise
+
+
+# Streamed ingest (services/indicators/service.py): a large body is cut into pieces at bar boundaries, each decoded
+# and checked while PostgreSQL is still writing the one before it. Only for the usual body of bars sent in time
+# order; anything else, or a piece that breaks a rule, goes through `bars_from_body` whole, which names what is wrong.
+# No JSON library reads a document piece by piece into typed structs, hence the cut by hand; it is what takes a
+# 50,000-bar request from 57 % to 92 % of a bare binary COPY of its rows (bench_indicators, 2026-12-04).
+_PIECE = msgspec.json.Decoder(list[_FastBar])
+_BODY_HEAD = re.compile(rb'\s*\{\s*"bars"\s*:\s*\[')
+_BODY_TAIL = re.compile(rb"\]\s*\}\s*$")
+
+
+def split_body(body: bytes, piece_bytes: int) -> list[bytes] | None:
+    """The bars of a body `{"bars": [...]}` (that key alone) as JSON arrays of about `piece_bytes` each, cut
+    after a bar's closing brace; None for a body of another shape or one that makes a single piece.
+
+    A cut can only fall inside a bar where a string holds "}," (a bar with a nested object, or such a `ts`):
+    the piece before it then ends inside the string or the object and does not decode, so the body is read
+    whole, never cut into other bars."""
+    head = _BODY_HEAD.match(body)
+    # The end looked for in the last 64 bytes only: searched from the start, it costs 1.8 ms on 7.4 MB.
+    tail = _BODY_TAIL.search(body, max(len(body) - 64, 0))
+    if head is None or tail is None or tail.start() - head.end() < 2 * piece_bytes:
+        return None
+    pieces = []
+    view = memoryview(body)
+    start, end = head.end(), tail.start()
+    while (cut := body.find(b"},", start + piece_bytes, end)) >= 0:
+        pieces.append(b"".join((b"[", view[start : cut + 1], b"]")))
+        start = cut + 2  # past the comma: a comma just before the end leaves "[]", which is refused
+    pieces.append(b"".join((b"[", view[start:end], b"]")))
+    return pieces if len(pieces) > 1 else None
+
+
+def sorted_piece(piece: bytes, timeframe: Timeframe, after: int | None) -> OHLCV | None:
+    """The bars of one piece when they pass every ingest rule and each opens after the one before it (the first
+    after epoch second `after`); None otherwise: the caller then reads the body whole with `bars_from_body`,
+    which names the bar and the rule (or sorts bars sent out of order)."""
+    try:
+        items = _PIECE.decode(piece)
+    except msgspec.MsgspecError:
+        return None
+    n = len(items)
+    if not n:
+        return None
+    cols = {f: np.fromiter(map(get, items), dtype=np.float64, count=n) for f, get in _FAST_FIELDS.items()}
+    try:
+        ts = _parse_timestamps(list(map(_FAST_TS, items)))
+    except BarValidationError:
+        return None
+    if _check_values(cols, ts, timeframe):
+        return None
+    if (after is not None and ts[0] <= after) or (n > 1 and not (ts[1:] > ts[:-1]).all()):
+        return None
+    return OHLCV(ts, *(cols[f] for f in FIELDS))
 
 
 _GET_TS = operator.itemgetter("ts")

@@ -4,7 +4,7 @@ training reads and new-bar counts, and the predictor's series stamps."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -86,6 +86,11 @@ _OVERLAP = (
 def _copy_rows(texts: Sequence[str], ts: npt.NDArray[np.int64], bars: OHLCV, flags: npt.NDArray[np.int16]) -> bytes:
     """Binary COPY data: the constant `texts` columns, then ts (int8: `ts` as given), the five prices and volume
     (float8) and flags (int2), one row per bar."""
+    return _PGCOPY_HEADER + _row_bytes(texts, ts, bars, flags) + _PGCOPY_TRAILER
+
+
+def _row_bytes(texts: Sequence[str], ts: npt.NDArray[np.int64], bars: OHLCV, flags: npt.NDArray[np.int16]) -> bytes:
+    """The rows of `_copy_rows`, without the header and trailer."""
     encoded = [t.encode() for t in texts]
     fields: list[tuple[str, str]] = [("count", ">i2")]
     for k, e in enumerate(encoded):
@@ -109,7 +114,7 @@ def _copy_rows(texts: Sequence[str], ts: npt.NDArray[np.int64], bars: OHLCV, fla
     for name, kind in numeric:
         rows[f"len_{name}"] = np.dtype(kind).itemsize
         rows[name] = columns[name]
-    return _PGCOPY_HEADER + rows.tobytes() + _PGCOPY_TRAILER
+    return rows.tobytes()
 
 
 async def upsert_bars(
@@ -139,24 +144,68 @@ async def upsert_bars(
         row = await conn.fetchrow(_UPSERT, symbol, timeframe.value)
         assert row is not None
         counts = (int(row["inserted"]), int(row["updated"]))
+    await _series_written(conn, symbol, timeframe, first, last, changed=any(counts))
+    return counts
+
+
+async def _series_written(
+    conn: asyncpg.Connection, symbol: str, timeframe: Timeframe, first: int, last: int, *, changed: bool
+) -> None:
     await conn.execute(_SERIES_UPSERT, symbol, timeframe.value, first, last)
-    inserted, updated = counts
-    if inserted or updated:
+    if changed:
         # Delivered when the caller's transaction commits: readers caching on a series (the predictor) learn
         # that its stored bars changed without asking PostgreSQL on every request.
         await conn.execute(
             "SELECT pg_notify($1, $2)",
             SERIES_CHANNEL,
-            json.dumps(
-                {
-                    "symbol": symbol,
-                    "timeframe": timeframe.value,
-                    "first_ts": int(bars.ts[0]),
-                    "last_ts": int(bars.ts[-1]),
-                }
-            ),
+            json.dumps({"symbol": symbol, "timeframe": timeframe.value, "first_ts": first, "last_ts": last}),
         )
-    return inserted, updated
+
+
+_FROM = "SELECT EXISTS (SELECT 1 FROM bars WHERE symbol = $1 AND timeframe = $2 AND ts >= to_timestamp($3))"
+
+
+class Declined(Exception):
+    """Raised by a `copy_new_bars` source to stop the COPY: nothing of it is written."""
+
+
+async def has_bars_from(conn: asyncpg.Connection, symbol: str, timeframe: Timeframe, ts: int) -> bool:
+    """Whether the series has a stored bar opening at or after epoch second `ts`."""
+    return bool(await conn.fetchval(_FROM, symbol, timeframe.value, ts))
+
+
+async def copy_new_bars(
+    conn: asyncpg.Connection, symbol: str, timeframe: Timeframe, pieces: Iterator[tuple[OHLCV, npt.NDArray[np.int16]]]
+) -> tuple[int, int] | None:
+    """COPY bars, none of them stored yet, straight into `bars` as `pieces` yields them (each in time order and
+    after the one before), so PostgreSQL writes one piece while the next is made; then the series row and its
+    notification. Returns the first and last epoch second written; None, with nothing written, when `pieces`
+    raises `Declined` or a bar turns out to be stored already (a concurrent writer). Caller owns the transaction.
+    """
+    first: int | None = None
+    last = 0
+    texts = (symbol, timeframe.value)
+
+    async def source() -> AsyncIterator[bytes]:
+        nonlocal first, last
+        head = _PGCOPY_HEADER
+        for bars, flags in pieces:
+            if first is None:
+                first = int(bars.ts[0])
+            last = int(bars.ts[-1])
+            yield head + _row_bytes(texts, (bars.ts - _PG_EPOCH_S) * 1_000_000, bars, flags)
+            head = b""
+        yield head + _PGCOPY_TRAILER
+
+    try:
+        async with conn.transaction():
+            await conn.copy_to_table("bars", source=source(), columns=_BARS_COLUMNS, format="binary")
+    except (Declined, asyncpg.UniqueViolationError):
+        return None
+    if first is None:
+        return None
+    await _series_written(conn, symbol, timeframe, first, last, changed=True)
+    return first, last
 
 
 async def bars_before(conn: asyncpg.Connection, symbol: str, timeframe: Timeframe, ts: int, n: int) -> OHLCV:

@@ -67,13 +67,23 @@ async def post_bars(
         check_symbol(symbol)
         tf = parse_timeframe(timeframe)
         body = await read_body(request)
-        bars, _order = bars_from_body(body, tf, settings.max_bars_per_request)
-    except AppError as exc:
-        size = exc.batch_size if isinstance(exc, BarValidationError) else None
-        BARS_REJECTED.labels(label).inc(size or _count_bars(body))
+    except AppError:
+        BARS_REJECTED.labels(label).inc(_count_bars(body))
         raise
-    result = await service.ingest(pool, settings, symbol, tf, bars)
-    request.app.state.staleness.observe(symbol, tf, int(bars.ts[-1]))
+    # A large body of new bars in time order is written while it is read; any other, and one that breaks a
+    # rule, is read whole here (outside the try above: a database outage is not a refused batch).
+    streamed = await service.ingest_body(pool, settings, symbol, tf, body)
+    if streamed is None:
+        try:
+            bars, _order = bars_from_body(body, tf, settings.max_bars_per_request)
+        except AppError as exc:
+            size = exc.batch_size if isinstance(exc, BarValidationError) else None
+            BARS_REJECTED.labels(label).inc(size or _count_bars(body))
+            raise
+        result, last = await service.ingest(pool, settings, symbol, tf, bars), int(bars.ts[-1])
+    else:
+        result, last = streamed
+    request.app.state.staleness.observe(symbol, tf, last)
     return result
 
 
