@@ -30,7 +30,15 @@ import httpx
 import numpy as np
 from fastapi import FastAPI
 
-from benchmarks.common import Paired, alternating, profile_top, warnings_of
+from benchmarks.common import (
+    Paired,
+    alternating,
+    cpu_seconds,
+    process_tree,
+    processes_named,
+    profile_top,
+    warnings_of,
+)
 from shared.responses import JSON
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -464,8 +472,8 @@ def main() -> None:
         penv = predictor_env(env, redis_url, ind_url, store_url)
         pred, pred_url = start("services.predictor.main:app", penv, tmp / "predictor.log", args.workers)
         procs.append(pred)
-        p, bare_url = start("benchmarks.bench_predictor:bare_app", {}, tmp / "bare.log", args.workers)
-        procs.append(p)
+        bare_proc, bare_url = start("benchmarks.bench_predictor:bare_app", {}, tmp / "bare.log", args.workers)
+        procs.append(bare_proc)
 
         body = {"symbol": SYMBOLS[0], "timeframe": "H1"}
         h = {"X-API-Key": READ_KEY}
@@ -475,14 +483,30 @@ def main() -> None:
         # Bare, floor and cached in alternating rounds (the order rotating); every ratio is the median of the
         # per-round ratios, with their range: one slow moment hits one round's sides together, not one side.
         cached_lua = lua_post(tmp / "cached.lua", body, no_cache=False)
+        servers = {"bare": process_tree(bare_proc.pid), "predictor": process_tree(pred.pid)}
+
+        def measured(url: str, lua: Path | None, server: str) -> dict[str, float]:
+            """A wrk run, and the CPU its server's processes and PostgreSQL's used per request meanwhile."""
+            pg = processes_named("postgres")
+            before = cpu_seconds(servers[server]), cpu_seconds(pg)
+            r = wrk(url, tdur, 32, lua)
+            n = r["rps"] * tdur
+            r["cpu_us"] = (cpu_seconds(servers[server]) - before[0]) / n * 1e6
+            r["pg_us"] = (cpu_seconds(pg) - before[1]) / n * 1e6
+            return r
+
         runs = alternating(
             {
-                "bare": lambda: wrk(bare_url + "/bare", tdur, 32, None),
-                "floor": lambda: wrk(pred_url + "/health", tdur, 32, None),
-                "cached": lambda: wrk(pred_url + "/v1/predictions", tdur, 32, cached_lua),
+                "bare": lambda: measured(bare_url + "/bare", None, "bare"),
+                "floor": lambda: measured(pred_url + "/health", None, "predictor"),
+                "cached": lambda: measured(pred_url + "/v1/predictions", cached_lua, "predictor"),
             },
             rounds,
         )
+        cpu = {
+            k: (float(np.median([r["cpu_us"] for r in v])), float(np.median([r["pg_us"] for r in v])))
+            for k, v in runs.items()
+        }
         rps = {k: [r["rps"] for r in v] for k, v in runs.items()}
         cached_vs_bare = Paired(rps["bare"], rps["cached"])
         cached_vs_floor = Paired(rps["floor"], rps["cached"])
@@ -546,6 +570,12 @@ def main() -> None:
     )
     print(f"| cached / bare | {cached_vs_bare.percent()} | ≥ 60 % |")
     print(f"| cached / the predictor's /health floor | {cached_vs_floor.percent()} | ≥ 80 % |")
+    print(
+        "| CPU per request of the serving processes (all workers; /proc times over each run, median of the rounds), "
+        "and of PostgreSQL's processes | "
+        + "; ".join(f"{k} {c:.1f} µs (+ PostgreSQL {g:.1f} µs)" for k, (c, g) in cpu.items())
+        + " | |"
+    )
     print(
         f"| uncached predictions, wrk 8 connections (closed loop, highest load) | {uncached_closed['rps']:.0f} "
         f"req/s, p50 {uncached_closed.get('p50_ms', 0):.1f} ms, p99 {uncached_closed.get('p99_ms', 0):.1f} ms | |"

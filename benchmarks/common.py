@@ -150,6 +150,32 @@ class Paired:
         return f"{self.median:.2f}× (pairs {self.lo:.2f}–{self.hi:.2f}×, n={len(self.a)}){flag}"
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (a uvicorn supervisor and its workers)."""
+    out = [pid]
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    for child in children:
+        out += process_tree(int(child))
+    return out
+
+
+def processes_named(pattern: str) -> list[int]:
+    return [int(p) for p in subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes have used so far (from /proc; gone ones count 0)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / _TICK
+
+
 def alternating[T](runs: dict[str, Callable[[], T]], rounds: int) -> dict[str, list[T]]:
     """Each of `runs` once per round, `rounds` times; the order rotates from round to round (a b c, b c a,
     ...; with two sides a b, b a), so neither side always runs first or last."""

@@ -15,9 +15,11 @@ import asyncio
 import base64
 import contextlib
 import logging
+import math
+import struct
 import uuid
 from collections import OrderedDict, deque
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 import asyncpg
@@ -75,6 +77,102 @@ def to_row(r: LogRecord) -> Row:
     )
 
 
+# Binary COPY of a batch (PostgreSQL's "PGCOPY" format: per row a field count, then each field as its length and
+# big-endian bytes; -1 for NULL), columns in `repository.BINARY_LOG_COLUMNS` order: what differs per request
+# first, then what a cache entry's every request shares, encoded once per entry. 1.5 us a row of this process's
+# CPU against 4.9 us for `to_row` and asyncpg's `copy_records_to_table` (500-row batches, 2026-12-04): a cached
+# prediction costs about 100 us, and each is logged.
+_PGCOPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+_PGCOPY_TRAILER = b"\xff\xff"
+_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_PG_EPOCH_US = 946_684_800_000_000
+_MICROSECOND = timedelta(microseconds=1)
+_HEAD = struct.Struct(">hi16siq")  # field count; id (uuid); created_at (timestamptz: us since 2000)
+_INT4 = struct.Struct(">i")
+_FLOAT4 = struct.Struct(">f")
+_TIMESTAMPTZ = struct.Struct(">iq")
+_FLOAT4_ARRAY = struct.Struct(">iiiii")  # ndim 1, no NULLs, element type float4 (oid 700), length, lower bound 1
+_NULL = b"\xff\xff\xff\xff"
+_CACHED = {True: b"\x00\x00\x00\x01\x01", False: b"\x00\x00\x00\x01\x00"}
+_TAIL_ENTRIES = 4096
+
+
+def _text(value: str | None) -> bytes:
+    if value is None:
+        return _NULL
+    raw = value.encode()
+    return _INT4.pack(len(raw)) + raw
+
+
+def _float4(value: float) -> bytes:
+    return b"\x00\x00\x00\x04" + _FLOAT4.pack(value)
+
+
+def _shared_fields(r: LogRecord) -> bytes:
+    """symbol, timeframe, bar_ts, model_version, window_hash, probabilities, signal, confidence,
+    consensus_signal: the fields every request served from one cache entry has in common."""
+    bar_us = (datetime.fromisoformat(r.bar_ts.replace("Z", "+00:00")) - _PG_EPOCH) // _MICROSECOND
+    probabilities = _FLOAT4_ARRAY.pack(1, 0, 700, len(r.probabilities), 1) + b"".join(map(_float4, r.probabilities))
+    return b"".join(
+        (
+            _text(r.symbol),
+            _text(r.timeframe),
+            _TIMESTAMPTZ.pack(8, bar_us),
+            _text(r.model_version),
+            _text(r.window_hash),
+            _INT4.pack(len(probabilities)) + probabilities,
+            _text(r.signal),
+            _float4(r.confidence),
+            _text(r.consensus_signal),
+        )
+    )
+
+
+def _epoch_us(t: float) -> int:
+    """Microseconds since 1970 rounded as `datetime.fromtimestamp(t)` rounds them (`to_row`), so a record reads
+    the same before and after it is written."""
+    frac, whole = math.modf(t)
+    return int(whole) * 1_000_000 + round(frac * 1e6)
+
+
+class RowEncoder:
+    """Encodes batches of records as binary COPY data; remembers the shared fields of recent cache entries."""
+
+    def __init__(self) -> None:
+        self._tails: dict[tuple[Any, ...], bytes] = {}
+
+    def encode(self, records: list[LogRecord]) -> bytes:
+        out = [_PGCOPY_HEADER]
+        tails = self._tails
+        for r in records:
+            key = (
+                r.symbol,
+                r.timeframe,
+                r.bar_ts,
+                r.model_version,
+                r.window_hash,
+                *r.probabilities,
+                r.signal,
+                r.confidence,
+                r.consensus_signal,
+            )
+            tail = tails.get(key)
+            if tail is None:
+                if len(tails) >= _TAIL_ENTRIES:
+                    tails.clear()
+                tail = tails[key] = _shared_fields(r)
+            out += (
+                _HEAD.pack(15, 16, r.prediction_id.bytes, 8, _epoch_us(r.created) - _PG_EPOCH_US),
+                _text(r.variant),
+                _text(r.user_hash),
+                _CACHED[r.cached],
+                _text(r.request_id),
+                tail,
+            )
+        out.append(_PGCOPY_TRAILER)
+        return b"".join(out)
+
+
 def window_row(r: LogRecord) -> Row:
     """The record's feature window as a row of `repository.WINDOW_COLUMNS`."""
     features = np.frombuffer(base64.b64decode(r.window_b64), dtype=np.float32).tolist()
@@ -122,6 +220,7 @@ class PredictionLog:
         self._flush_lock = asyncio.Lock()
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._encoder = RowEncoder()
 
     def append(self, record: LogRecord) -> None:
         if len(self.buffer) >= self.buffer_rows:
@@ -165,7 +264,7 @@ class PredictionLog:
                 if h not in windows and h not in self._written:
                     windows[h] = window_row(r)
             try:
-                await repository.copy_predictions(self.pool, [to_row(r) for r in batch], list(windows.values()))
+                await repository.copy_predictions(self.pool, self._encoder.encode(batch), list(windows.values()))
             except BaseException:
                 self._requeue(batch)
                 raise

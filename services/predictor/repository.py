@@ -169,6 +169,24 @@ LOG_COLUMNS = (
     "cached",
     "request_id",
 )
+# The same columns in the order the binary encoder writes them: per request first, then per cache entry.
+BINARY_LOG_COLUMNS = (
+    "id",
+    "created_at",
+    "variant",
+    "user_hash",
+    "cached",
+    "request_id",
+    "symbol",
+    "timeframe",
+    "bar_ts",
+    "model_version",
+    "window_hash",
+    "probabilities",
+    "signal",
+    "confidence",
+    "consensus_signal",
+)
 WINDOW_COLUMNS = ("window_hash", "created_at", "features", "feature_shape")
 # What GET /v1/predictions/{id} shows: the prediction and its window.
 RECORD_COLUMNS = (*LOG_COLUMNS, "features", "feature_shape")
@@ -182,10 +200,11 @@ CREATE TEMP TABLE IF NOT EXISTS prediction_windows_staging (
 
 
 async def copy_predictions(
-    pool: asyncpg.Pool, records: Sequence[tuple[Any, ...]], windows: Sequence[tuple[Any, ...]] = ()
+    pool: asyncpg.Pool, records: Sequence[tuple[Any, ...]] | bytes, windows: Sequence[tuple[Any, ...]] = ()
 ) -> None:
     """Write new feature windows (once per hash: ON CONFLICT DO NOTHING) and the predictions, in one
-    transaction, so a written prediction's window is always there."""
+    transaction, so a written prediction's window is always there. `records`: rows of `LOG_COLUMNS`, or binary
+    COPY data of `BINARY_LOG_COLUMNS` (`prediction_log.RowEncoder`)."""
     async with pool.acquire() as conn, conn.transaction():
         if windows:
             await conn.execute(_WINDOWS_STAGING_DDL)
@@ -195,7 +214,12 @@ async def copy_predictions(
                 "SELECT window_hash, created_at, features, feature_shape FROM prediction_windows_staging "
                 "ON CONFLICT (window_hash) DO NOTHING"
             )
-        await conn.copy_records_to_table("predictions", records=records, columns=LOG_COLUMNS)
+        if isinstance(records, bytes):
+            await conn.copy_to_table(
+                "predictions", source=memoryview(records), columns=BINARY_LOG_COLUMNS, format="binary"
+            )
+        else:
+            await conn.copy_records_to_table("predictions", records=records, columns=LOG_COLUMNS)
 
 
 async def prediction_exists(pool: asyncpg.Pool, prediction_id: str) -> bool:

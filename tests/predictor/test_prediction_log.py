@@ -194,3 +194,41 @@ async def test_retention_prune_deletes_windows_no_prediction_references(database
         assert {r["window_hash"] for r in left} == {old_used, new_unused}
     finally:
         await pool.close()
+
+
+async def test_the_binary_encoder_writes_what_asyncpgs_record_copy_writes(database_url: str) -> None:
+    """The flush encodes batches itself (`RowEncoder`); the same records through `to_row` and asyncpg's
+    `copy_records_to_table` must give the same rows, every column, NULLs, float4 rounding and microseconds
+    included; and a record reads the same before its flush (`pending`, from `to_row`) as after."""
+    from services.predictor.prediction_log import RowEncoder, to_row
+
+    base = _record(1_767_225_600.123456)
+    variants = [
+        base,
+        base._replace(created=1_767_225_600.7887235, user_hash="u" * 64, request_id="req-1", cached=True),
+        base._replace(created=1_767_225_600.9999996, variant="candidate", consensus_signal="HOLD"),
+        base._replace(symbol="EUR.USD-1", timeframe="M15", bar_ts="2025-06-30T23:45:00Z", model_version="v10+é"),
+        base._replace(probabilities=[1 / 3, 1 / 7, 1 - 1 / 3 - 1 / 7], confidence=0.1234567, signal="SELL"),
+        base._replace(created=time.time(), request_id="ünïcode", consensus_signal=None),  # type: ignore[arg-type]
+    ]
+    encoder = RowEncoder()
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    try:
+        by_records = [r._replace(prediction_id=uuid.uuid4()) for r in variants]
+        by_encoder = [r._replace(prediction_id=uuid.uuid4()) for r in variants * 2]  # the second time from the cache
+        await repository.copy_predictions(pool, [to_row(r) for r in by_records])
+        await repository.copy_predictions(pool, encoder.encode(by_encoder))
+        columns = ", ".join(c for c in repository.LOG_COLUMNS if c != "id")
+
+        async def read(r: LogRecord) -> tuple[object, ...]:
+            row = await pool.fetchrow(f"SELECT {columns} FROM predictions WHERE id = $1", r.prediction_id)
+            assert row is not None
+            return tuple(row)
+
+        for k, expected in enumerate(by_records):
+            want = await read(expected)
+            assert want[0] == to_row(expected)[1]  # created_at as `pending` shows it before the flush
+            for got in (by_encoder[k], by_encoder[k + len(variants)]):
+                assert await read(got) == want
+    finally:
+        await pool.close()

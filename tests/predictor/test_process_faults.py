@@ -522,7 +522,8 @@ async def test_sigterm_under_load_completes_in_flight_requests_flushes_the_log_a
 ) -> None:
     """Case 6. A predictor started as in production (`--timeout-graceful-shutdown 20`) whose prediction log is
     never written before shutdown (PREDICTION_LOG_FLUSH_SECONDS=60) gets SIGTERM after 4 s of load (1 cached : 1
-    `no-cache`, 8 keep-alive connections) with an SSE subscriber connected.
+    `no-cache`, 8 keep-alive connections), at a moment an uncached request is 1 ms on its way, with an SSE
+    subscriber connected.
 
     Pass: every request the server began (it logged its request id) answered 200, the ones in flight at the
     signal included; no answer at all was a 5xx; a request that got no answer is one the server never began
@@ -548,6 +549,9 @@ async def test_sigterm_under_load_completes_in_flight_requests_flushes_the_log_a
         assert server.proc is not None
         async with loading(load):
             await asyncio.sleep(4 - load.now())
+            # The signal comes while an uncached request (a few ms of work) is 1 ms on its way: at this load a
+            # random instant finds nothing in flight about one time in five, and the case would test nothing.
+            await load.until_in_flight("nocache", 0.001)
             t_term = load.now()
             server.proc.send_signal(signal.SIGTERM)
             rc = await asyncio.to_thread(server.proc.wait, GRACE_S + 10)

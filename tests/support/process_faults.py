@@ -126,6 +126,7 @@ class Load:
         self._tasks: list[asyncio.Task[None]] = []
         self._client: httpx.AsyncClient | None = None
         self._run_id = secrets.token_hex(4)
+        self.in_flight: dict[str, tuple[str, float]] = {}  # request id -> (kind, start) while awaiting its answer
 
     def now(self) -> float:
         """Seconds since the load started (the time axis of the samples)."""
@@ -158,6 +159,7 @@ class Load:
             self._i += 1
             start = self.now()
             status, error, body = 0, None, None
+            self.in_flight[rid] = (req.kind, start)
             try:
                 headers = {**(req.headers or {}), "X-Request-ID": rid}
                 r = await self._client.request(req.method, req.path, json=req.json, headers=headers)
@@ -168,10 +170,21 @@ class Load:
                         body = {k: parsed[k] for k in _KEEP if k in parsed}
             except httpx.HTTPError as exc:
                 error = f"{type(exc).__name__}: {exc}"
+            finally:
+                del self.in_flight[rid]
             latency = self.now() - start
             self.samples.append(Sample(req.kind, start, latency, status, error, rid, body))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), max(0.0, self.interval_s - latency))
+
+    async def until_in_flight(self, kind: str, for_s: float, timeout_s: float = 5.0) -> None:
+        """Return once a request of `kind` has been awaiting its answer for at least `for_s`."""
+        deadline = self.now() + timeout_s
+        while self.now() < deadline:
+            if any(k == kind and self.now() - t >= for_s for k, t in list(self.in_flight.values())):
+                return
+            await asyncio.sleep(0.0002)
+        raise AssertionError(f"no {kind} request was in flight for {for_s} s within {timeout_s} s")
 
     def window(self, since: float = 0.0, until: float = float("inf"), kind: str | None = None) -> list[Sample]:
         """Samples that started in [since, until), of one kind or all."""
