@@ -429,8 +429,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="uvicorn workers of the predictor and the bare app")
     parser.add_argument("--indicators-workers", type=int, default=1, help="uvicorn workers of the indicators service")
     parser.add_argument("--rates", default="200,400,600,800,1000", help="open-loop rates (req/s), comma-separated")
-    parser.add_argument("--step", type=float, default=200, help="after the last rate: step up by this much ...")
-    parser.add_argument("--max-rate", type=float, default=3000, help="... until p95 >= 100 ms or this rate")
+    parser.add_argument(
+        "--step", type=float, default=200, help="after the last rate: step up by this much (2.5x it past 2,000) ..."
+    )
+    parser.add_argument("--max-rate", type=float, default=8000, help="... until p95 >= 100 ms or this rate")
     parser.add_argument("--no-keras", action="store_true", help="skip the Keras-vs-onnxruntime row")
     parser.add_argument(
         "--loadgen", nargs=5, metavar=("URL", "RATE", "SECONDS", "BODY", "NO_CACHE"), help=argparse.SUPPRESS
@@ -528,7 +530,7 @@ def main() -> None:
             last = fixed[-1]
             if last["p95_ms"] >= 100 or last["achieved"] < 0.95 * last["rate"] or rate >= args.max_rate:
                 break
-            rate += args.step
+            rate += args.step if rate < 2000 else 2.5 * args.step
         profile_uncached = profile_top(
             pred.pid, lambda: open_loop(pred_url, body, rates[len(rates) // 2], dur), int(dur)
         )
