@@ -441,17 +441,20 @@ async def test_postgresql_restart_fails_fast_loses_no_log_row_it_can_hold_and_wr
         served_b = _served_ids(load_b.samples)
         written_a: set[str] = set()
         written_b: set[str] = set()
+        dropped_a = dropped_b = 0.0
 
         async def flushed() -> bool:
-            nonlocal written_a, written_b
+            # Both logs drained: each writer flushes on its own clock (every 0.2 s), so b's last rows may still be
+            # buffered when a's are all written.
+            nonlocal written_a, written_b, dropped_a, dropped_b
             written_a = await _logged(stack.database_url, served_a)
             written_b = await _logged(stack.database_url, served_b)
-            return len(written_a) == len(served_a)
+            async with httpx.AsyncClient(timeout=5) as http:
+                dropped_a = _metric((await http.get(f"{a.url}/metrics")).text, "ml_prediction_log_dropped_total")
+                dropped_b = _metric((await http.get(f"{b.url}/metrics")).text, "ml_prediction_log_dropped_total")
+            return len(written_a) == len(served_a) and len(written_b) + dropped_b == len(served_b)
 
         await _until(flushed, 10, every_s=0.5)
-        async with httpx.AsyncClient(timeout=5) as http:
-            dropped_a = _metric((await http.get(f"{a.url}/metrics")).text, "ml_prediction_log_dropped_total")
-            dropped_b = _metric((await http.get(f"{b.url}/metrics")).text, "ml_prediction_log_dropped_total")
         conn = await asyncpg.connect(stack.database_url)
         try:
             orphans = await conn.fetchval(
