@@ -2,8 +2,9 @@
 
 Backs the choices in shared/app.py, shared/metrics.py, shared/bars.py and the indicators' `format=columns`: the
 instrumentator's default metric set against the two metrics kept, routers included against routes added flat,
-the access log on and off, bulk bars checked with numpy against pydantic, the two response formats, and orjson
-against stdlib json and a `response_model` for the hot answers (`shared/responses.py`).
+the access log on and off, bulk bars checked with numpy against pydantic, the two response formats, orjson
+against stdlib json and a `response_model` for the hot answers (`shared/responses.py`), and the prediction log's
+own COPY encoding against asyncpg's record copy.
 `python -m benchmarks.bench_stack [--quick]` prints a Markdown section.
 """
 
@@ -276,6 +277,69 @@ def response_rows(quick: bool) -> list[str]:
     return lines
 
 
+def log_rows(quick: bool, figures: list[Paired]) -> list[str]:
+    """The prediction log's write, this process's CPU per row (`time.process_time` around each batch's
+    `copy_predictions` into a scratch database): `prediction_log.RowEncoder` against `to_row` and asyncpg's
+    `copy_records_to_table`, in alternating rounds; and FastAPI's per-request OpenTelemetry check, on and off."""
+    import uuid
+
+    import asyncpg
+    from fastapi import FastAPI as PlainFastAPI
+
+    from benchmarks.common import best_of, temporary_database
+    from services.predictor import repository
+    from services.predictor.prediction_log import LogRecord, RowEncoder, to_row
+
+    batch, batches = 500, 4 if quick else 20
+    base = LogRecord(
+        uuid.uuid4(), time.time(), "BENCH1", "H1", "2024-01-02T00:00:00Z", "v1", "production", None, "a" * 64,
+        "", [20, 17], [0.2, 0.3, 0.5], "BUY", 0.5, "BUY", True, "3edf5c17915ce5f0df5f000000000001",
+    )  # fmt: skip
+    encoder = RowEncoder()
+
+    def records() -> list[LogRecord]:
+        return [base._replace(prediction_id=uuid.uuid4(), created=time.time()) for _ in range(batch)]
+
+    async def run(db: str) -> dict[str, list[float]]:
+        pool = await asyncpg.create_pool(db, min_size=1, max_size=1)
+        sides: dict[str, Callable[[list[LogRecord]], Any]] = {
+            "records": lambda rs: [to_row(r) for r in rs],
+            "encoder": encoder.encode,
+        }
+        got: dict[str, list[float]] = {k: [] for k in sides}
+        try:
+            for r in range(5 if quick else 9):
+                for name in list(sides)[r % 2 :] + list(sides)[: r % 2]:
+                    spent = 0.0
+                    for _ in range(batches):
+                        rs = records()
+                        t = time.process_time()
+                        await repository.copy_predictions(pool, sides[name](rs))
+                        spent += time.process_time() - t
+                    got[name].append(spent / (batch * batches) * 1e6)
+        finally:
+            await pool.close()
+        return got
+
+    with temporary_database() as db:
+        got = asyncio.run(run(db))
+    vs = Paired(got["encoder"], got["records"], factor=True)
+    figures.append(vs)
+    default, off = PlainFastAPI(), PlainFastAPI(telemetry={"tracing": False, "metrics": False, "logs": False})
+    on_us = best_of(default._native_telemetry.enabled, 3, 100_000) * 1e6
+    off_us = best_of(off._native_telemetry.enabled, 3, 100_000) * 1e6
+    return [
+        "",
+        f"| prediction log write, {batch}-row batches (this process's CPU per row) | µs | per round |",
+        "| --- | ---: | ---: |",
+        f"| `to_row` + asyncpg `copy_records_to_table` | {np.median(got['records']):.2f} | |",
+        f"| `prediction_log.RowEncoder` + binary `copy_to_table` (what the log does) | "
+        f"{np.median(got['encoder']):.2f} | records / encoder {vs.times()} |",
+        f"| FastAPI's per-request OpenTelemetry check (`_native_telemetry.enabled`), default / off (`build_app`) | "
+        f"{on_us:.2f} / {off_us:.2f} | |",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -292,6 +356,7 @@ def main() -> None:
     lines += rows
     lines += payload_rows(args.quick, figures)
     lines += response_rows(args.quick)
+    lines += log_rows(args.quick, figures)
     warn = warnings_of(*figures)
     if warn:
         lines += ["", *warn]

@@ -259,8 +259,8 @@ def build_app(
     # /docs and /redoc load Swagger UI and ReDoc from files this process serves (/static-offline-docs), not a
     # CDN: the docs render on machines without internet access (tests/ui/test_console_browser.py loads them).
     # FastAPI's own OpenTelemetry hooks off: this system exports Prometheus metrics and JSON logs, and with no
-    # OpenTelemetry provider set up, FastAPI still asks for one on every request (2.7 us of a cached prediction's
-    # ~100; with them off, 0.07 us).
+    # OpenTelemetry provider set up, FastAPI still asks for one on every request (2.8 us of a cached prediction's
+    # ~110; with them off, 0.07 us: benchmarks/bench_stack.py).
     app = FastAPIOffline(
         title=title,
         description=description,

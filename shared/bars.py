@@ -133,6 +133,10 @@ _FAST_TS = operator.attrgetter("ts")
 _FAST_FIELDS = {f: operator.attrgetter(f) for f in FIELDS}
 
 
+def _typed_columns(items: list[Any]) -> dict[str, npt.NDArray[np.float64]]:
+    return {f: np.fromiter(map(get, items), dtype=np.float64, count=len(items)) for f, get in _FAST_FIELDS.items()}
+
+
 def bars_from_body(body: bytes, timeframe: Timeframe, max_bars: int) -> tuple[OHLCV, list[int]]:
     """`bars_from_payload(parse_json(body), ...)`, faster for the usual body: a JSON object whose `bars` are
     objects with every field, numbers (not bool) for prices and volume and a string or an integer `ts`. Any
@@ -145,7 +149,7 @@ def bars_from_body(body: bytes, timeframe: Timeframe, max_bars: int) -> tuple[OH
     if not items or len(items) > max_bars:
         return bars_from_payload(parse_json(body), timeframe, max_bars)
     n = len(items)
-    cols = {f: np.fromiter(map(get, items), dtype=np.float64, count=n) for f, get in _FAST_FIELDS.items()}
+    cols = _typed_columns(items)
     try:
         return _validated(cols, list(map(_FAST_TS, items)), timeframe)
     except BarValidationError as exc:
@@ -197,7 +201,7 @@ def sorted_piece(piece: bytes, timeframe: Timeframe, after: int | None) -> OHLCV
     n = len(items)
     if not n:
         return None
-    cols = {f: np.fromiter(map(get, items), dtype=np.float64, count=n) for f, get in _FAST_FIELDS.items()}
+    cols = _typed_columns(items)
     try:
         ts = _parse_timestamps(list(map(_FAST_TS, items)))
     except BarValidationError:

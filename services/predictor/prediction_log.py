@@ -79,9 +79,9 @@ def to_row(r: LogRecord) -> Row:
 
 # Binary COPY of a batch (PostgreSQL's "PGCOPY" format: per row a field count, then each field as its length and
 # big-endian bytes; -1 for NULL), columns in `repository.BINARY_LOG_COLUMNS` order: what differs per request
-# first, then what a cache entry's every request shares, encoded once per entry. 1.5 us a row of this process's
-# CPU against 4.9 us for `to_row` and asyncpg's `copy_records_to_table` (500-row batches, 2026-12-04): a cached
-# prediction costs about 100 us, and each is logged.
+# first, then what a cache entry's every request shares, encoded once per entry. 2.4 us a row of this process's
+# CPU against 5.3 us for `to_row` and asyncpg's `copy_records_to_table` (500-row batches, benchmarks/bench_stack.py,
+# 2026-12-04): a cached prediction costs about 110 us, and each is logged.
 _PGCOPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
 _PGCOPY_TRAILER = b"\xff\xff"
 _PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
